@@ -1,0 +1,1 @@
+"""Integration with existing launchers (deepspeed, torchrun, SLURM). No home-made launcher."""

@@ -1,0 +1,95 @@
+"""Pipeline instructions: the vocabulary shared by schedules, the validator, the simulator and
+the executor.
+
+A schedule is a plain ``list[Instruction]`` per stage. Keeping instructions as tiny immutable
+records (rather than objects with behaviour) is what lets the same list be printed, diffed in a
+test, validated, simulated and executed: each of those is a separate pass over plain data.
+
+Every instruction prints compactly as ``<stage><code><microbatch>``, e.g. ``0F1`` (stage 0,
+forward of micro-batch 1), ``3B0``, ``1W5``, ``2R3`` or ``1SA2`` (send activation of
+micro-batch 2). Step-level instructions without a micro-batch print as ``0OPT`` etc.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+
+class Op(enum.Enum):
+    """What an instruction does. The value is the compact code used in printed schedules."""
+
+    LOAD = "L"  # read micro-batch inputs/labels this stage needs from the data iterator
+    FORWARD = "F"
+    BACKWARD = "B"  # full backward: input and weight gradients together
+    BACKWARD_INPUT = "BI"  # zero-bubble: gradient w.r.t. the stage input only
+    BACKWARD_WEIGHT = "W"  # zero-bubble: deferred weight gradients of one micro-batch
+    RECOMPUTE = "R"  # re-run a forward whose activations were dropped, before its backward
+    SEND_ACT = "SA"
+    RECV_ACT = "RA"
+    SEND_GRAD = "SG"
+    RECV_GRAD = "RG"
+    REDUCE_TIED_GRADS = "TIE"
+    REDUCE_DP_GRADS = "DP"
+    OPTIMIZER_STEP = "OPT"
+
+
+#: Instructions that do computation (the simulator charges them a cost; others are comm/sync).
+COMPUTE_OPS = frozenset(
+    {Op.FORWARD, Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT, Op.RECOMPUTE}
+)
+#: Instructions that carry one micro-batch.
+MICROBATCH_OPS = COMPUTE_OPS | {Op.LOAD, Op.SEND_ACT, Op.RECV_ACT, Op.SEND_GRAD, Op.RECV_GRAD}
+#: Point-to-point instructions and the peer direction they talk to (+1 next stage, -1 previous).
+P2P_PEER = {Op.SEND_ACT: +1, Op.RECV_ACT: -1, Op.SEND_GRAD: -1, Op.RECV_GRAD: +1}
+
+_CODE_TO_OP = {op.value: op for op in Op}
+# Longest codes first so "BI" is not read as "B" followed by garbage.
+_PARSE = re.compile(
+    r"^(?P<stage>\d+)(?P<code>"
+    + "|".join(sorted((re.escape(c) for c in _CODE_TO_OP), key=len, reverse=True))
+    + r")(?P<mb>\d+)?$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Instruction:
+    """One step of one stage's schedule.
+
+    ``microbatch`` is ``None`` for step-level instructions (grad reductions, optimizer step).
+    ``stage`` is the pipeline stage that executes it.
+    """
+
+    op: Op
+    stage: int
+    microbatch: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.op in MICROBATCH_OPS) != (self.microbatch is not None):
+            need = "needs" if self.op in MICROBATCH_OPS else "takes no"
+            raise ValueError(f"{self.op.name} {need} a micro-batch index (got {self.microbatch})")
+
+    def __str__(self) -> str:
+        mb = "" if self.microbatch is None else str(self.microbatch)
+        return f"{self.stage}{self.op.value}{mb}"
+
+    __repr__ = __str__
+
+    @classmethod
+    def parse(cls, text: str) -> "Instruction":
+        """Inverse of ``str()``: ``Instruction.parse("1F3") == Instruction(Op.FORWARD, 1, 3)``."""
+        m = _PARSE.match(text.strip())
+        if not m:
+            raise ValueError(f"not an instruction: {text!r} (expected e.g. '0F1', '2B0', '1OPT')")
+        mb = m.group("mb")
+        return cls(_CODE_TO_OP[m.group("code")], int(m.group("stage")), None if mb is None else int(mb))
+
+
+def parse_schedule(text: str) -> list[Instruction]:
+    """Parse a whitespace-separated schedule such as ``"0F0 0F1 0B0 0B1"`` (handy in tests)."""
+    return [Instruction.parse(tok) for tok in text.split()]
+
+
+def format_schedule(instructions: list[Instruction]) -> str:
+    return " ".join(str(i) for i in instructions)
