@@ -1,0 +1,118 @@
+"""Run a function on N gloo ranks in subprocesses, with a hard timeout.
+
+Every multi-process test goes through :func:`run_distributed` (exposed to tests as the
+``dist_run`` fixture in ``conftest.py``), so process start-up, environment, timeouts and
+error reporting are the same everywhere:
+
+* each rank gets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` exactly
+  as torchrun would set them, and ``OMP_NUM_THREADS=1`` (2-core machines run 8 ranks);
+* the call returns every rank's return value, in rank order;
+* if a rank raises, the exception is re-raised in the test as :class:`RankFailed` naming the
+  rank and carrying its traceback; if a rank hangs past ``timeout`` all are killed and
+  :class:`RanksTimedOut` names the ranks that never finished.
+
+``fn`` must be importable by the children (a module-level function in a test module).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+
+class RankFailed(AssertionError):
+    def __init__(self, rank: int, tb: str, exc_type: str, message: str) -> None:
+        super().__init__(f"rank {rank} raised {exc_type}: {message}\n--- rank {rank} traceback ---\n{tb}")
+        self.rank, self.exc_type, self.message = rank, exc_type, message
+
+
+class RanksTimedOut(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn: Callable, rank: int, world: int, port: int, env: dict, args: tuple,
+           kwargs: dict, results: mp.Queue) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **env,
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        out = fn(*args, **kwargs)
+        results.put((rank, "ok", out))
+    except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+        results.put((rank, "error", (traceback.format_exc(), type(exc).__name__, str(exc))))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return results in rank order."""
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, world_size, port, env or {}, args, kwargs, results),
+                    daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outcome: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcome) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outcome))
+                raise RanksTimedOut(
+                    f"ranks {missing} did not finish within {timeout:.0f}s "
+                    f"(finished: {sorted(outcome)})"
+                )
+            try:
+                rank, status, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcome]
+                if dead:
+                    raise RankFailed(dead[0], "", "ProcessDied",
+                                     f"exit code {procs[dead[0]].exitcode} without reporting")
+                continue
+            outcome[rank] = (status, payload)
+            if status == "error":
+                # Report the first failure at once; the others are usually its consequence.
+                tb, exc_type, message = payload
+                raise RankFailed(rank, tb, exc_type, message)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(outcome) == world_size else 0.1)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outcome[r][1] for r in range(world_size)]

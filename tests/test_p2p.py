@@ -1,0 +1,140 @@
+"""Pipeline p2p layer: nested structures, every dtype, changing shapes, timeouts, dead peers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_harness import RankFailed
+from merak.runtime.p2p import P2P, flatten, unflatten
+
+
+def messages() -> list:
+    """A sequence with changing structure, shapes and dtypes (cache hits and misses)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=g)
+    return [
+        x,
+        x + 1,  # same structure: header-only negotiation
+        {"hidden": torch.randn(2, 7, generator=g), "mask": torch.rand(2, 7, generator=g) > 0.5,
+         "shape": torch.Size([2, 7]), "step": 3, "none": None},
+        (torch.arange(6, dtype=torch.int64).reshape(2, 3), [torch.ones(4, dtype=torch.float16),
+                                                          torch.ones(2, dtype=torch.bfloat16) * 1.5]),
+        torch.randn(9, 1, 2, generator=g),  # shape changes again
+        {"empty": torch.empty(0, 4), "scalar": torch.tensor(2.5), "u8": torch.arange(5, dtype=torch.uint8),
+         "i32": torch.tensor([-1, 7], dtype=torch.int32), "f64": torch.tensor([1e-300], dtype=torch.float64),
+         "text": "non-tensor value"},
+        None,
+    ]
+
+
+def assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert type(a) is type(b) and list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)) and not isinstance(a, torch.Size):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b and type(a) is type(b)
+
+
+def test_flatten_roundtrip_without_processes():
+    for msg in messages():
+        skeleton, tensors = flatten(msg)
+        assert_same(msg, unflatten(skeleton, tensors))
+
+
+def _ping_pong(rounds: int) -> int:
+    """Rank 0 sends each message to 1, which echoes it back; both sides check content."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    p2p = P2P(timeout_s=30)
+    checked = 0
+    for _ in range(rounds):
+        for i, msg in enumerate(messages()):
+            if rank == 0:
+                p2p.send(msg, dst=1, what=f"message {i}")
+                assert_same(msg, p2p.recv(src=1, what=f"echo {i}"))
+            else:
+                got = p2p.recv(src=0, what=f"message {i}")
+                assert_same(msg, got)
+                p2p.send(got, dst=0, what=f"echo {i}")
+            checked += 1
+    p2p.wait_sends()
+    return checked
+
+
+def test_nested_roundtrip_two_ranks(dist_run):
+    assert dist_run(_ping_pong, 2, 2) == [2 * len(messages())] * 2
+
+
+def _ring_pipeline() -> float:
+    """A 4-stage chain: each stage adds its rank and forwards; both directions at once."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    p2p = P2P(timeout_s=30)
+    value = torch.zeros(4)
+    if rank > 0:
+        value = p2p.recv(src=rank - 1, what="activation")["x"]
+    value = value + rank
+    if rank < world - 1:
+        p2p.send({"x": value, "tag": rank}, dst=rank + 1, what="activation")
+        grad = p2p.recv(src=rank + 1, what="gradient")
+    else:
+        grad = value * 2
+    if rank > 0:
+        p2p.send(grad, dst=rank - 1, what="gradient")
+    p2p.wait_sends()
+    return float(grad[0])
+
+
+def test_chain_both_directions(dist_run):
+    # value at the last stage = 0+1+2+3 = 6; its "gradient" 12 travels back to every stage.
+    assert dist_run(_ring_pipeline, 4) == [12.0] * 4
+
+
+def _wait_for_silent_peer() -> None:
+    dist.init_process_group("gloo")
+    p2p = P2P(timeout_s=2)
+    if dist.get_rank() == 0:
+        p2p.recv(src=1, what="activation of micro-batch 3")
+    else:
+        time.sleep(6)  # alive but never sends
+
+
+def test_timeout_names_rank_peer_and_what(dist_run):
+    with pytest.raises(RankFailed, match=r"rank 0 timed out after waiting up to 2s for "
+                                         r"activation of micro-batch 3 from rank 1"):
+        dist_run(_wait_for_silent_peer, 2, timeout=60)
+
+
+def _wait_for_dead_peer() -> str:
+    from merak.runtime.p2p import P2PTimeoutError
+
+    dist.init_process_group("gloo")
+    p2p = P2P(timeout_s=20)
+    if dist.get_rank() == 1:
+        return "exited"  # the harness tears this rank's process group down: a vanished stage
+    start = time.monotonic()
+    try:
+        p2p.recv(src=1, what="gradient of micro-batch 0")
+    except P2PTimeoutError as exc:
+        return f"{time.monotonic() - start:.1f}s: {exc}"
+    return "received nothing yet no error"
+
+
+def test_dead_peer_fails_with_clear_error_instead_of_hanging(dist_run):
+    report, _ = dist_run(_wait_for_dead_peer, 2, timeout=90)
+    seconds, message = report.split("s: ", 1)
+    assert "rank 0" in message and "gradient of micro-batch 0 from rank 1" in message
+    assert float(seconds) <= 21  # bounded by the p2p timeout, never a hang
