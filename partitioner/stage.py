@@ -1,0 +1,305 @@
+"""Stage modules: one fx ``GraphModule`` per pipeline stage, owning only that stage's parameters.
+
+Why a graph per stage (not a slice of ``nn.Sequential``): arbitrary models have skip
+connections, shared parameters and non-tensor values flowing between layers. A stage graph makes
+all of that explicit: it reads the batch keys it needs from ``data`` (every stage gets the batch
+from the data iterator, so raw inputs are never forwarded), reads values produced by earlier
+stages from ``received``, recomputes cheap replicated values (masks, position ids) locally, and
+returns exactly its ``send_outputs`` - values computed here plus values a later stage needs that
+only pass through (skip connections).
+
+Why original names: ``call_module`` / ``get_attr`` targets are the original qualified names, and
+``GraphModule`` rebuilds that hierarchy, so ``stage.named_parameters()`` yields
+``transformer.h.3.attn.c_attn.weight`` - checkpoints, HF export and tensor parallelism work
+with names they already know.
+
+Materialization: a model with real weights is referenced (same ``Parameter`` objects, so
+gradients land in the original model). A meta model is *mirrored* along the paths this stage
+uses and only those tensors are materialized on ``device`` and initialized by the model's own init
+with per-parameter seeds (see :mod:`.meta`), so a 20B model's stage costs only its own memory.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .meta import canonical_parameter_names, is_meta_module, materialize, mirror
+from .proxy_graph import COMPUTE, INPUT, OUTPUT, PARAM, REPLICATED, ProxyGraph
+from .sharding import PartitionPlan
+
+__all__ = ["StageModule", "build_stage"]
+
+DEVICE_ANCHOR = "_merak_device"
+
+
+class StageModule(fx.GraphModule):
+    """One pipeline stage: ``forward(data, received) -> dict``.
+
+    Attributes: ``stage_id``, ``num_stages``, ``is_first``, ``is_last``, ``data_inputs`` (batch
+    keys read), ``recv_inputs`` / ``send_outputs`` (value names from the previous / to the next
+    stage; ``send_outputs`` of stage s equals ``recv_inputs`` of stage s+1), ``output_keys`` (the
+    model's outputs, last stage only), ``tied_parameters`` (canonical name -> local name of every
+    parameter another stage also holds; their gradients must be summed), ``flavour`` and
+    ``dynamic_shapes`` (whether batch size / sequence length may differ from the trace).
+    """
+
+    stage_id: int
+    num_stages: int
+    data_inputs: tuple[str, ...]
+    recv_inputs: tuple[str, ...]
+    send_outputs: tuple[str, ...]
+    output_keys: tuple[str, ...]
+    tied_parameters: dict[str, str]
+    flavour: str
+    dynamic_shapes: bool
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_id == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_id == self.num_stages - 1
+
+    def __repr__(self) -> str:
+        return (f"StageModule(stage {self.stage_id}/{self.num_stages}, data_inputs={list(self.data_inputs)}, "
+                f"recv={len(self.recv_inputs)}, send={len(self.send_outputs)}, "
+                f"params={sum(p.numel() for p in self.parameters())}, tied={list(self.tied_parameters)})")
+
+
+def _needed_nodes(graph: ProxyGraph, plan: PartitionPlan, stage_id: int) -> tuple[set[str], set[str], set[str]]:
+    """(local nodes to copy, batch inputs read, values received) for ``stage_id``."""
+    by_name = graph.by_name
+    own = {n.name for n in plan.stage_nodes(stage_id)}
+    received = set(plan.recv_inputs(stage_id))
+    roots = set(own) | ({n.name for n in graph.nodes if n.role == OUTPUT} if stage_id == plan.num_stages - 1 else set())
+    local: set[str] = set()
+    inputs: set[str] = set()
+    mutators: dict[str, list[str]] = {}
+    fx_nodes = {n.name: n for n in graph.graph.nodes}
+    for rec in graph.nodes:
+        if rec.role == REPLICATED and rec.inplace and fx_nodes[rec.name].args:
+            target = fx_nodes[rec.name].args[0]
+            if isinstance(target, fx.Node):
+                mutators.setdefault(target.name, []).append(rec.name)
+    stack = list(roots)
+    while stack:
+        name = stack.pop()
+        if name in local:
+            continue
+        rec = by_name[name]
+        if rec.role == INPUT:
+            inputs.add(name)
+            continue
+        if rec.role == COMPUTE and name not in own:
+            if name not in received:
+                raise AssertionError(f"stage {stage_id} needs {name} which it neither computes nor receives")
+            continue
+        local.add(name)
+        if rec.device_query:
+            continue  # answered by the stage's own device anchor
+        stack.extend(rec.inputs)
+        if rec.role == REPLICATED:
+            stack.extend(mutators.get(name, ()))
+    local.discard(next((n.name for n in graph.nodes if n.role == OUTPUT), ""))
+    return local, inputs, received
+
+
+def _stage_graph(graph: ProxyGraph, plan: PartitionPlan, stage_id: int) -> tuple[fx.Graph, tuple[str, ...], tuple[str, ...]]:
+    """The fx graph of one stage; returns (graph, data_inputs, output_keys)."""
+    local, input_names, received = _needed_nodes(graph, plan, stage_id)
+    src = graph.graph
+    placeholders = {n.name: n.target for n in src.nodes if n.op == "placeholder"}
+    trace_devices = {torch.device(d) for d in graph.traced.trace_devices}
+    g = fx.Graph()
+    data = g.placeholder("data")
+    recv = g.placeholder("received")
+    anchor = None
+    env: dict[fx.Node, Any] = {}
+
+    def device() -> fx.Node:
+        nonlocal anchor
+        if anchor is None:
+            with g.inserting_after(recv):
+                buf = g.get_attr(DEVICE_ANCHOR)
+            with g.inserting_after(buf):
+                anchor = g.call_function(getattr, (buf, "device"))
+        return anchor
+
+    def retarget(value: Any) -> Any:
+        # torch.export bakes the trace device into ops; use the stage's device instead.
+        if isinstance(value, torch.device) and value in trace_devices:
+            return device()
+        return value
+
+    data_inputs = tuple(placeholders[n] for n in placeholders if n in input_names)
+    for node in src.nodes:
+        if node.op == "placeholder" and node.name in input_names:
+            env[node] = g.create_node("call_function", operator.getitem, (data, node.target), name=node.name)
+        elif node.name in received:
+            env[node] = g.create_node("call_function", operator.getitem, (recv, node.name), name=node.name)
+    for node in src.nodes:
+        if node.name not in local:
+            continue
+        rec = graph.by_name[node.name]
+        if rec.device_query:
+            env[node] = device()
+            continue
+        copied = g.node_copy(node, lambda n: env[n])
+        if graph.flavour == "export":
+            copied.args = fx.node.map_aggregate(copied.args, retarget)
+            copied.kwargs = fx.node.map_aggregate(copied.kwargs, retarget)
+        env[node] = copied
+    out = next(n for n in src.nodes if n.op == "output")
+    if stage_id == plan.num_stages - 1:
+        result = fx.node.map_arg(out.args[0], lambda n: env[n])
+        output_keys = tuple(result)
+    else:
+        result = {name: env[graph_node] for name in plan.send_outputs(stage_id)
+                  for graph_node in [_fx_node(src, name)]}
+        output_keys = ()
+    g.output(result)
+    g.lint()
+    return g, data_inputs, output_keys
+
+
+def _fx_node(graph: fx.Graph, name: str) -> fx.Node:
+    for node in graph.nodes:
+        if node.name == name:
+            return node
+    raise KeyError(name)
+
+
+def _resolve(root: Any, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _targets(g: fx.Graph, op: str) -> list[str]:
+    return list(dict.fromkeys(str(n.target) for n in g.nodes if n.op == op and n.target != DEVICE_ANCHOR))
+
+
+def _tensor_paths(model_root: nn.Module, modules: Iterable[str], attrs: Iterable[str],
+                  canonical: dict[int, str]) -> dict[str, str]:
+    """Qualified name in the stage -> canonical name in the model, for every tensor the stage holds."""
+    paths: dict[str, str] = {}
+    for target in modules:
+        module = model_root.get_submodule(target)
+        for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+            paths[f"{target}.{name}"] = canonical.get(id(t), f"{target}.{name}")
+    for target in attrs:
+        value = _resolve(model_root, target)
+        if isinstance(value, torch.Tensor):
+            paths[target] = canonical.get(id(value), target)
+    return paths
+
+
+def _non_persistent(model: nn.Module, target: str) -> bool:
+    owner_path, _, attr = target.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_path) if owner_path else model
+    except AttributeError:
+        return True
+    return attr in getattr(owner, "_non_persistent_buffers_set", set()) or attr not in owner._buffers
+
+
+def build_stage(
+    plan: PartitionPlan,
+    stage_id: int,
+    device: torch.device | str | None = "cpu",
+    seed: int = 1234,
+) -> StageModule:
+    """Build the :class:`StageModule` of ``stage_id``.
+
+    Real-weight model: the stage references the model's own parameters (no copy); it is moved to
+    ``device`` if that differs (``device=None`` leaves it where it is - note moving a shared
+    ``Parameter`` moves it for the model too). Meta model: only this stage's tensors are created,
+    on ``device`` (CPU when ``None``), initialized by the model's init with seeds derived from
+    ``seed`` and each parameter's canonical name.
+    """
+    graph = plan.graph
+    model = graph.model
+    plan._check_stage(stage_id)
+    g, data_inputs, output_keys = _stage_graph(graph, plan, stage_id)
+    modules, attrs = _targets(g, "call_module"), _targets(g, "get_attr")
+    canonical = canonical_parameter_names(model)
+    constants = graph.traced.constants
+    model_attrs = [a for a in attrs if a not in constants]
+    meta = is_meta_module(model)
+    source: nn.Module = model
+    paths = _tensor_paths(model, modules, model_attrs, canonical)
+    if meta:
+        source = mirror(model, [*modules, *(a.rpartition(".")[0] for a in model_attrs)])
+        materialize(source, paths, device if device is not None else "cpu", seed)
+    root: dict[str, Any] = {t: source.get_submodule(t) for t in modules}
+    root.update({a: _resolve(source, a) for a in model_attrs})
+    root.update({a: constants[a] for a in attrs if a in constants})
+    target_device = torch.device(device) if device is not None else _device_of(source, modules, model_attrs)
+    root[DEVICE_ANCHOR] = torch.empty(0, device=target_device)
+    stale = [a for a in attrs if a in constants and constants[a].device.type == "meta"]
+    if stale:
+        raise RuntimeError(f"the trace created tensor constants {stale} on the meta device; their values are "
+                           "unknown. Trace with real example inputs or mark the module creating them as a leaf")
+    stage = StageModule(root, g, class_name=f"Stage{stage_id}")
+    _restore_buffer_persistence(stage, model, [*attrs, DEVICE_ANCHOR], constants)
+    if device is not None:
+        if meta:  # only trace constants can still be elsewhere
+            for name in attrs:
+                if name in constants:
+                    owner_path, _, attr = name.rpartition(".")
+                    owner = stage.get_submodule(owner_path) if owner_path else stage
+                    owner._buffers[attr] = owner._buffers[attr].to(target_device)
+        else:
+            stage.to(target_device)
+    _set_stage_attributes(stage, plan, stage_id, data_inputs, output_keys, canonical, paths if meta else None)
+    return stage
+
+
+def _device_of(root: nn.Module, modules: list[str], attrs: list[str]) -> torch.device:
+    for t in modules:
+        for tensor in [*root.get_submodule(t).parameters(), *root.get_submodule(t).buffers()]:
+            return tensor.device
+    for a in attrs:
+        value = _resolve(root, a)
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def _restore_buffer_persistence(stage: nn.Module, model: nn.Module, attrs: list[str], constants: dict[str, Any]) -> None:
+    """GraphModule registers every get_attr tensor as a persistent buffer; keep the model's flags so
+    ``stage.state_dict()`` keys match the model's (trace constants and the device anchor are
+    not state)."""
+    for target in attrs:
+        owner_path, _, attr = target.rpartition(".")
+        owner = stage.get_submodule(owner_path) if owner_path else stage
+        if attr not in owner._buffers:
+            continue
+        if target in constants or target == DEVICE_ANCHOR or _non_persistent(model, target):
+            owner._non_persistent_buffers_set.add(attr)
+
+
+def _set_stage_attributes(stage: StageModule, plan: PartitionPlan, stage_id: int, data_inputs: tuple[str, ...],
+                          output_keys: tuple[str, ...], canonical: dict[int, str], paths: dict[str, str] | None) -> None:
+    stage.stage_id = stage_id
+    stage.num_stages = plan.num_stages
+    stage.data_inputs = data_inputs
+    stage.recv_inputs = plan.recv_inputs(stage_id)
+    stage.send_outputs = plan.send_outputs(stage_id)
+    stage.output_keys = output_keys
+    stage.flavour = plan.graph.flavour
+    stage.dynamic_shapes = plan.graph.dynamic
+    shared = plan.tied_stages()
+    tied: dict[str, str] = {}
+    for local_name, p in stage.named_parameters(remove_duplicate=False):
+        key = paths.get(local_name) if paths is not None else canonical.get(id(p))
+        if key in shared and key not in tied:
+            tied[key] = local_name
+    stage.tied_parameters = tied

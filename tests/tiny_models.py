@@ -1,0 +1,173 @@
+"""Tiny models built from configs (random init, no hub downloads) for Merak's tests.
+
+Usage::
+
+    from tests.tiny_models import tiny_model, TINY_KINDS
+    model, make_batch = tiny_model("gpt2", n_layer=2)       # config overrides as keywords
+    batch = make_batch(batch_size=2, seq_len=8, seed=0)     # dict of tensors, incl. labels
+    loss = model(**batch).loss
+
+Every model has hidden size <= 64, <= 4 transformer blocks and dropout 0, so outputs are
+deterministic and parity tests can use tight tolerances. ``meta=True`` builds the model with
+``merak.partitioner.init_empty_weights`` (parameters on the meta device). ``batch_size`` and
+``seq_len`` are free per call; ``device`` places the batch.
+
+Kinds: ``gpt2`` (tied embeddings), ``llama`` (grouped-query attention), ``bert`` (masked LM),
+``t5`` (encoder-decoder), ``vit`` (image classifier), ``mlp`` (plain torch: a skip connection
+spanning the network and a non-tensor value passed between blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TINY_KINDS", "tiny_model", "tiny_config", "SkipMLP"]
+
+BatchFn = Callable[..., dict[str, torch.Tensor]]
+
+TINY_KINDS = ("gpt2", "llama", "bert", "t5", "vit", "mlp")
+VOCAB = 96
+
+_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=4, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True),
+    "llama": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, vocab_size=VOCAB,
+                  attention_dropout=0.0, tie_word_embeddings=False),
+    "bert": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 max_position_embeddings=64, vocab_size=VOCAB, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0),
+    "t5": dict(num_layers=2, num_decoder_layers=2, d_model=32, d_kv=8, d_ff=64, num_heads=4,
+               vocab_size=VOCAB, dropout_rate=0.0, relative_attention_num_buckets=8,
+               decoder_start_token_id=0, pad_token_id=0),
+    "vit": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                image_size=16, patch_size=4, num_channels=3, num_labels=5, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0),
+    "mlp": dict(hidden=32, blocks=4, classes=5),
+}
+
+
+def tiny_config(kind: str, **overrides: Any) -> Any:
+    """The config object of a tiny model kind (a HF config, or a dict for ``mlp``)."""
+    if kind not in _CONFIGS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {TINY_KINDS}")
+    values = {**_CONFIGS[kind], **overrides}
+    if kind == "mlp":
+        return values
+    import transformers
+
+    config_cls = {
+        "gpt2": transformers.GPT2Config,
+        "llama": transformers.LlamaConfig,
+        "bert": transformers.BertConfig,
+        "t5": transformers.T5Config,
+        "vit": transformers.ViTConfig,
+    }[kind]
+    attn = values.pop("attn_implementation", "eager")
+    config = config_cls(**values)
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_model(kind: str, meta: bool = False, seed: int = 0, **overrides: Any) -> tuple[nn.Module, BatchFn]:
+    """``(model, make_batch)`` for a tiny model of ``kind`` with config ``overrides``.
+
+    ``attn_implementation`` may be passed as an override (default ``"eager"``).
+    ``make_batch(batch_size=2, seq_len=8, seed=0, device="cpu")`` returns the model's keyword
+    inputs including ``labels``.
+    """
+    config = tiny_config(kind, **overrides)
+    torch.manual_seed(seed)
+    if meta:
+        from merak.partitioner import init_empty_weights
+
+        with init_empty_weights():
+            model = _build(kind, config)
+    else:
+        model = _build(kind, config)
+    return model, _batch_fn(kind, config)
+
+
+def _build(kind: str, config: Any) -> nn.Module:
+    if kind == "mlp":
+        return SkipMLP(**config)
+    import transformers
+
+    cls = {
+        "gpt2": transformers.GPT2LMHeadModel,
+        "llama": transformers.LlamaForCausalLM,
+        "bert": transformers.BertForMaskedLM,
+        "t5": transformers.T5ForConditionalGeneration,
+        "vit": transformers.ViTForImageClassification,
+    }[kind]
+    return cls(config)
+
+
+def _batch_fn(kind: str, config: Any) -> BatchFn:
+    def make_batch(batch_size: int = 2, seq_len: int = 8, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        if kind == "vit":
+            size = config.image_size
+            batch = {
+                "pixel_values": torch.randn(batch_size, config.num_channels, size, size, generator=g),
+                "labels": torch.randint(0, config.num_labels, (batch_size,), generator=g),
+            }
+        elif kind == "mlp":
+            batch = {
+                "x": torch.randn(batch_size, seq_len, config["hidden"], generator=g),
+                "labels": torch.randint(0, config["classes"], (batch_size,), generator=g),
+            }
+        else:
+            ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=g)
+            mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+            mask[0, -2:] = 0  # some padding, so masks matter
+            batch = {"input_ids": ids, "attention_mask": mask}
+            if kind == "bert":
+                labels = torch.full_like(ids, -100)
+                labels[:, 1::3] = ids[:, 1::3]
+                batch["labels"] = labels
+            elif kind == "t5":
+                batch["labels"] = torch.randint(1, VOCAB, (batch_size, max(2, seq_len // 2)), generator=g)
+            else:
+                batch["labels"] = ids.clone()
+        return {k: v.to(device) for k, v in batch.items()}
+
+    return make_batch
+
+
+class SkipMLP(nn.Module):
+    """A plain torch model with a long skip connection and a non-tensor value between blocks.
+
+    ``h0`` (the input projection) is added back after the last block, so with one block per
+    stage it is forwarded through the middle stages; ``scale`` is a Python float computed from a
+    shape in the first block and used in the last (sent as a non-tensor value).
+    """
+
+    def __init__(self, hidden: int = 32, blocks: int = 4, classes: int = 5) -> None:
+        super().__init__()
+        self.inp = nn.Linear(hidden, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+            for _ in range(blocks)
+        )
+        self.head = nn.Linear(hidden, classes)
+        self.gain = nn.Parameter(torch.ones(hidden))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        h0 = torch.tanh(self.inp(x))
+        h = h0
+        scale = None
+        for i, block in enumerate(self.blocks):
+            h = h + block(h)
+            if i == 0:
+                scale = 1.0 / h.shape[-1] ** 0.5  # Python value derived from an activation
+        h = (h + h0) * self.gain * scale
+        logits = self.head(h.mean(dim=1))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
