@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from merak.runtime.instructions import Instruction
 from merak.runtime.recompute_plan import RECOMPUTE_MODES, RecomputePlan
 from merak.runtime.schedules import gpipe, one_f_one_b, shifted_critical_path, zero_bubble
-from merak.runtime.validate import validate
+from merak.runtime.validate import ScheduleError, validate
+
+__all__ = ["SCHEDULES", "ScheduleError", "build", "build_all", "main"]
 
 Builder = Callable[[int, int, "RecomputePlan | None"], list[list[Instruction]]]
 

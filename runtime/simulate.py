@@ -32,7 +32,11 @@ Cost = float | Sequence[float]
 
 @dataclass(frozen=True)
 class Costs:
-    """Per-micro-batch times of one stage: scalars (same on every stage) or one value per stage."""
+    """Per-micro-batch times of one stage: scalars (same on every stage) or one value per stage.
+
+    ``p2p`` is the time one message occupies the link it leaves on; per stage it is indexed by
+    the sending stage.
+    """
 
     forward: Cost = 1.0
     backward_input: Cost = 1.0
