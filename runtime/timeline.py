@@ -25,18 +25,17 @@ def label(interval: Interval) -> str:
 def draw(result: SimulationResult, width: int | None = None) -> str:
     """Render ``result.busy`` as rows of characters plus a time ruler.
 
-    Without ``width`` the scale gives an interval of median length room for its label (up to
-    ``DEFAULT_MAX_WIDTH`` columns); with it the chart is squeezed to about ``width`` columns.
+    Without ``width`` the scale gives the shortest interval room for its label, up to a chart
+    of ``DEFAULT_MAX_WIDTH`` columns; with it the chart is squeezed to about ``width`` columns.
     Labels that do not fit their interval are cut.
     """
     intervals = [i for row in result.busy for i in row if i.end > i.start]
     if not intervals or result.makespan <= 0:
         return "(nothing to draw: no computation took time)"
     if width is None:
-        durations = sorted(i.end - i.start for i in intervals)
-        typical = durations[len(durations) // 2]
+        shortest = min(i.end - i.start for i in intervals)
         longest_label = max(len(label(i)) for i in intervals)
-        scale = min((longest_label + 1) / typical, DEFAULT_MAX_WIDTH / result.makespan)
+        scale = min((longest_label + 1) / shortest, DEFAULT_MAX_WIDTH / result.makespan)
     else:
         scale = max(width, 10) / result.makespan
     columns = math.ceil(result.makespan * scale - 1e-9)
