@@ -8,8 +8,11 @@ error reporting are the same everywhere:
   as torchrun would set them, and ``OMP_NUM_THREADS=1`` (2-core machines run 8 ranks);
 * the call returns every rank's return value, in rank order;
 * if a rank raises, the exception is re-raised in the test as :class:`RankFailed` naming the
-  rank and carrying its traceback; if a rank hangs past ``timeout`` all are killed and
-  :class:`RanksTimedOut` names the ranks that never finished.
+  rank and carrying its traceback. After a first failure the other ranks get ``grace`` seconds
+  to report their own errors, and a raised exception is preferred to a silent process death
+  (a dead stage's neighbour explains more than the corpse does);
+* if a rank hangs past ``timeout`` all are killed and :class:`RanksTimedOut` names the ranks
+  that never finished.
 
 ``fn`` must be importable by the children (a module-level function in a test module).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -51,8 +55,9 @@ def _child(fn: Callable, rank: int, world: int, port: int, env: dict, args: tupl
 
     torch.set_num_threads(1)
     try:
-        out = fn(*args, **kwargs)
-        results.put((rank, "ok", out))
+        # Plain pickle bytes: tensors must not travel as shared-memory handles that die with
+        # this process before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(fn(*args, **kwargs))))
     except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
         results.put((rank, "error", (traceback.format_exc(), type(exc).__name__, str(exc))))
     finally:
@@ -70,6 +75,7 @@ def run_distributed(
     world_size: int,
     *args: Any,
     timeout: float = 120.0,
+    grace: float = 20.0,
     env: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
@@ -85,11 +91,14 @@ def run_distributed(
     for p in procs:
         p.start()
     outcome: dict[int, tuple[str, Any]] = {}
+    errors: list[RankFailed] = []  # in the order they happened
     deadline = time.monotonic() + timeout
     try:
         while len(outcome) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if errors:
+                    break
                 missing = sorted(set(range(world_size)) - set(outcome))
                 raise RanksTimedOut(
                     f"ranks {missing} did not finish within {timeout:.0f}s "
@@ -98,16 +107,24 @@ def run_distributed(
             try:
                 rank, status, payload = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcome]
-                if dead:
-                    raise RankFailed(dead[0], "", "ProcessDied",
-                                     f"exit code {procs[dead[0]].exitcode} without reporting")
+                for r, p in enumerate(procs):
+                    if p.exitcode is not None and r not in outcome:
+                        outcome[r] = ("died", p.exitcode)
+                        errors.append(RankFailed(r, "", "ProcessDied",
+                                                 f"exit code {p.exitcode} without reporting"))
                 continue
-            outcome[rank] = (status, payload)
-            if status == "error":
-                # Report the first failure at once; the others are usually its consequence.
-                tb, exc_type, message = payload
-                raise RankFailed(rank, tb, exc_type, message)
+            if status == "ok":
+                outcome[rank] = (status, pickle.loads(payload))
+            else:
+                outcome[rank] = (status, payload)
+                errors.append(RankFailed(rank, *payload))
+            if errors:
+                # The first failure is often a consequence elsewhere (a dead peer): give the
+                # other ranks a short grace period to report their own, more telling, errors.
+                deadline = min(deadline, time.monotonic() + grace)
+        if errors:
+            reported = [e for e in errors if e.exc_type != "ProcessDied"]
+            raise (reported or errors)[0]
     finally:
         for p in procs:
             p.join(timeout=5 if len(outcome) == world_size else 0.1)
