@@ -20,6 +20,7 @@ Two decisions worth knowing:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import hashlib
@@ -148,8 +149,9 @@ class _PerTensorSeeding(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in _RANDOM_INPLACE and args:
-            target = args[0]
+        if getattr(func, "__name__", "") in _RANDOM_INPLACE:
+            # Tensor methods get the tensor positionally, torch.nn.init functions as `tensor=`.
+            target = args[0] if args else kwargs.get("tensor")
             if isinstance(target, torch.Tensor) and target.device.type != "meta":
                 name = self.names_by_ptr.get(target.data_ptr())
                 if name is not None:
@@ -216,51 +218,43 @@ def materialize(
     device = torch.device(device)
     real: dict[str, torch.Tensor] = {}
     owners: set[str] = set()
-    fresh_buffers: list[tuple[str, torch.Tensor]] = []
     for path, canonical in tensor_paths.items():
         owner_path, _, attr = path.rpartition(".")
         owner = root.get_submodule(owner_path) if owner_path else root
-        is_param = attr in owner._parameters
-        current = owner._parameters[attr] if is_param else owner._buffers[attr]
-        if current is None or current.device.type != "meta":
-            if current is not None and current.device != device:
+        store = owner._parameters if attr in owner._parameters else owner._buffers
+        current = store[attr]
+        if current is None:
+            continue
+        if current.device.type != "meta":
+            if current.device != device:
                 moved = current.to(device)
-                if is_param:
-                    moved = nn.Parameter(moved, requires_grad=current.requires_grad)
-                    owner._parameters[attr] = moved
-                else:
-                    owner._buffers[attr] = moved
+                store[attr] = nn.Parameter(moved, current.requires_grad) if store is owner._parameters else moved
             continue
         owners.add(owner_path)
         if canonical not in real:
-            empty = torch.empty(current.shape, dtype=current.dtype, device=device)
-            if is_param:
-                real[canonical] = nn.Parameter(empty, requires_grad=current.requires_grad)
-            else:
-                real[canonical] = _poison(empty)
-                fresh_buffers.append((canonical, real[canonical]))
-        if is_param:
-            owner._parameters[attr] = real[canonical]  # type: ignore[assignment]
-        else:
-            owner._buffers[attr] = real[canonical]
+            # Poisoned until the model's init writes it, so forgotten tensors are detected.
+            empty = _poison(torch.empty(current.shape, dtype=current.dtype, device=device))
+            real[canonical] = nn.Parameter(empty, current.requires_grad) if store is owner._parameters else empty
+        store[attr] = real[canonical]
     if not owners:
         return
+    # A tensor reachable under several paths (tied weights) is initialized last by the module
+    # owning its canonical path, so its value never depends on which aliases a stage holds.
+    counts = collections.Counter(tensor_paths.values())
+    canonical_owners = [c.rpartition(".")[0] for c in real if counts[c] > 1 and c in tensor_paths]
     names_by_ptr = {t.data_ptr(): name for name, t in real.items() if t.numel() > 0}
     fork_devices = [device] if device.type == "cuda" else []
-    uninitialized: list[str] = []
     with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
         with _PerTensorSeeding(seed, names_by_ptr):
-            for path in _owner_and_ancestors(root, owners):
+            for path in [*_owner_and_ancestors(root, owners), *canonical_owners]:
                 torch.manual_seed(derive_seed(seed, "module:" + path))
                 _init_module(root, path, root.get_submodule(path) if path else root)
-    for name, tensor in fresh_buffers:
-        if _is_poisoned(tensor):
-            uninitialized.append(name)
+    uninitialized = [name for name, t in real.items() if _is_poisoned(t)]
     if uninitialized:
         raise RuntimeError(
-            f"buffers {uninitialized} were on the meta device and the model's init did not "
-            "recompute them; build the model with merak.init_empty_weights() (which keeps "
-            "buffers real) instead of a meta device context"
+            f"{uninitialized} were on the meta device and the model's init (HF _init_weights or "
+            "reset_parameters()) did not set them; give their module a reset_parameters() (or build "
+            "the model with merak.init_empty_weights(), which keeps buffers real, or with real weights)"
         )
 
 

@@ -293,8 +293,14 @@ def annotate(traced: TracedGraph) -> ProxyGraph:
     nodes: list[ProxyNode] = []
     counter = FlopCounterMode(display=False)
 
+    trace_devices = {torch.device(d) for d in traced.trace_devices}
+    meta_device = torch.device("meta")
+
     def lookup(a: Any) -> Any:
-        return env[a] if isinstance(a, fx.Node) else a
+        if isinstance(a, fx.Node):
+            return env[a]
+        # torch.export bakes the trace device into ops; costs are computed on meta.
+        return meta_device if isinstance(a, torch.device) and a in trace_devices else a
 
     with counter:
         for node in traced.graph.nodes:

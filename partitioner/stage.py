@@ -201,6 +201,13 @@ def _tensor_paths(model_root: nn.Module, modules: Iterable[str], attrs: Iterable
     return paths
 
 
+def _is_tensor_path(model: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(_resolve(model, path), torch.Tensor)
+    except AttributeError:
+        return False
+
+
 def _non_persistent(model: nn.Module, target: str) -> bool:
     owner_path, _, attr = target.rpartition(".")
     try:
@@ -236,8 +243,11 @@ def build_stage(
     source: nn.Module = model
     paths = _tensor_paths(model, modules, model_attrs, canonical)
     if meta:
-        source = mirror(model, [*modules, *(a.rpartition(".")[0] for a in model_attrs)])
-        materialize(source, paths, device if device is not None else "cpu", seed)
+        # Tied tensors are also bound at their canonical path, whose module initializes them.
+        init_paths = {**paths, **{c: c for c in paths.values() if c not in paths and _is_tensor_path(model, c)}}
+        owners = [*modules, *(p.rpartition(".")[0] for p in init_paths)]
+        source = mirror(model, owners)
+        materialize(source, init_paths, device if device is not None else "cpu", seed)
     root: dict[str, Any] = {t: source.get_submodule(t) for t in modules}
     root.update({a: _resolve(source, a) for a in model_attrs})
     root.update({a: constants[a] for a in attrs if a in constants})

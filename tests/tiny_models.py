@@ -157,6 +157,10 @@ class SkipMLP(nn.Module):
         self.head = nn.Linear(hidden, classes)
         self.gain = nn.Parameter(torch.ones(hidden))
 
+    def reset_parameters(self) -> None:
+        """Initializes the parameters this module owns directly (children reset themselves)."""
+        nn.init.ones_(self.gain)
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         h0 = torch.tanh(self.inp(x))
         h = h0

@@ -1,0 +1,8 @@
+"""Entry point of ``python -m merak.partitioner`` (see :mod:`.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
