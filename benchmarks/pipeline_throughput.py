@@ -56,6 +56,8 @@ FIRST_LOSS_RTOL = 1e-5
 #: Largest tolerated |step loss − single-process step loss| over a run (reordered fp32 sums
 #: drift by ~1e-6 here; DeepSpeed's default gradient clipping, left on, drifts by 1e-4 in 2 steps).
 LOSS_DRIFT_ATOL = 2e-5
+#: Single-process CPU/wall below this means the machine was shared during the run.
+QUIET_CPU_PER_WALL = 0.95
 #: Environment of every rank: one OpenMP/MKL thread, and DeepSpeed told there is no GPU.
 RANK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 PACKAGES = ("torch", "transformers", "deepspeed", "merak")
@@ -273,7 +275,21 @@ class Report:
             *[f"- `{o.runner.name}`: `{o.command} --worker {o.runner.name} ...`"
               for o in self.outcomes if o.command],
         ]
-        return table + "\n\n" + "\n".join(notes)
+        return "\n".join([*self.noise_warning(), table, "", *notes])
+
+    def noise_warning(self) -> list[str]:
+        """A warning paragraph when the single process did not have a core to itself.
+
+        One thread on an idle core spends ~all its wall time on the CPU; much less means other
+        jobs shared the cores, and every figure of this run (the limit included) is understated.
+        """
+        if self.baseline is None:
+            return []
+        busy = self.baseline.result.cpu_per_wall[0]
+        if busy >= QUIET_CPU_PER_WALL:
+            return []
+        return [f"**Noisy run: the single process got only {busy:.2f} of a core (CPU/wall), so other jobs "
+                "were sharing the machine; these figures are not quotable.**", ""]
 
     def reference_lines(self) -> dict[str, float]:
         limit = self.physical_limit
