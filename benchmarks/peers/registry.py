@@ -15,7 +15,7 @@ write the executor, later, and adding one must be a single decorated function in
 Adding a runner::
 
     @register_runner("merak-1f1b", group="merak", launcher="torchrun", nprocs=2,
-                     description="Merak executor, 1F1B", unavailable=merak_missing)
+                     description="Merak executor, 1F1B", unavailable=merak_unavailable)
     def run_merak_1f1b(ctx: BenchContext) -> RankResult:
         ...  # initialise the process group, build the stage from ctx.build_model()
         return ctx.measure(train_one_step)   # train_one_step(batch) -> loss or None
