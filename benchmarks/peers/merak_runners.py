@@ -1,19 +1,10 @@
-"""Merak's runners — registration points for the executor, skipped until it exists.
+"""Merak's runners: one entry per Merak schedule in the throughput comparison.
 
-Each Merak schedule the benchmark compares is one entry here. Until ``merak.runtime.executor``
-can be imported, :func:`merak_unavailable` reports "not available yet" and the driver lists the
-entry as skipped (not failed). Once the executor lands, wiring it in means writing the body of
-:func:`run_merak` — nothing else in the benchmark changes. The contract it must keep:
-
-* run in each of the 2 ranks started by ``torchrun`` (gloo, one OpenMP thread per rank);
-* build the model with ``ctx.build_model()`` and cut it at the benchmark's fixed point (stage 0:
-  embeddings + blocks 0–3; stage 1: blocks 4–7, ``ln_f``, tied LM head) — e.g. with
-  :func:`benchmarks.bench_model.stage_module`, or Merak's partitioner with a manual plan —
-  and train with :func:`benchmarks.bench_model.make_optimizer` and
-  :func:`benchmarks.bench_model.lm_loss` (per-micro-batch mean, gradients of the step mean);
-* feed ``ctx.microbatches(batch)`` in order and return ``ctx.measure(step)``, where
-  ``step(batch)`` runs one whole schedule (all M micro-batches, tied-gradient reduction,
-  optimizer step) and returns the step's mean loss on the rank that has it, else ``None``.
+Each entry runs in the 2 ranks started by ``torchrun`` (gloo, one OpenMP thread per rank) on
+the same seeded HF model and data as the peers. Unlike the peers, which are cut by hand at the
+block boundary, Merak partitions the model itself (``cost`` method, sub-layer granularity):
+that automatic balancing is part of what is being measured. ``step(batch)`` runs one whole
+schedule (all micro-batches, tied-gradient reduction, optimizer step).
 
 The driver then checks the first-step loss against the single-process baseline and ranks the
 throughput against the fastest peer.
@@ -26,41 +17,70 @@ from collections.abc import Callable
 
 from benchmarks.peers.registry import BenchContext, RankResult, register_runner
 
-#: Set to True by whoever implements :func:`run_merak` against the real executor.
-WIRED = False
+#: Merak's executor is wired in below.
+WIRED = True
+
+#: Which recomputation each Merak entry runs with. The shifted critical-path schedule exists to
+#: make recomputation cheap, so it is measured with it (and 1F1B with full recompute beside it,
+#: the configuration it improves on).
+RECOMPUTE = {"1f1b": "none", "1f1b+recompute": "full", "shifted_critical_path": "full",
+             "zero_bubble": "none"}
 
 
 def merak_unavailable() -> str | None:
-    """Why Merak's runners cannot run yet, or ``None`` once they can."""
+    """Why Merak's runners cannot run, or ``None`` when they can."""
     try:
         found = importlib.util.find_spec("merak.runtime.executor") is not None
     except ImportError:
         found = False
-    if not found:
-        return "not available yet: merak.runtime.executor does not exist"
-    if not WIRED:
-        return "not available yet: benchmarks/peers/merak_runners.py:run_merak is not wired to the executor"
-    return None
+    return None if found else "not available: merak.runtime.executor cannot be imported"
 
 
-def run_merak(ctx: BenchContext, schedule: str) -> RankResult:
-    """Train with Merak's executor and schedule ``schedule``; see the module docstring."""
-    # MERAK EXECUTOR GOES HERE: build the stage, schedule.build(schedule, ...), then
-    # return ctx.measure(lambda batch: <executor.run one step; return loss or None>).
-    raise NotImplementedError(f"Merak runner for schedule {schedule!r} is not wired yet")
+def run_merak(ctx: BenchContext, entry: str) -> RankResult:
+    """Train with Merak: automatic (cost-balanced) partition of the same HF model, Merak's
+    executor and schedule, the benchmark's optimizer; the HF model computes its own loss."""
+    import torch
+
+    import merak
+    from benchmarks.bench_model import make_optimizer
+    from merak.partitioner import build_stage, shard, trace
+    from merak.runtime.executor import PipelineExecutor
+    from merak.runtime.recompute_plan import RecomputePlan
+    from merak.runtime.schedule import build
+
+    schedule = entry.split("+")[0]
+    cfg = ctx.cfg
+    grid = merak.init(pp=ctx.world_size)
+    model = ctx.build_model()
+    ids = torch.zeros(cfg.micro_batch, cfg.seq_len, dtype=torch.long)
+    plan = shard(trace(model, {"input_ids": ids, "labels": ids}), grid.num_stages)
+    if ctx.rank == 0:
+        print(plan.table(), flush=True)
+    stage = build_stage(plan, grid.stage_id)
+    executor = PipelineExecutor(stage, grid, make_optimizer(stage.parameters(), cfg),
+                                zero_bubble=schedule == "zero_bubble")
+    recompute = RecomputePlan.from_mode(RECOMPUTE[entry], grid.num_stages)
+    instructions = build(schedule, grid.num_stages, cfg.num_microbatches, grid.stage_id, recompute)
+
+    def step(batch: torch.Tensor) -> float | None:
+        mbs = [{"input_ids": m, "labels": m} for m in ctx.microbatches(batch)]
+        return executor.run(instructions, mbs).loss
+
+    return ctx.measure(step)
 
 
-def _merak_entry(schedule: str) -> Callable[[BenchContext], RankResult]:
+def _merak_entry(entry: str) -> Callable[[BenchContext], RankResult]:
     def run(ctx: BenchContext) -> RankResult:
-        return run_merak(ctx, schedule)
+        return run_merak(ctx, entry)
 
-    run.__name__ = f"run_merak_{schedule}"
+    run.__name__ = f"run_merak_{entry}"
     return run
 
 
 # ---- registration points: one line per Merak schedule in the comparison ----
-for _schedule, _what in [("1f1b", "Merak executor, 1F1B"),
-                         ("shifted_critical_path", "Merak executor, shifted critical path"),
-                         ("zero_bubble", "Merak executor, zero bubble (ZB-H1)")]:
-    register_runner(f"merak-{_schedule}", group="merak", launcher="torchrun", nprocs=2,
-                    description=_what, unavailable=merak_unavailable)(_merak_entry(_schedule))
+for _entry, _what in [("1f1b", "Merak executor, 1F1B"),
+                      ("1f1b+recompute", "Merak executor, 1F1B with full recomputation"),
+                      ("shifted_critical_path", "Merak executor, shifted critical path (full recompute)"),
+                      ("zero_bubble", "Merak executor, zero bubble (ZB-H1)")]:
+    register_runner(f"merak-{_entry}", group="merak", launcher="torchrun", nprocs=2,
+                    description=_what, unavailable=merak_unavailable)(_merak_entry(_entry))
