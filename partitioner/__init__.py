@@ -11,7 +11,7 @@ from .cost_model import CostModel, FlopCostModel, NodeCost
 from .meta import init_empty_weights
 from .proxy_graph import ProxyGraph, ProxyNode, TensorMeta, trace
 from .sharding import METHODS, PartitionPlan, StageStats, shard
-from .stage import StageModule, build_stage
+from .stage import StageModule, build_stage, run_sequentially
 from .tracer import TraceError
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PartitionPlan",
     "StageStats",
     "StageModule",
+    "run_sequentially",
     "CostModel",
     "FlopCostModel",
     "NodeCost",

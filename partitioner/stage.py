@@ -21,6 +21,7 @@ with per-parameter seeds (see :mod:`.meta`), so a 20B model's stage costs only i
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -32,7 +33,7 @@ from .meta import canonical_parameter_names, is_meta_module, materialize, mirror
 from .proxy_graph import COMPUTE, INPUT, OUTPUT, PARAM, REPLICATED, ProxyGraph
 from .sharding import PartitionPlan
 
-__all__ = ["StageModule", "build_stage"]
+__all__ = ["StageModule", "build_stage", "run_sequentially"]
 
 DEVICE_ANCHOR = "_merak_device"
 
@@ -57,6 +58,22 @@ class StageModule(fx.GraphModule):
     tied_parameters: dict[str, str]
     flavour: str
     dynamic_shapes: bool
+
+    _STAGE_ATTRIBUTES = ("stage_id", "num_stages", "data_inputs", "recv_inputs", "send_outputs", "output_keys",
+                         "tied_parameters", "flavour", "dynamic_shapes")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "StageModule":
+        # GraphModule's deepcopy rebuilds the module from its graph, dropping plain attributes and
+        # buffer persistence flags; carry both over.
+        res = super().__deepcopy__(memo)
+        for attr in self._STAGE_ATTRIBUTES:
+            if attr in self.__dict__:
+                setattr(res, attr, copy.deepcopy(self.__dict__[attr], memo))
+        copies = dict(res.named_modules())
+        for name, module in self.named_modules():
+            if name in copies:
+                copies[name]._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+        return res
 
     @property
     def is_first(self) -> bool:
@@ -313,3 +330,20 @@ def _set_stage_attributes(stage: StageModule, plan: PartitionPlan, stage_id: int
         if key in shared and key not in tied:
             tied[key] = local_name
     stage.tied_parameters = tied
+
+
+def run_sequentially(stages: list[StageModule], data: dict[str, Any]) -> dict[str, Any]:
+    """Run ``stages`` one after another in this process on one batch; returns the last stage's
+    outputs. The single-process reference of a pipeline (and a check of the stage contract:
+    each stage receives exactly what the previous one declared it sends)."""
+    received: dict[str, Any] = {}
+    for stage in stages:
+        if tuple(received) != stage.recv_inputs:
+            raise RuntimeError(f"stage {stage.stage_id} expects {stage.recv_inputs}, got {tuple(received)}")
+        out = stage(data, received)
+        if stage.is_last:
+            return out
+        if tuple(out) != stage.send_outputs:
+            raise RuntimeError(f"stage {stage.stage_id} returned {tuple(out)}, declared {stage.send_outputs}")
+        received = out
+    raise ValueError("run_sequentially needs a list of stages ending with the last stage")

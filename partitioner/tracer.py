@@ -282,6 +282,8 @@ class MetaTracer(fx.Tracer):
         return obj
 
     def create_arg(self, a: Any) -> Any:
+        if isinstance(a, fx.Proxy):
+            return a.node
         # Keep tensors created during the trace as our own constants instead of setattr on the
         # user's model (what fx does by default).
         if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from tests.tiny_models import tiny_model, TINY_KINDS
+    from tiny_models import tiny_model, TINY_KINDS          # tests/ is on sys.path under pytest
     model, make_batch = tiny_model("gpt2", n_layer=2)       # config overrides as keywords
     batch = make_batch(batch_size=2, seq_len=8, seed=0)     # dict of tensors, incl. labels
     loss = model(**batch).loss
@@ -34,7 +34,8 @@ VOCAB = 96
 
 _CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=4, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB,
-                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True),
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                 bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1),
     "llama": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, vocab_size=VOCAB,
                   attention_dropout=0.0, tie_word_embeddings=False),
