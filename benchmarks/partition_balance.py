@@ -1,0 +1,135 @@
+"""Partition balance of Merak's cost-based sharding vs DeepSpeed-style methods, on big configs.
+
+Why: a pipeline runs at the pace of its slowest stage, so the figure of merit of a partition is
+its imbalance, max/mean stage time. Every method is scored with the *same* cost model (FLOPs and
+bytes from FlopCounterMode on meta tensors, backward = 2x forward), so the comparison isolates
+where the cuts go: ``cost`` (min-max at sub-layer granularity), ``parameters`` (balance parameter
+counts at layer starts) and ``uniform`` (equal layer counts; embeddings with the first stage, head
+with the last) as DeepSpeed does. Models are built on the meta device from their configs: no
+weights, no downloads.
+
+Each model is planned in a fresh subprocess so plan time and peak RSS are its own (the figure
+for the 20B model is what ``python -m merak.partitioner`` costs).
+
+Usage (from the repository root)::
+
+    python benchmarks/partition_balance.py [--models gpt2-xl,llama2-7b,...] [--stages 4,8,16]
+
+Writes ``benchmarks/results/partition_balance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import markdown_table, write_markdown_report  # noqa: E402
+
+MODELS: dict[str, list[str]] = {
+    "gpt2-xl": ["gpt2", "n_layer=48", "n_embd=1600", "n_head=25"],
+    "llama2-7b": ["llama", "num_hidden_layers=32", "hidden_size=4096", "intermediate_size=11008",
+                  "num_attention_heads=32", "vocab_size=32000"],
+    "llama2-13b": ["llama", "num_hidden_layers=40", "hidden_size=5120", "intermediate_size=13824",
+                   "num_attention_heads=40", "vocab_size=32000"],
+    "gpt-neox-20b": ["gpt_neox", "num_hidden_layers=44", "hidden_size=6144", "intermediate_size=24576",
+                     "num_attention_heads=64", "vocab_size=50432"],
+}
+METHODS = ("cost", "parameters", "uniform")
+TARGETS = {8: 1.05, 16: 1.10}
+RESULTS = Path(__file__).resolve().parent / "results" / "partition_balance.md"
+
+
+def worker(name: str, stages: list[int]) -> dict:
+    """Build, trace and shard one model; runs in its own process."""
+    from merak.partitioner import shard, trace
+    from merak.partitioner.configs import build_model, example_inputs, load_config
+
+    start = time.perf_counter()
+    model = build_model(load_config(MODELS[name]))
+    inputs = example_inputs(model)
+    graph = trace(model, inputs)
+    traced = time.perf_counter() - start
+    plans = {}
+    for k in stages:
+        for method in METHODS:
+            t0 = time.perf_counter()
+            plan = shard(graph, k, method=method)
+            plans[f"{k}/{method}"] = {"imbalance": plan.imbalance, "seconds": time.perf_counter() - t0}
+    return {
+        "model": name,
+        "class": type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "layers": len(graph.layers),
+        "seq_len": int(inputs["input_ids"].shape[1]),
+        "nodes": len(graph.compute_nodes),
+        "flavour": graph.flavour,
+        "trace_seconds": traced,
+        "plans": plans,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def run_worker(name: str, stages: list[int]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, __file__, "--worker", name, "--stages", ",".join(map(str, stages))]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def report(results: list[dict], stages: list[int]) -> str:
+    rows = []
+    for r in results:
+        for k in stages:
+            imb = {m: r["plans"][f"{k}/{m}"]["imbalance"] for m in METHODS}
+            target = TARGETS.get(k)
+            verdict = "" if target is None else ("met" if imb["cost"] <= target else "MISSED") + f" (<= {target})"
+            plan_s = r["trace_seconds"] + r["plans"][f"{k}/cost"]["seconds"]
+            rows.append([r["model"], k, f"{imb['cost']:.3f}", f"{imb['parameters']:.3f}", f"{imb['uniform']:.3f}",
+                         verdict, f"{plan_s:.1f}", f"{r['peak_rss_bytes'] / 2**30:.2f}"])
+    models = [[r["model"], r["class"], f"{r['params'] / 1e9:.2f}B", r["layers"], r["seq_len"], r["nodes"],
+               r["flavour"]] for r in results]
+    return "\n".join([
+        "Imbalance = max/mean stage time from the same cost model (FlopCostModel: FLOPs and bytes from",
+        "FlopCounterMode on meta tensors, backward 2x forward), micro-batch 1 at the model's context",
+        "length (at most 2048). `cost` = Merak's min-max cut at node granularity; `parameters` and",
+        "`uniform` = DeepSpeed-style cuts at layer starts. Plan time = build on meta + trace + cost +",
+        "shard (`cost`), in a fresh process; peak RSS of that process (all 9 plans of the model).",
+        "",
+        markdown_table(["model", "stages", "cost", "parameters", "uniform", "target (cost)", "plan s", "peak RSS GiB"], rows),
+        "",
+        markdown_table(["model", "class", "params", "layers", "seq", "compute nodes", "traced with"], models),
+    ])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--stages", default="4,8,16")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    stages = [int(s) for s in args.stages.split(",")]
+    if args.worker:
+        print(json.dumps(worker(args.worker, stages)))
+        return
+    results = []
+    for name in args.models.split(","):
+        results.append(run_worker(name, stages))
+        print(f"{name}: traced in {results[-1]['trace_seconds']:.1f}s", file=sys.stderr)
+    body = report(results, stages)
+    write_markdown_report(args.out, "Partition balance: cost vs parameters vs uniform", body,
+                          packages=("torch", "transformers"))
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
