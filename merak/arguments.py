@@ -1,0 +1,160 @@
+"""``MerakArguments``: ``TrainingArguments`` plus Merak's pipeline knobs.
+
+Two HF fields change meaning under pipeline parallelism, and only these two:
+
+* ``per_device_train_batch_size`` is the **micro-batch** size (one pipeline work item);
+* ``gradient_accumulation_steps`` is the **number of micro-batches** each data-parallel replica
+  runs per optimizer step. The pipeline needs several to keep stages busy, so fewer than ``pp``
+  triggers a warning.
+
+The global batch of one step is ``micro-batch × micro-batches × dp`` samples.
+
+``--deepspeed ds_config.json`` is accepted for users arriving from DeepSpeed: the keys that
+mean something here (micro-batch, accumulation, clipping, bf16/fp16, optimizer and scheduler
+blocks) are mapped onto these fields; keys whose feature cannot work with pipeline parallelism
+(ZeRO stage 2/3) are refused with a message instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+SCHEDULE_CHOICES = ("gpipe", "1f1b", "shifted_critical_path", "zero_bubble")
+RECOMPUTE_CHOICES = ("none", "full", "stage_aware")
+PARTITION_CHOICES = ("cost", "parameters", "uniform", "manual")
+
+
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed config key that Merak cannot honour."""
+
+
+@dataclass
+class MerakArguments(TrainingArguments):
+    """Hugging Face ``TrainingArguments`` with Merak's pipeline, recompute and partition fields."""
+
+    schedule: str = field(
+        default="1f1b",
+        metadata={"help": "Pipeline schedule: gpipe | 1f1b | shifted_critical_path | zero_bubble.",
+                  "choices": SCHEDULE_CHOICES},
+    )
+    recompute: str = field(
+        default="none",
+        metadata={"help": "Activation recomputation: none | full | stage_aware (early stages, which "
+                          "hold more in-flight micro-batches, recompute more).",
+                  "choices": RECOMPUTE_CHOICES},
+    )
+    tp_sub_microbatches: int = field(
+        default=1,
+        metadata={"help": "Split each micro-batch into this many sub-micro-batches so one's tensor-"
+                          "parallel all-reduce overlaps the next one's compute (1 = off)."},
+    )
+    partition_method: str = field(
+        default="cost",
+        metadata={"help": "How the model is cut into stages: cost (balanced FLOP-based cost, default) | "
+                          "parameters | uniform (by layer) | manual (see partition_cuts).",
+                  "choices": PARTITION_CHOICES},
+    )
+    partition_cuts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "With partition_method=manual: the module names that start stages 1..P-1, "
+                          "e.g. transformer.h.3 transformer.h.6."},
+    )
+    leaf_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Module class names or qualified names the tracer keeps opaque (use it "
+                          "when tracing fails inside a module)."},
+    )
+    max_memory_per_device: str | None = field(
+        default=None,
+        metadata={"help": "Memory budget per device, e.g. '80GB'; stage_aware recompute fits it."},
+    )
+    p2p_timeout: float = field(
+        default=300.0,
+        metadata={"help": "Seconds any pipeline send/receive or collective may wait before failing "
+                          "with an error that names the ranks involved."},
+    )
+
+    def __post_init__(self) -> None:
+        for name, choices in (("schedule", SCHEDULE_CHOICES), ("recompute", RECOMPUTE_CHOICES),
+                              ("partition_method", PARTITION_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if self.tp_sub_microbatches < 1:
+            raise ValueError(f"tp_sub_microbatches={self.tp_sub_microbatches} must be >= 1 (1 = off)")
+        if self.partition_method == "manual" and not self.partition_cuts:
+            raise ValueError("partition_method='manual' needs partition_cuts (module names that "
+                             "start stages 1..P-1)")
+        if self.deepspeed:
+            self.apply_deepspeed_config(self.deepspeed)
+            # HF would hand the model to DeepSpeed's engine; Merak runs its own pipeline engine.
+            self.deepspeed = None
+        if not torch.cuda.is_available():
+            # Merak places stages itself (merak.init picks cpu/gloo without CUDA); telling HF keeps
+            # its device checks (e.g. bf16 "needs a GPU") in line with that choice.
+            self.use_cpu = True
+        super().__post_init__()
+
+    # ---- DeepSpeed config ---------------------------------------------------------------
+    def apply_deepspeed_config(self, config: str | os.PathLike | dict[str, Any]) -> None:
+        """Map a DeepSpeed JSON config onto these arguments (see the module docstring)."""
+        if not isinstance(config, dict):
+            with open(config) as f:
+                config = json.load(f)
+        zero = config.get("zero_optimization", {}).get("stage", 0)
+        if zero not in (0, 1):
+            raise DeepSpeedConfigError(
+                f"zero_optimization.stage={zero} shards gradients/parameters across data-parallel "
+                f"ranks, which conflicts with pipeline parallelism; use stage 0 or 1 (Merak implements "
+                f"ZeRO-1) or remove the block."
+            )
+        simple = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
+                  "gradient_accumulation_steps": "gradient_accumulation_steps",
+                  "gradient_clipping": "max_grad_norm"}
+        for key, attr in simple.items():
+            if key in config and config[key] != "auto":
+                setattr(self, attr, config[key])
+        for precision in ("bf16", "fp16"):
+            if config.get(precision, {}).get("enabled") is True:
+                setattr(self, precision, True)
+        opt = config.get("optimizer")
+        if opt:
+            kind, params = opt.get("type", "").lower(), opt.get("params", {})
+            if kind not in ("adam", "adamw"):
+                raise DeepSpeedConfigError(f"optimizer.type={opt.get('type')!r}: only Adam/AdamW map "
+                                           f"onto a torch optimizer here; remove the block or use AdamW")
+            self.optim = "adamw_torch"
+            if "lr" in params and params["lr"] != "auto":
+                self.learning_rate = params["lr"]
+            if "weight_decay" in params and params["weight_decay"] != "auto":
+                self.weight_decay = params["weight_decay"]
+            betas = params.get("betas")
+            if betas and betas != "auto":
+                self.adam_beta1, self.adam_beta2 = betas
+            if "eps" in params and params["eps"] != "auto":
+                self.adam_epsilon = params["eps"]
+        sched = config.get("scheduler")
+        if sched:
+            kind, params = sched.get("type"), sched.get("params", {})
+            mapping = {"WarmupLR": "constant_with_warmup", "WarmupDecayLR": "linear",
+                       "WarmupCosineLR": "cosine"}
+            if kind not in mapping:
+                raise DeepSpeedConfigError(f"scheduler.type={kind!r} has no equivalent here; use one of "
+                                           f"{sorted(mapping)} or set lr_scheduler_type instead")
+            self.lr_scheduler_type = mapping[kind]
+            if params.get("warmup_num_steps") not in (None, "auto"):
+                self.warmup_steps = params["warmup_num_steps"]
+        unsupported = sorted(set(config) - {
+            "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+            "bf16", "fp16", "optimizer", "scheduler", "zero_optimization", "train_batch_size",
+            "steps_per_print", "wall_clock_breakdown"})
+        if unsupported:
+            raise DeepSpeedConfigError(
+                f"DeepSpeed config keys {unsupported} have no Merak equivalent; remove them (Merak's "
+                f"own fields are MerakArguments.schedule, recompute, partition_method, ...)"
+            )

@@ -1,0 +1,83 @@
+"""Layout-invariant batches: global step k reads the same samples whatever (dp, tp, pp).
+
+The global batch of a step is ``G = micro_batch × num_microbatches × dp`` consecutive indices
+of one seeded permutation per epoch. Replica ``r`` takes the ``r``-th contiguous slice and
+splits it into micro-batches. Since the sample set of a step depends only on the seed, the
+epoch and ``G``, changing the layout while keeping ``G`` reproduces the single-process loss
+curve, and resuming needs no sampler state: the data position *is* the global step.
+
+Every stage of a replica builds the same micro-batches; the executor's ``LOAD`` keeps only the
+keys the stage reads, so labels are used only on the last stage and inputs on the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+Collate = Callable[[list[Any]], dict[str, Any]]
+
+
+@dataclass
+class StepBatches:
+    """Random access to the micro-batches of any global step for one DP replica."""
+
+    dataset: Sequence[Any]
+    collate: Collate
+    micro_batch_size: int
+    num_microbatches: int
+    dp_size: int
+    dp_rank: int
+    seed: int
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {len(self.dataset)} samples but one step needs "
+                f"{self.global_batch_size} (micro-batch {self.micro_batch_size} × "
+                f"{self.num_microbatches} micro-batches × dp {self.dp_size}); use a larger dataset "
+                f"or smaller per_device_train_batch_size / gradient_accumulation_steps"
+            )
+        self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.num_microbatches * self.dp_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset) // self.global_batch_size  # the incomplete last batch is dropped
+
+    def _order_of(self, epoch: int) -> torch.Tensor:
+        if epoch != self._order_epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._order = torch.randperm(len(self.dataset), generator=g)
+            else:
+                self._order = torch.arange(len(self.dataset))
+            self._order_epoch = epoch
+        return self._order
+
+    def sample_indices(self, step: int) -> list[int]:
+        """Indices this replica reads at global ``step`` (all its micro-batches, in order)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self._order_of(epoch)
+        per_replica = self.micro_batch_size * self.num_microbatches
+        start = within * self.global_batch_size + self.dp_rank * per_replica
+        return order[start:start + per_replica].tolist()
+
+    def microbatches(self, step: int) -> list[dict[str, Any]]:
+        idx = self.sample_indices(step)
+        b = self.micro_batch_size
+        return [self.collate([self.dataset[i] for i in idx[j:j + b]]) for j in range(0, len(idx), b)]
+
+
+def eval_microbatches(dataset: Sequence[Any], collate: Collate, micro_batch_size: int,
+                      dp_size: int, dp_rank: int) -> list[dict[str, Any]]:
+    """This replica's share of an evaluation set, in order, as micro-batches (tail kept)."""
+    idx = list(range(dp_rank, len(dataset), dp_size))
+    return [collate([dataset[i] for i in idx[j:j + micro_batch_size]])
+            for j in range(0, len(idx), micro_batch_size)]

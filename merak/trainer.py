@@ -1,0 +1,349 @@
+"""``MerakTrainer``: a ``transformers.Trainer`` whose training step is a pipeline schedule.
+
+What changes relative to HF's Trainer, and why:
+
+* **The model it holds is the local stage.** At construction the user's model (real or on the
+  meta device) is traced, cut into ``pp`` stages and only this rank's stage is built; HF's
+  machinery (optimizer and scheduler creation, callbacks, logging, ``report_to``) then works on
+  that stage as if it were the model. The original model is kept for export.
+* **One optimizer step = one schedule run.** HF's inner loop calls ``training_step`` once per
+  micro-batch; a pipeline must see all micro-batches of a step at once. ``train`` is therefore
+  a short loop of its own that keeps HF's contracts: ``TrainerState``/``log_history`` (the
+  global mean loss, identical on every rank), callback events (``DefaultFlowCallback`` decides
+  when to log, evaluate and save), the LR scheduler, ``max_grad_norm`` (global norm over all
+  stages) and the tqdm progress bar (HF's ``ProgressCallback``, rank 0).
+* **Data** comes from :class:`~merak.data.StepBatches`: the global batch of a step is the same
+  samples whatever the layout, so a run on (dp, tp, pp) reproduces the single-process curve.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import resource
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer, default_data_collator
+from transformers.trainer_utils import TrainOutput
+
+import merak
+from merak.arguments import MerakArguments
+from merak.data import StepBatches, eval_microbatches
+from merak.partitioner import build_stage, shard, trace
+from merak.partitioner.meta import meta_like
+from merak.runtime.executor import LossFn, PipelineExecutor, all_reduce_mean_loss
+from merak.runtime.p2p import wait_with_timeout
+from merak.runtime.recompute_plan import RecomputePlan
+from merak.runtime.schedule import build as build_schedule
+from merak.runtime.schedules import forward_only
+
+logger = logging.getLogger("merak")
+
+
+class MerakTrainer(Trainer):
+    """Drop-in ``transformers.Trainer`` that trains with 3D parallelism.
+
+    ``model`` is the user's unmodified model (``nn.Module`` or HF ``PreTrainedModel``), with
+    real weights or built under :func:`merak.init_empty_weights`. ``loss_fn(outputs, batch)``
+    replaces the model's own loss (by default the model computes it from ``labels``).
+    Call :func:`merak.init` first; without it a pure data-parallel grid over all ranks is used.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: MerakArguments | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        data_collator: Callable[[list[Any]], dict[str, Any]] | None = None,
+        loss_fn: LossFn | None = None,
+        **kwargs: Any,
+    ) -> None:
+        args = args if args is not None else MerakArguments(output_dir="merak_output")
+        if not isinstance(args, MerakArguments):
+            raise TypeError("MerakTrainer needs MerakArguments (a TrainingArguments subclass with "
+                            "the pipeline fields); replace TrainingArguments(...) by MerakArguments(...)")
+        self.grid = _grid()
+        self.original_model = model
+        self.loss_fn = loss_fn
+        collate = data_collator or default_data_collator
+        dataset = train_dataset if train_dataset is not None else eval_dataset
+        if dataset is None:
+            raise ValueError("MerakTrainer needs a train_dataset or eval_dataset: the model is traced "
+                             "with one collated micro-batch of it")
+        example = collate([dataset[i] for i in range(min(len(dataset), args.per_device_train_batch_size))])
+        _check_batch_against_model(model, example)
+        if self.grid.num_stages > 1 and args.gradient_accumulation_steps < self.grid.num_stages:
+            logger.warning(
+                "gradient_accumulation_steps=%d micro-batches < pp=%d stages: the pipeline will mostly "
+                "idle; use at least %d (4x pp keeps the bubble under ~20%%)",
+                args.gradient_accumulation_steps, self.grid.num_stages, 4 * self.grid.num_stages)
+        start = time.perf_counter()
+        graph = trace(model, {k: meta_like(v) for k, v in example.items()}, leaf_modules=args.leaf_modules)
+        self.plan = shard(graph, self.grid.num_stages, method=args.partition_method,
+                          manual_cuts=args.partition_cuts or None)
+        stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed)
+        if hasattr(model, "config"):
+            stage.config = model.config  # HF code paths (saving, logging) look for it
+        self._plan_seconds = time.perf_counter() - start
+        self._tokens_per_sample = _tokens_per_sample(example)
+        self._flops_per_microbatch = float(sum(s.flops for s in self.plan.stages))
+        if self.grid.rank == 0:
+            logger.info("Merak %s, partition plan (%.1fs):\n%s", self.grid.dims, self._plan_seconds,
+                        self.plan.table())
+        self.executor: PipelineExecutor | None = None
+        self._last_grad_norm: float | None = None
+        super().__init__(model=stage, args=args, data_collator=collate, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, **kwargs)
+
+    # ---- the pipeline pieces --------------------------------------------------------------
+    @property
+    def stage(self) -> nn.Module:
+        return self.model
+
+    def _make_executor(self) -> PipelineExecutor:
+        return PipelineExecutor(
+            self.stage, self.grid, self.optimizer, device=merak.get_device(), loss_fn=self.loss_fn,
+            timeout_s=self.args.p2p_timeout, zero_bubble=self.args.schedule == "zero_bubble",
+            before_optimizer_step=self._clip_gradients,
+        )
+
+    def _instructions(self) -> list:
+        plan = RecomputePlan.from_mode(self.args.recompute, self.grid.num_stages)
+        return build_schedule(self.args.schedule, self.grid.num_stages,
+                              self.args.gradient_accumulation_steps, self.grid.stage_id, plan)
+
+    def _step_batches(self) -> StepBatches:
+        return StepBatches(self.train_dataset, self.data_collator, self.args.per_device_train_batch_size,
+                           self.args.gradient_accumulation_steps, self.grid.dims.dp, self.grid.coord.dp,
+                           self.args.seed)
+
+    def _clip_gradients(self) -> bool:
+        """Global gradient norm over every stage (tied parameters counted once); clip to
+        ``max_grad_norm``. DP replicas hold identical reduced gradients, so the sum runs over
+        the pipeline group only."""
+        tied_elsewhere = set() if self.grid.is_first_stage else {
+            id(self.stage.get_parameter(local)) for local in self.stage.tied_parameters.values()}
+        grads = [p.grad for p in self.stage.parameters() if p.grad is not None and id(p) not in tied_elsewhere]
+        sq = torch.zeros((), dtype=torch.float64, device=merak.get_device())
+        for g in grads:
+            sq += g.detach().double().pow(2).sum()
+        if self.grid.pp_group is not None and self.grid.num_stages > 1:
+            wait_with_timeout(dist.all_reduce(sq, group=self.grid.pp_group, async_op=True),
+                              self.args.p2p_timeout, "the gradient-norm all-reduce")
+        norm = float(sq.sqrt())
+        self._last_grad_norm = norm
+        if not math.isfinite(norm):
+            logger.warning("non-finite gradient norm %s: skipping this optimizer step", norm)
+            return False
+        max_norm = self.args.max_grad_norm
+        if max_norm and max_norm > 0 and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for p in self.stage.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return True
+
+    # ---- training -----------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any) -> TrainOutput:
+        args = self.args
+        batches = self._step_batches()
+        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
+            args.num_train_epochs * batches.steps_per_epoch)
+        self.create_optimizer_and_scheduler(num_training_steps=max_steps)
+        self.executor = self._make_executor()
+        instructions = self._instructions()
+        self._init_state(max_steps, batches)
+        start_step = 0
+        if resume_from_checkpoint:
+            start_step = self._resume(resume_from_checkpoint)
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        total_loss = 0.0
+        for step in range(start_step, max_steps):
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            result = self.executor.run(instructions, batches.microbatches(step))
+            loss = all_reduce_mean_loss(result.loss, self.grid, args.p2p_timeout)
+            if not result.skipped:
+                self.lr_scheduler.step()
+            self.state.global_step = step + 1
+            self.state.epoch = (step + 1) / batches.steps_per_epoch
+            self.state.num_input_tokens_seen += batches.global_batch_size * self._tokens_per_sample
+            window_loss, window_steps, total_loss = window_loss + loss, window_steps + 1, total_loss + loss
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if self.control.should_log or step + 1 == max_steps:
+                self._log_window(window_loss / window_steps, window_steps,
+                                 time.perf_counter() - window_start, batches)
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            if self.control.should_evaluate and self.eval_dataset is not None:
+                self.evaluate(ignore_keys=ignore_keys_for_eval)
+            if self.control.should_save:
+                self._save_checkpoint(self.stage, trial)
+                self.control = self.callback_handler.on_save(args, self.state, self.control)
+            if self.control.should_training_stop:
+                break
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        steps_run = max(self.state.global_step - start_step, 1)
+        metrics = {"train_loss": total_loss / steps_run, "train_plan_seconds": self._plan_seconds}
+        return TrainOutput(self.state.global_step, total_loss / steps_run, metrics)
+
+    def _init_state(self, max_steps: int, batches: StepBatches) -> None:
+        from transformers.trainer_callback import TrainerState
+
+        self.state = TrainerState(
+            stateful_callbacks=[cb for cb in self.callback_handler.callbacks
+                                if hasattr(cb, "state") and callable(getattr(cb, "state"))])
+        self.state.max_steps = max_steps
+        self.state.train_batch_size = batches.global_batch_size
+        self.state.num_train_epochs = math.ceil(max_steps / batches.steps_per_epoch)
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self.args, name)
+            if value is not None and value < 1:  # HF: a float < 1 is a fraction of max_steps
+                value = math.ceil(max_steps * value)
+            setattr(self.state, name, value)
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
+
+    def _log_window(self, mean_loss: float, steps: int, seconds: float, batches: StepBatches) -> None:
+        """Per logging step: loss, learning rate, grad norm, tokens/s, model TFLOP/s per device,
+        peak memory — the figures a user compares between layouts."""
+        samples = batches.global_batch_size * steps
+        logs: dict[str, float] = {"loss": round(mean_loss, 6), "learning_rate": self._get_learning_rate()}
+        if self._last_grad_norm is not None:
+            logs["grad_norm"] = self._last_grad_norm
+        logs["tokens_per_second"] = samples * self._tokens_per_sample / max(seconds, 1e-9)
+        # Model FLOPs (forward ×3 for forward+backward), excluding recomputation: the usual MFU convention.
+        flops = 3 * self._flops_per_microbatch / self.args.per_device_train_batch_size * samples
+        logs["tflops_per_device"] = flops / max(seconds, 1e-9) / self.grid.dims.world_size / 1e12
+        logs["peak_memory_mb"] = _peak_memory_mb()
+        self.log(logs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError("MerakTrainer runs whole pipeline steps in train(); training_step "
+                                  "per micro-batch does not exist under pipeline parallelism")
+
+    # ---- evaluation ---------------------------------------------------------------------
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Pipelined forward over the evaluation set; returns ``{prefix}_loss`` (global mean)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (in the constructor or as argument)")
+        if self.executor is None:
+            self.executor = self._make_executor()
+        start = time.perf_counter()
+        mbs = eval_microbatches(dataset, self.data_collator, self.args.per_device_eval_batch_size,
+                                self.grid.dims.dp, self.grid.coord.dp)
+        chunk = max(self.args.gradient_accumulation_steps, 1)
+        total = torch.zeros(2, dtype=torch.float64)  # (sum of micro-batch losses, count)
+        self.stage.eval()
+        with torch.no_grad():
+            for i in range(0, len(mbs), chunk):
+                part = mbs[i:i + chunk]
+                result = self.executor.run(forward_only.build(self.grid.num_stages, len(part),
+                                                              self.grid.stage_id), part)
+                if result.loss is not None:
+                    total += torch.tensor([result.loss * len(part), len(part)], dtype=torch.float64)
+        self.stage.train()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            wait_with_timeout(dist.all_reduce(total, async_op=True), self.args.p2p_timeout,
+                              "the evaluation-loss all-reduce")
+        metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1]) if total[1] else float("nan"),
+                   f"{metric_key_prefix}_runtime": time.perf_counter() - start}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ---- checkpoints and export ----------------------------------------------------------
+    def _save_checkpoint(self, model: nn.Module, trial: Any, metrics: Any = None) -> None:
+        from merak.checkpoint import save_checkpoint
+
+        directory = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
+        save_checkpoint(directory, stage=self.stage, grid=self.grid, optimizer=self.optimizer,
+                        lr_scheduler=self.lr_scheduler,
+                        extra={"global_step": self.state.global_step})
+        if self.grid.rank == 0:
+            self.state.save_to_json(f"{directory}/trainer_state.json")
+        _barrier(self.args.p2p_timeout)
+
+    def _resume(self, checkpoint: str | bool) -> int:
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import get_last_checkpoint
+
+        from merak.checkpoint import load_checkpoint
+
+        directory = get_last_checkpoint(self.args.output_dir) if checkpoint is True else checkpoint
+        if directory is None:
+            raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint-*")
+        extra = load_checkpoint(directory, stage=self.stage, grid=self.grid, optimizer=self.optimizer,
+                                lr_scheduler=self.lr_scheduler)
+        saved = TrainerState.load_from_json(f"{directory}/trainer_state.json")
+        self.state.log_history = saved.log_history
+        self.state.global_step = int(extra["global_step"])
+        self.state.num_input_tokens_seen = saved.num_input_tokens_seen
+        return self.state.global_step
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Collective: write a consolidated ``save_pretrained`` directory from any layout."""
+        from merak.checkpoint import export_pretrained
+
+        export_pretrained(output_dir or self.args.output_dir, stage=self.stage, grid=self.grid,
+                          model=self.original_model)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _grid() -> Any:
+    try:
+        return merak.get_grid()
+    except RuntimeError:
+        import os
+
+        return merak.init(dp=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def _barrier(timeout_s: float) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        wait_with_timeout(dist.barrier(async_op=True), timeout_s, "a barrier after saving a checkpoint")
+
+
+def _tokens_per_sample(example: Mapping[str, Any]) -> int:
+    ids = example.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+        return int(ids.shape[1])
+    return 1
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _check_batch_against_model(model: nn.Module, batch: Mapping[str, Any]) -> None:
+    """Fail early, with the fix, on data that cannot feed the model (before any tracing)."""
+    params = inspect.signature(model.forward).parameters
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    # Checked even when forward takes **kwargs (HF models do): a stray column would otherwise
+    # reach the model as an unexpected keyword, or fail deep inside tracing.
+    unknown = [k for k in batch if k not in named]
+    if unknown:
+        raise ValueError(f"the dataset yields keys {unknown} that {type(model).__name__}.forward does "
+                         f"not take (its inputs: {named}); rename or drop those columns")
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [n for n in required if n not in batch]
+    if missing:
+        raise ValueError(f"{type(model).__name__}.forward requires {missing} but the dataset yields only "
+                         f"{sorted(batch)}; add those keys in the dataset or data_collator")
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    ids = batch.get("input_ids")
+    if limit and isinstance(ids, torch.Tensor) and ids.dim() >= 2 and ids.shape[1] > limit:
+        raise ValueError(f"sequences of length {ids.shape[1]} exceed the model's {limit} positions; "
+                         f"truncate/chunk the data to <= {limit} tokens or raise the config's limit")

@@ -1,0 +1,169 @@
+"""MerakTrainer: loss-curve parity across layouts, the HF-script drop-in, and bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tiny_models import tiny_model
+
+GLOBAL_MICROBATCHES, MICRO, SEQ, STEPS = 4, 2, 8, 5
+
+
+def dataset(make_batch, n: int = 48) -> list[dict[str, torch.Tensor]]:
+    """Samples as dicts of unbatched tensors (what an HF dataset with torch format yields)."""
+    return [{k: v[0] for k, v in make_batch(batch_size=1, seq_len=SEQ, seed=i).items()} for i in range(n)]
+
+
+def _train(kind: str, dp: int, pp: int, schedule: str = "1f1b") -> list[float]:
+    import merak
+
+    merak.init(dp=dp, pp=pp)
+    model, make_batch = tiny_model(kind)
+    args = merak.MerakArguments(
+        output_dir="/tmp/merak-test-trainer", per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=GLOBAL_MICROBATCHES // dp,  # same global batch in every layout
+        max_steps=STEPS, logging_steps=1, learning_rate=1e-2, lr_scheduler_type="linear",
+        max_grad_norm=1.0, seed=7, report_to="none", save_strategy="no", schedule=schedule,
+        disable_tqdm=True,
+    )
+    trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def single_process_curve(kind: str) -> list[float]:
+    """Plain PyTorch reference: same samples per step, AdamW, linear decay, clipping at 1."""
+    from merak.data import StepBatches
+    from transformers import default_data_collator, get_linear_schedule_with_warmup
+
+    model, make_batch = tiny_model(kind)
+    batches = StepBatches(dataset(make_batch), default_data_collator, MICRO, GLOBAL_MICROBATCHES, 1, 0, seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, 0, STEPS)
+    curve = []
+    for step in range(STEPS):
+        mbs = batches.microbatches(step)
+        loss = sum(model(**b).loss for b in mbs) / len(mbs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+        curve.append(loss.item())
+    return curve
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "t5"])
+def test_loss_curve_is_layout_invariant(dist_run, kind):
+    ref = single_process_curve(kind)
+    layouts = [(1, 1), (1, 2), (2, 1), (2, 2)] if kind == "gpt2" else [(1, 2), (2, 2)]
+    for dp, pp in layouts:
+        curves = dist_run(_train, dp * pp, kind, dp, pp, timeout=600)
+        for rank, curve in enumerate(curves):  # identical on every rank, equal to the reference
+            torch.testing.assert_close(curve, ref, rtol=2e-5, atol=2e-6,
+                                       msg=f"{kind} dp={dp} pp={pp} rank {rank}")
+
+
+def _hf_style_script() -> float:
+    """An HF Trainer script where only the import line and the two class names changed."""
+    import merak
+    from merak import MerakArguments as TrainingArguments, MerakTrainer as Trainer  # changed line
+
+    merak.init(pp=2)  # added line
+    model, make_batch = tiny_model("gpt2")
+    args = TrainingArguments(output_dir="/tmp/merak-test-hf-script", per_device_train_batch_size=2,
+                             gradient_accumulation_steps=4, max_steps=3, report_to="none",
+                             save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(make_batch))
+    return trainer.train().training_loss
+
+
+def test_hf_script_runs_with_two_changed_lines(dist_run):
+    losses = dist_run(_hf_style_script, 2)
+    assert losses[0] == losses[1] and 0 < losses[0] < 10
+
+
+def test_bad_dataset_keys_are_named():
+    import merak
+
+    model, make_batch = tiny_model("gpt2")
+    bad = [{"tokens": v["input_ids"]} for v in dataset(make_batch, 4)]
+    try:
+        merak.init()
+        with pytest.raises(ValueError, match=r"yields keys \['tokens'\] that GPT2LMHeadModel.forward does not take.*rename or drop"):
+            merak.MerakTrainer(model, merak.MerakArguments(output_dir="/tmp/x", report_to="none"),
+                               train_dataset=bad)
+    finally:
+        merak.shutdown()
+
+
+def test_too_long_sequences_are_refused():
+    import merak
+
+    model, make_batch = tiny_model("gpt2")  # 64 positions
+    long = [{k: v[0] for k, v in make_batch(batch_size=1, seq_len=80, seed=0).items()}]
+    try:
+        merak.init()
+        with pytest.raises(ValueError, match=r"length 80 exceed the model's 64 positions"):
+            merak.MerakTrainer(model, merak.MerakArguments(output_dir="/tmp/x", report_to="none",
+                                                           per_device_train_batch_size=1),
+                               train_dataset=long)
+    finally:
+        merak.shutdown()
+
+
+def _few_microbatches() -> list[str]:
+    import merak
+
+    merak.init(pp=2)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("merak").addHandler(handler)
+    model, make_batch = tiny_model("gpt2")
+    merak.MerakTrainer(model, merak.MerakArguments(output_dir="/tmp/x", report_to="none",
+                                                   gradient_accumulation_steps=1),
+                       train_dataset=dataset(make_batch, 8))
+    return records
+
+
+def test_fewer_microbatches_than_stages_warns(dist_run):
+    records = dist_run(_few_microbatches, 2)[0]
+    assert any("pipeline will mostly idle" in r for r in records), records
+
+
+def test_deepspeed_config_maps_and_refuses(tmp_path):
+    import json
+
+    import merak
+    from merak.arguments import DeepSpeedConfigError
+
+    cfg = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 6,
+           "gradient_clipping": 0.5, "bf16": {"enabled": True},
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.1}},
+           "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 7}}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    args = merak.MerakArguments(output_dir=str(tmp_path), deepspeed=str(path), report_to="none")
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm,
+            args.bf16, args.learning_rate, args.weight_decay, args.warmup_steps) == (3, 6, 0.5, True, 3e-4, 0.1, 7)
+    assert args.deepspeed is None  # Merak's engine runs the model, not DeepSpeed's
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(DeepSpeedConfigError, match="stage=3.*conflicts with pipeline parallelism"):
+        merak.MerakArguments(output_dir=str(tmp_path), deepspeed=str(path), report_to="none")
+
+
+def test_arguments_parse_from_command_line():
+    from transformers import HfArgumentParser
+
+    import merak
+
+    (args,) = HfArgumentParser(merak.MerakArguments).parse_args_into_dataclasses(
+        ["--output_dir", "/tmp/x", "--schedule", "zero_bubble", "--recompute", "full",
+         "--partition_method", "uniform", "--leaf_modules", "GPT2Block", "LlamaDecoderLayer",
+         "--report_to", "none", "--p2p_timeout", "30"])
+    assert (args.schedule, args.recompute, args.partition_method, args.leaf_modules, args.p2p_timeout) == \
+        ("zero_bubble", "full", "uniform", ["GPT2Block", "LlamaDecoderLayer"], 30.0)
+    with pytest.raises(ValueError, match="schedule='pipedream' is not one of"):
+        merak.MerakArguments(output_dir="/tmp/x", schedule="pipedream", report_to="none")
