@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "init_empty_weights",
     "is_meta_module",
+    "first_device",
     "meta_like",
     "materialize",
     "mirror",
@@ -89,6 +90,13 @@ def is_meta_module(module: nn.Module) -> bool:
 def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
     yield from module.parameters()
     yield from module.buffers()
+
+
+def first_device(tensors: Iterable[torch.Tensor], default: str = "cpu") -> torch.device:
+    """Device of the first tensor in ``tensors`` (``default`` when there is none)."""
+    for t in tensors:
+        return t.device
+    return torch.device(default)
 
 
 def meta_like(value: Any) -> Any:

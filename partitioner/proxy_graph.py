@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .meta import canonical_parameter_names, meta_like
-from .tracer import LeafSpec, TracedGraph, run_module_on_meta, trace_graph
+from .tracer import LeafSpec, TracedGraph, resolve_path, run_module_on_meta, trace_graph
 
 __all__ = ["TensorMeta", "ProxyNode", "ProxyGraph", "trace", "INPUT", "PARAM", "REPLICATED", "COMPUTE", "OUTPUT"]
 
@@ -175,13 +175,6 @@ def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", None) or str(node.target)
 
 
-def _resolve(root: Any, target: str) -> Any:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _describe(value: Any) -> Any:
     """TensorMeta for tensors (inside containers too); plain Python values as they are."""
     return pytree.tree_map_only(
@@ -321,7 +314,7 @@ def annotate(traced: TracedGraph) -> ProxyGraph:
                 value = meta_like(traced.example_inputs[node.target])
             elif node.op == "get_attr":
                 record.role = PARAM
-                obj = traced.constants[node.target] if node.target in traced.constants else _resolve(model, node.target)
+                obj = traced.constants[node.target] if node.target in traced.constants else resolve_path(model, node.target)
                 value = meta_like(obj)
                 if isinstance(obj, torch.Tensor) and id(obj) in param_ids:
                     record.params = (canonical[id(obj)],)

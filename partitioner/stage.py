@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .meta import canonical_parameter_names, is_meta_module, materialize, mirror
+from .meta import canonical_parameter_names, first_device, is_meta_module, materialize, mirror
 from .proxy_graph import COMPUTE, INPUT, OUTPUT, PARAM, REPLICATED, ProxyGraph
 from .sharding import PartitionPlan
+from .tracer import resolve_path
 
 __all__ = ["StageModule", "build_stage", "run_sequentially"]
 
@@ -192,13 +193,6 @@ def _fx_node(graph: fx.Graph, name: str) -> fx.Node:
     raise KeyError(name)
 
 
-def _resolve(root: Any, target: str) -> Any:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _targets(g: fx.Graph, op: str) -> list[str]:
     return list(dict.fromkeys(str(n.target) for n in g.nodes if n.op == op and n.target != DEVICE_ANCHOR))
 
@@ -212,7 +206,7 @@ def _tensor_paths(model_root: nn.Module, modules: Iterable[str], attrs: Iterable
         for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
             paths[f"{target}.{name}"] = canonical.get(id(t), f"{target}.{name}")
     for target in attrs:
-        value = _resolve(model_root, target)
+        value = resolve_path(model_root, target)
         if isinstance(value, torch.Tensor):
             paths[target] = canonical.get(id(value), target)
     return paths
@@ -220,7 +214,7 @@ def _tensor_paths(model_root: nn.Module, modules: Iterable[str], attrs: Iterable
 
 def _is_tensor_path(model: nn.Module, path: str) -> bool:
     try:
-        return isinstance(_resolve(model, path), torch.Tensor)
+        return isinstance(resolve_path(model, path), torch.Tensor)
     except AttributeError:
         return False
 
@@ -266,9 +260,11 @@ def build_stage(
         source = mirror(model, owners)
         materialize(source, init_paths, device if device is not None else "cpu", seed)
     root: dict[str, Any] = {t: source.get_submodule(t) for t in modules}
-    root.update({a: _resolve(source, a) for a in model_attrs})
+    root.update({a: resolve_path(source, a) for a in model_attrs})
     root.update({a: constants[a] for a in attrs if a in constants})
-    target_device = torch.device(device) if device is not None else _device_of(source, modules, model_attrs)
+    held = [t for m in modules for t in [*source.get_submodule(m).parameters(), *source.get_submodule(m).buffers()]]
+    held += [v for v in (resolve_path(source, a) for a in model_attrs) if isinstance(v, torch.Tensor)]
+    target_device = torch.device(device) if device is not None else first_device(held)
     root[DEVICE_ANCHOR] = torch.empty(0, device=target_device)
     stale = [a for a in attrs if a in constants and constants[a].device.type == "meta"]
     if stale:
@@ -287,17 +283,6 @@ def build_stage(
             stage.to(target_device)
     _set_stage_attributes(stage, plan, stage_id, data_inputs, output_keys, canonical, paths if meta else None)
     return stage
-
-
-def _device_of(root: nn.Module, modules: list[str], attrs: list[str]) -> torch.device:
-    for t in modules:
-        for tensor in [*root.get_submodule(t).parameters(), *root.get_submodule(t).buffers()]:
-            return tensor.device
-    for a in attrs:
-        value = _resolve(root, a)
-        if isinstance(value, torch.Tensor):
-            return value.device
-    return torch.device("cpu")
 
 
 def _restore_buffer_persistence(stage: nn.Module, model: nn.Module, attrs: list[str], constants: dict[str, Any]) -> None:

@@ -21,6 +21,12 @@ shapes unless dynamic dimensions can be derived, which is reported in ``TracedGr
 The result is a :class:`TracedGraph`: an fx graph whose placeholders are the keys of the example
 batch, whose ``get_attr``/``call_module`` targets are paths in the *original* model (no weights are
 copied), plus the tensor constants the trace created.
+
+Limits of the fx flavour (inherent to symbolic tracing): a proxy is not a ``torch.Tensor``, so
+code that silently branches on ``isinstance(x, torch.Tensor)`` takes the non-tensor branch;
+``torch.no_grad()`` regions inside ``forward`` are not recorded; and a Python ``int()``/``len()``
+of a size bakes that size in (reported in ``notes`` as "specialized"). The graph is a training
+graph: it is traced in ``train()`` mode without KV cache.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import dataclasses
 import inspect
 import logging
 import math
+import os
 import operator
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,11 +47,11 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.utils import _pytree as pytree
 
-from .meta import is_meta_module, meta_like
+from .meta import first_device, is_meta_module, meta_like
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TraceError", "TracedGraph", "MetaTracer", "trace_graph", "default_leaf_types"]
+__all__ = ["TraceError", "TracedGraph", "MetaTracer", "trace_graph", "default_leaf_types", "resolve_path"]
 
 LeafSpec = type | str
 
@@ -59,9 +66,10 @@ class TracedGraph:
 
     ``graph`` placeholders are named after the example-batch keys; ``get_attr`` and
     ``call_module`` targets are qualified names in ``model``; ``constants`` holds tensors the trace
-    created (targets starting with ``_merak_constant``). ``output_keys`` names the graph outputs
-    (the graph returns a flat dict). ``flavour`` is ``"fx"`` or ``"export"``; ``dynamic`` says
-    whether batch size and sequence length stay symbolic.
+    created (fx: targets ``_merak_constant<i>``). The output node returns a flat
+    ``{name: value}`` dict. ``flavour`` is ``"fx"`` or ``"export"``; ``dynamic`` says whether batch
+    size and sequence length stay symbolic; ``notes`` lists specializations and fallbacks;
+    ``trace_devices`` are devices an export graph has baked in (retargeted per stage).
     """
 
     model: nn.Module
@@ -85,6 +93,14 @@ def default_leaf_types() -> tuple[type, ...]:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     return tuple(types)
+
+
+def resolve_path(root: Any, target: str) -> Any:
+    """The attribute at dotted path ``target`` under ``root`` (a submodule, parameter or buffer)."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _fmt_target(target: Any) -> str:
@@ -123,8 +139,10 @@ class _MetaProxyMixin:
 
     def __len__(self) -> int:
         value = self._merak_value()
-        if isinstance(value, torch.Tensor) and value.dim() == 0:
-            raise TraceError(f"len() of a 0-d tensor {self.node.name}")
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0:
+                raise self.tracer._error(self.node, "len() of a 0-d tensor")
+            self.tracer._note_specialization(self.node, f"len() of a tensor = {len(value)}")
         return len(value)
 
     def _concrete(self, kind: type) -> Any:
@@ -172,9 +190,9 @@ class _MetaAttribute(_MetaProxyMixin, fx.proxy.Attribute):
 
 def _first_user_frame() -> str:
     """``file:line in function`` of the innermost model-code frame (not torch internals)."""
+    here = os.path.abspath(__file__)
     for frame in reversed(traceback.extract_stack()[:-2]):
-        fn = frame.filename.replace("\\", "/")
-        if "/torch/" in fn or fn.endswith("/merak/partitioner/tracer.py") or "/partitioner/tracer.py" in fn:
+        if os.path.abspath(frame.filename) == here or f"{os.sep}torch{os.sep}" in frame.filename:
             continue
         return f"{frame.filename}:{frame.lineno} in {frame.name}"
     return "<unknown>"
@@ -249,8 +267,10 @@ class MetaTracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
         node = proxy.node
         node.meta["merak_module"] = self._module_path_stack[-1] if self._module_path_stack else ""
-        node.meta["merak_source"] = _first_user_frame() if kind != "placeholder" else ""
-        with _maybe_revert_all_patches():
+        # Running a module must not re-enter the tracer's patched nn.Module.__call__; reverting
+        # the patches costs a class-attribute write, so it is done only where needed.
+        patched = kind == "call_module" or (kind == "get_attr" and target not in self.constants)
+        with _maybe_revert_all_patches() if patched else contextlib.nullcontext():
             node.meta["merak_value"] = self._compute_value(node, kind, target, args, kwargs)
         return proxy
 
@@ -274,12 +294,7 @@ class MetaTracer(fx.Tracer):
         raise AssertionError(kind)
 
     def _attr(self, target: str) -> Any:
-        if target in self.constants:
-            return self.constants[target]
-        obj: Any = self.root
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return self.constants[target] if target in self.constants else resolve_path(self.root, target)
 
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, fx.Proxy):
@@ -289,15 +304,12 @@ class MetaTracer(fx.Tracer):
         if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
             if id(a) in self._constant_ids:
                 return self.create_proxy("get_attr", self._constant_ids[id(a)], (), {}).node
-            for n, b in self.root.named_buffers():
-                if a is b:
-                    break
-            else:
-                if not any(a is v for v in self.tensor_attrs):
-                    name = f"_merak_constant{len(self.constants)}"
-                    self.constants[name] = a
-                    self._constant_ids[id(a)] = name
-                    return self.create_proxy("get_attr", name, (), {}).node
+            known = any(a is b for _, b in self.root.named_buffers()) or any(a is v for v in self.tensor_attrs)
+            if not known:
+                name = f"_merak_constant{len(self.constants)}"
+                self.constants[name] = a
+                self._constant_ids[id(a)] = name
+                return self.create_proxy("get_attr", name, (), {}).node
         return super().create_arg(a)
 
     # ---- Python protocols on proxies --------------------------------------------------------
@@ -474,7 +486,7 @@ def trace_with_export(model: nn.Module, example_inputs: Mapping[str, Any]) -> Tr
     names = list(example_inputs)
     fixed = _fixed_kwargs(model, names)
     on_meta = is_meta_module(model)
-    inputs = {k: (meta_like(v) if on_meta else _concrete_like(v, _device_of(model))) for k, v in example_inputs.items()}
+    inputs = {k: (meta_like(v) if on_meta else _concrete_like(v, first_device([*model.parameters(), *model.buffers()]))) for k, v in example_inputs.items()}
     kwargs = {**inputs, **fixed}
     notes: list[str] = []
     errors: list[str] = []
@@ -501,7 +513,7 @@ def trace_with_export(model: nn.Module, example_inputs: Mapping[str, Any]) -> Tr
     constants = {}
     for node in graph.nodes:
         if node.op == "get_attr":
-            value = _resolve(unlifted, node.target)
+            value = resolve_path(unlifted, node.target)
             if not _is_model_tensor(model, node.target):
                 constants[node.target] = value
     return TracedGraph(
@@ -515,12 +527,6 @@ def trace_with_export(model: nn.Module, example_inputs: Mapping[str, Any]) -> Tr
         notes=notes,
         trace_devices=tuple(sorted(str(d) for d in trace_devices)),
     )
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in [*model.parameters(), *model.buffers()]:
-        return t.device
-    return torch.device("cpu")
 
 
 def _concrete_like(value: Any, device: torch.device) -> Any:
@@ -556,16 +562,9 @@ def _swapped_to_meta(model: nn.Module) -> Iterator[None]:
             store[name] = t
 
 
-def _resolve(root: Any, target: str) -> Any:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _is_model_tensor(model: nn.Module, target: str) -> bool:
     try:
-        value = _resolve(model, target)
+        value = resolve_path(model, target)
     except AttributeError:
         return False
     return isinstance(value, torch.Tensor)

@@ -8,6 +8,7 @@ from torch import nn
 
 from merak.partitioner import TraceError, TensorMeta, build_stage, run_sequentially, shard, trace
 from merak.partitioner.proxy_graph import COMPUTE, REPLICATED
+from test_partitioner_equivalence import assert_equal_to_real_model
 from tiny_models import tiny_model
 
 
@@ -111,13 +112,7 @@ def test_forced_export_flavour_on_a_meta_hf_model() -> None:
     plan = shard(graph, 2)
     stages = [build_stage(plan, s) for s in range(2)]
     assert stages[0].tied_parameters and stages[1].tied_parameters  # wte / lm_head held by both
-    real, _ = tiny_model("gpt2", n_layer=2)
-    with torch.no_grad():
-        for stage in stages:
-            for name, value in stage.state_dict().items():
-                real.state_dict()[name].copy_(value)
-    batch = make_batch(batch_size=2, seq_len=6, seed=2)
-    torch.testing.assert_close(run_sequentially(stages, batch)["loss"], real(**batch).loss, atol=1e-6, rtol=0)
+    assert_equal_to_real_model("gpt2", stages, make_batch, n_layer=2)
 
 
 class Gate(nn.Module):
