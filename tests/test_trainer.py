@@ -17,11 +17,11 @@ def dataset(make_batch, n: int = 48) -> list[dict[str, torch.Tensor]]:
     return [{k: v[0] for k, v in make_batch(batch_size=1, seq_len=SEQ, seed=i).items()} for i in range(n)]
 
 
-def _train(kind: str, dp: int, pp: int, schedule: str = "1f1b") -> list[float]:
+def _train(kind: str, dp: int, pp: int, schedule: str = "1f1b", meta: bool = False) -> list[float]:
     import merak
 
     merak.init(dp=dp, pp=pp)
-    model, make_batch = tiny_model(kind)
+    model, make_batch = tiny_model(kind, meta=meta)
     args = merak.MerakArguments(
         output_dir="/tmp/merak-test-trainer", per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=GLOBAL_MICROBATCHES // dp,  # same global batch in every layout
@@ -63,6 +63,18 @@ def test_loss_curve_is_layout_invariant(dist_run, kind):
         for rank, curve in enumerate(curves):  # identical on every rank, equal to the reference
             torch.testing.assert_close(curve, ref, rtol=2e-5, atol=2e-6,
                                        msg=f"{kind} dp={dp} pp={pp} rank {rank}")
+
+
+def test_meta_model_gets_the_same_weights_in_every_layout(dist_run):
+    """Built under init_empty_weights, each stage initializes only its own parameters, seeded
+    per parameter name: layouts must agree on the weights, hence on the whole loss curve."""
+    curves = {(dp, pp): dist_run(_train, dp * pp, "gpt2", dp, pp, "1f1b", True, timeout=600)
+              for dp, pp in [(1, 1), (2, 2)]}
+    reference = curves[(1, 1)][0]
+    assert reference[-1] < reference[0]  # it trains
+    for layout, per_rank in curves.items():
+        for rank, curve in enumerate(per_rank):
+            torch.testing.assert_close(curve, reference, rtol=2e-5, atol=2e-6, msg=f"{layout} rank {rank}")
 
 
 def _hf_style_script() -> float:
