@@ -20,21 +20,23 @@ import time
 from collections.abc import Sequence
 
 from .configs import build_model, example_inputs, load_config
+from .cost_model import FlopCostModel
 from .proxy_graph import trace
-from .sharding import METHODS, shard
+from .sharding import METHODS, PartitionPlan, shard
 
 __all__ = ["main", "plan_from_config"]
 
 
 def plan_from_config(spec: Sequence[str], stages: int, method: str = "cost", batch_size: int = 1,
                      seq_len: int | None = None, manual_cuts: Sequence[str] | None = None,
-                     flavour: str = "auto"):
+                     flavour: str = "auto", link_gbps: float | None = None) -> PartitionPlan:
     """Build, trace and shard the model of ``spec``; ``plan.seconds`` covers all of it."""
     start = time.perf_counter()
     config = load_config(spec)
     model = build_model(config)
     graph = trace(model, example_inputs(model, batch_size, seq_len), flavour=flavour)
-    plan = shard(graph, stages, method=method, manual_cuts=manual_cuts)
+    cost_model = FlopCostModel(link_bytes_per_second=link_gbps * 1e9 if link_gbps else None)
+    plan = shard(graph, stages, method=method, cost_model=cost_model, manual_cuts=manual_cuts)
     plan.seconds = time.perf_counter() - start
     return plan
 
@@ -55,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length used for costs (default: the model's context, at most 2048)")
     p.add_argument("--flavour", choices=("auto", "fx", "export"), default="auto", help="tracing path")
+    p.add_argument("--link-gbps", type=float, default=None, metavar="GB/s",
+                   help="price each cut at its activation+gradient bytes over this link bandwidth "
+                        "(default: cuts are free, traffic only breaks ties)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -64,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
         plan = plan_from_config(args.config, args.stages, args.method, args.batch_size, args.seq_len,
-                                args.manual_cuts, args.flavour)
+                                args.manual_cuts, args.flavour, args.link_gbps)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,11 +5,12 @@ stage must be a contiguous run of the execution order; values produced before a 
 it are sent (and forwarded through intermediate stages). The fx node order *is* the execution
 order, and cutting at node granularity lets a cut fall between attention and MLP.
 
-Why min-max then traffic: the slowest stage sets the pipeline's step time, so the primary goal is
-the smallest possible maximum stage cost (found exactly: binary search over the bound with a
-greedy feasibility test, exact for non-negative costs). Among all cuttings within
-``tolerance`` of that optimum, a dynamic program picks the one sending the fewest bytes (cuts
-between blocks send one hidden-state tensor; cuts inside attention would send q, k and v).
+Why min-max, then traffic: the slowest stage sets the pipeline's step time, so the primary goal
+is the smallest possible maximum stage cost. It is found exactly: binary search over the bound,
+each step a vectorized reachability sweep (a stage's cost may include the transfer time of its
+boundary cuts, if the cost model prices links). Among all cuttings within ``tolerance`` of that
+optimum, a dynamic program then picks the one sending the fewest bytes (a cut between blocks
+sends one hidden state; one inside attention would send q, k and v).
 
 A cut is *invalid* where a crossing value is a container holding tensors (a ``split`` result
 before its ``getitem``s) or between a value and an in-place update of it. Methods ``uniform``
@@ -21,12 +22,14 @@ points by module or node name.
 from __future__ import annotations
 
 import bisect
-import collections
 import dataclasses
 import difflib
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from .cost_model import CostModel, FlopCostModel
 from .proxy_graph import COMPUTE, OUTPUT, PARAM, REPLICATED, ProxyGraph, ProxyNode
@@ -64,7 +67,12 @@ class StageStats:
 
 
 class _Sequence:
-    """The compute sequence with everything cut selection needs, as flat arrays."""
+    """The compute sequence with everything cut selection needs, as flat arrays.
+
+    Position ``c`` in ``0..n`` is the cut before compute node ``c``; a stage ``[a, b)`` costs
+    ``prefix[b] - prefix[a] + transfer[a] + transfer[b]`` (its nodes plus the time its boundary
+    cuts keep it busy sending/receiving activations and their gradients).
+    """
 
     def __init__(self, graph: ProxyGraph, cost_model: CostModel) -> None:
         self.graph = graph
@@ -72,12 +80,12 @@ class _Sequence:
         n = len(self.nodes)
         self.n = n
         self.pos = {node.name: i for i, node in enumerate(self.nodes)}
-        self.costs = [cost_model.node_cost(node).total for node in self.nodes]
-        self.prefix = [0.0]
-        for c in self.costs:
-            self.prefix.append(self.prefix[-1] + c)
+        costs = np.array([cost_model.node_cost(node).total for node in self.nodes], dtype=np.float64)
+        self.prefix = np.concatenate(([0.0], np.cumsum(costs)))
         self.last_use = self._last_uses()
-        self.cut_bytes, self.valid = self._cut_properties()
+        self.cut_bytes, moved_bytes, self.valid = self._cut_properties()
+        self.transfer = np.array([cost_model.transfer_cost(int(b)) if 0 < c < n else 0.0
+                                  for c, b in enumerate(moved_bytes)], dtype=np.float64)
         self.node_params = self._node_params()
 
     def _last_uses(self) -> dict[str, int]:
@@ -108,39 +116,43 @@ class _Sequence:
             return effective.get(user.name, -1)
         return -1
 
-    def _cut_properties(self) -> tuple[list[int], list[bool]]:
-        """Bytes crossing, and validity of, the cut before each position 1..n-1 (index = position)."""
+    def _cut_properties(self) -> tuple[list[int], list[int], np.ndarray]:
+        """Per cut position: bytes sent forward, bytes moved both ways (activations plus their
+        gradients), and whether the cut is valid (0 and n always are)."""
         n = self.n
-        bytes_delta = [0] * (n + 2)
+        sent_delta = [0] * (n + 2)
+        grad_delta = [0] * (n + 2)
         bad_delta = [0] * (n + 2)
+
+        def span(delta: list[int], start: int, end: int, amount: int) -> None:
+            delta[start + 1] += amount
+            delta[min(end, n - 1) + 1] -= amount
+
         for node in self.nodes:
             p, last = self.pos[node.name], self.last_use[node.name]
             if last <= p:
                 continue
-            hi = min(last, n - 1)
             if node.is_tensor:
-                bytes_delta[p + 1] += node.output_bytes
-                bytes_delta[hi + 1] -= node.output_bytes
+                span(sent_delta, p, last, node.output_bytes)
+                if node.requires_grad:
+                    span(grad_delta, p, last, node.output_bytes)
             if not node.sendable:
-                bad_delta[p + 1] += 1
-                bad_delta[hi + 1] -= 1
+                span(bad_delta, p, last, 1)
         fx_nodes = {n.name: n for n in self.graph.graph.nodes}
         for node in self.nodes:
-            if node.inplace:
-                target = fx_nodes[node.name].args[0] if fx_nodes[node.name].args else None
-                name = getattr(target, "name", None)
-                if name in self.pos and self.pos[name] < self.pos[node.name]:
-                    bad_delta[self.pos[name] + 1] += 1
-                    bad_delta[self.pos[node.name] + 1] -= 1
-        cut_bytes, valid = [0] * (n + 1), [False] * (n + 1)
-        running_bytes = running_bad = 0
+            target = fx_nodes[node.name].args[0] if node.inplace and fx_nodes[node.name].args else None
+            name = getattr(target, "name", None)
+            if name in self.pos and self.pos[name] < self.pos[node.name]:
+                span(bad_delta, self.pos[name], self.pos[node.name], 1)
+        sent, moved, valid = [0] * (n + 1), [0] * (n + 1), np.zeros(n + 1, dtype=bool)
+        running_sent = running_grad = running_bad = 0
         for c in range(1, n):
-            running_bytes += bytes_delta[c]
+            running_sent += sent_delta[c]
+            running_grad += grad_delta[c]
             running_bad += bad_delta[c]
-            cut_bytes[c] = running_bytes
-            valid[c] = running_bad == 0
+            sent[c], moved[c], valid[c] = running_sent, running_sent + running_grad, running_bad == 0
         valid[0] = valid[n] = True
-        return cut_bytes, valid
+        return sent, moved, valid
 
     def _node_params(self) -> list[tuple[str, ...]]:
         by_name = self.graph.by_name
@@ -155,87 +167,76 @@ class _Sequence:
         return result
 
     def range_cost(self, a: int, b: int) -> float:
-        return self.prefix[b] - self.prefix[a]
+        return float(self.prefix[b] - self.prefix[a] + self.transfer[a] + self.transfer[b])
 
 
-def _min_max_bound(prefix: Sequence[float], valid: Sequence[bool], k: int) -> float:
-    """Smallest B such that the sequence splits into <= k stages of cost <= B at valid cuts."""
-    n = len(prefix) - 1
-    prev_valid = [0] * (n + 1)
-    last = 0
-    for i in range(n + 1):
-        if valid[i]:
-            last = i
-        prev_valid[i] = last
+def _feasible(prefix: np.ndarray, transfer: np.ndarray, valid: np.ndarray, k: int, bound: float) -> bool:
+    """Can positions 0..n be split at valid cuts into exactly ``k`` stages each costing <= bound?
 
-    def feasible(bound: float) -> bool:
-        i, used = 0, 0
-        while i < n:
-            used += 1
-            if used > k:
-                return False
-            j = bisect.bisect_right(prefix, prefix[i] + bound) - 1
-            if j >= n:
-                return True
-            j = prev_valid[j]
-            if j <= i:
-                return False
-            i = j
-        return True
+    Stage [a, b) fits iff ``prefix[a] - transfer[a] >= prefix[b] + transfer[b] - bound``, so the
+    stages reachable with s+1 stages follow from a running maximum over those reachable with s.
+    """
+    key = np.where(valid, prefix - transfer, -np.inf)
+    need = prefix + transfer - bound * (1 + 1e-12)
+    reach = np.zeros(len(prefix), dtype=bool)
+    reach[0] = True
+    for _ in range(k):
+        best_before = np.maximum.accumulate(np.where(reach, key, -np.inf))
+        best_before = np.concatenate(([-np.inf], best_before[:-1]))  # starts a < b only
+        reach = (best_before >= need) & valid
+        reach[0] = False
+    return bool(reach[-1])
 
-    lo, hi = 0.0, prefix[n]
-    if feasible(lo):
-        return lo
-    for _ in range(100):
+
+def _min_max_bound(prefix: np.ndarray, transfer: np.ndarray, valid: np.ndarray, k: int) -> float:
+    """The smallest achievable maximum stage cost (binary search over :func:`_feasible`)."""
+    lo, hi = 0.0, float(prefix[-1] + 2 * transfer.max(initial=0.0))
+    for _ in range(200):
+        if hi - lo <= 1e-12 * max(hi, 1e-30):
+            break
         mid = (lo + hi) / 2
-        if feasible(mid):
+        if _feasible(prefix, transfer, valid, k, mid):
             hi = mid
         else:
             lo = mid
-        if hi - lo <= 1e-12 * max(hi, 1e-30):
-            break
     return hi
 
 
 def _min_traffic_cuts(seq: _Sequence, k: int, bound: float) -> list[int]:
-    """Cuts (stage start positions, k+1 entries incl. 0 and n) minimizing bytes sent, with every
-    stage costing <= bound. Sliding-window minimum keeps it O(k * n)."""
-    n, prefix, valid = seq.n, seq.prefix, seq.valid
-    inf = float("inf")
-    slack = bound * 1e-9
-    prev = [inf] * (n + 1)
-    prev[0] = 0.0
-    choice: list[list[int]] = []
-    for _ in range(k):
-        cur = [inf] * (n + 1)
-        arg = [-1] * (n + 1)
-        window: collections.deque[int] = collections.deque()
-        lo = 0
-        nxt = 0  # next candidate start to push
-        for j in range(1, n + 1):
-            while nxt < j:
-                if prev[nxt] < inf and valid[nxt]:
-                    while window and prev[window[-1]] >= prev[nxt]:
-                        window.pop()
-                    window.append(nxt)
-                nxt += 1
-            while prefix[j] - prefix[lo] > bound + slack:
-                lo += 1
-            while window and window[0] < lo:
-                window.popleft()
-            if window and valid[j]:
-                i = window[0]
-                cur[j] = prev[i] + (seq.cut_bytes[j] if j < n else 0)
-                arg[j] = i
-        choice.append(arg)
-        prev = cur
-    if prev[n] == inf:
+    """Cuts (k+1 stage boundaries incl. 0 and n) minimizing the bytes sent over all cuts, with
+    every stage costing <= bound. A stage ending at b can only start at a with
+    ``prefix[a] >= prefix[b] - bound``, so each end scans a window of about n/k starts."""
+    prefix, transfer, valid, n = seq.prefix, seq.transfer, seq.valid, seq.n
+    bound = bound * (1 + 1e-9)
+    key = prefix - transfer
+    sent = np.asarray(seq.cut_bytes, dtype=np.float64)
+    sent[n] = 0.0
+    starts_ok = valid.copy()
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    choices: list[np.ndarray] = []
+    ends = np.flatnonzero(valid[1:]) + 1
+    for stage in range(k):
+        nxt = np.full(n + 1, np.inf)
+        arg = np.full(n + 1, -1, dtype=np.int64)
+        usable = np.where(starts_ok, best, np.inf)
+        for b in ends if stage < k - 1 else (n,):
+            lo = int(np.searchsorted(prefix, prefix[b] - bound, side="left"))
+            if lo >= b:
+                continue
+            window = np.where(key[lo:b] >= prefix[b] + transfer[b] - bound, usable[lo:b], np.inf)
+            i = int(np.argmin(window))
+            if window[i] < np.inf:
+                nxt[b] = window[i] + sent[b]
+                arg[b] = lo + i
+        best = nxt
+        choices.append(arg)
+    if not np.isfinite(best[n]):
         raise RuntimeError("no partition meets the bound; this is a bug in the partitioner")
     cuts = [n]
-    for arg in reversed(choice):
-        cuts.append(arg[cuts[-1]])
-    cuts.reverse()
-    return cuts
+    for arg in reversed(choices):
+        cuts.append(int(arg[cuts[-1]]))
+    return cuts[::-1]
 
 
 @dataclasses.dataclass
@@ -374,9 +375,9 @@ def _human(count: int) -> str:
 # ---- methods ----------------------------------------------------------------------------------------
 
 def _check_num_stages(seq: _Sequence, k: int) -> None:
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"num_stages must be a positive integer, got {k!r}")
-    cuttable = sum(seq.valid[1:seq.n])
+    cuttable = int(seq.valid[1:seq.n].sum())
     if k - 1 > cuttable:
         raise ValueError(
             f"num_stages={k} needs {k - 1} cut points but the graph of {type(seq.graph.model).__name__} "
@@ -386,7 +387,7 @@ def _check_num_stages(seq: _Sequence, k: int) -> None:
 
 
 def _cost_cuts(seq: _Sequence, k: int, tolerance: float) -> list[int]:
-    bound = _min_max_bound(seq.prefix, seq.valid, k)
+    bound = _min_max_bound(seq.prefix, seq.transfer, seq.valid, k)
     return _min_traffic_cuts(seq, k, bound * (1 + tolerance))
 
 
@@ -442,16 +443,13 @@ def _parameter_cuts(seq: _Sequence, k: int) -> list[int]:
     for a, b in units:
         params = {p for ps in seq.node_params[a:b] for p in ps}
         weights.append(float(sum(seq.graph.param_bytes[p] for p in params)))
-    prefix = [0.0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    bound = _min_max_bound(prefix, [True] * (len(units) + 1), k)
-    # Greedy at the bound, then split the largest stages until there are k.
+    prefix = np.concatenate(([0.0], np.cumsum(weights)))
+    bound = _min_max_bound(prefix, np.zeros(len(prefix)), np.ones(len(prefix), dtype=bool), k)
+    # Greedy at the bound (exact for additive weights), then split the widest stages up to k.
     unit_cuts, i = [0], 0
     while i < len(units):
-        j = bisect.bisect_right(prefix, prefix[i] + bound * (1 + 1e-9)) - 1
-        j = max(j, i + 1)
-        unit_cuts.append(min(j, len(units)))
+        j = int(np.searchsorted(prefix, prefix[i] + bound * (1 + 1e-9), side="right")) - 1
+        unit_cuts.append(min(max(j, i + 1), len(units)))
         i = unit_cuts[-1]
     while len(unit_cuts) - 1 < k:
         widest = max(range(len(unit_cuts) - 1), key=lambda s: unit_cuts[s + 1] - unit_cuts[s])
@@ -499,8 +497,8 @@ def shard(
 ) -> PartitionPlan:
     """Cut ``graph`` into ``num_stages`` pipeline stages.
 
-    ``method``: ``"cost"`` (default; min-max of cost-model time at node granularity, then least
-    traffic within ``tolerance`` of the optimum), ``"parameters"`` / ``"uniform"`` (DeepSpeed-like,
+    ``method``: ``"cost"`` (default; min-max of cost-model time at node granularity; among
+    cuttings within ``tolerance`` of the optimum, the least traffic), ``"parameters"`` / ``"uniform"`` (DeepSpeed-like,
     at layer starts) or ``"manual"`` (``manual_cuts``: the module or node names where stages
     1..N-1 begin). ``cost_model`` defaults to :class:`FlopCostModel`.
     """
@@ -510,6 +508,7 @@ def shard(
     cost_model = cost_model or FlopCostModel()
     seq = _Sequence(graph, cost_model)
     _check_num_stages(seq, num_stages)
+    num_stages = int(num_stages)
     if method == "cost":
         cuts = _cost_cuts(seq, num_stages, tolerance)
     elif method == "uniform":

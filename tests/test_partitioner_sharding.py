@@ -61,6 +61,20 @@ def test_cuts_prefer_small_activation_traffic() -> None:
     assert len(tensors) == 1
 
 
+def test_pricing_links_moves_cuts_to_cheap_points() -> None:
+    from merak.partitioner import FlopCostModel
+
+    graph = graph_of("gpt2", n_layer=3)
+    hidden = 2 * 16 * 32 * 4
+    free = shard(graph, 4)
+    priced = shard(graph, 4, cost_model=FlopCostModel(link_bytes_per_second=1e9))
+    assert max(s.send_bytes for s in free.stages) > hidden  # balance alone cuts inside blocks
+    assert all(s.send_bytes == hidden for s in priced.stages[:-1])
+    seq = priced._sequence()
+    assert priced.stages[1].cost == pytest.approx(
+        seq.prefix[priced.bounds[2]] - seq.prefix[priced.bounds[1]] + seq.transfer[priced.bounds[1]] + seq.transfer[priced.bounds[2]])
+
+
 def test_no_cut_separates_a_tuple_from_its_items() -> None:
     graph = graph_of("gpt2")
     for stages in range(2, 9):
