@@ -60,7 +60,13 @@ class TensorMeta:
 
 @dataclasses.dataclass
 class ProxyNode:
-    """One node of the traced graph with its costs (forward FLOPs, bytes) and role."""
+    """One node of the traced graph with its costs (forward FLOPs, bytes) and role.
+
+    ``memory_bytes`` is what the node reads and writes (0 for views and shape queries);
+    ``sendable`` is False for containers holding tensors (never cut right after them);
+    ``mutates`` names the value an in-place node updates; ``layer`` is the repeated block the
+    node belongs to; ``device_query`` marks ``x.device`` (answered by each stage's own device).
+    """
 
     name: str
     op: str
@@ -74,7 +80,7 @@ class ProxyNode:
     memory_bytes: int = 0
     meta: Any = None
     requires_grad: bool = False
-    inplace: bool = False
+    mutates: str | None = None
     inputs: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
     layer: str | None = None
@@ -196,16 +202,17 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return total
 
 
-def _is_inplace(node: fx.Node) -> bool:
+def _mutated_input(node: fx.Node) -> str | None:
+    """Name of the value an in-place node updates (its first argument), else ``None``."""
     if node.op == "call_function":
-        if node.target in _INPLACE_OPERATORS:
-            return True
         schema = getattr(node.target, "_schema", None)
-        return bool(schema is not None and schema.is_mutable)
-    if node.op == "call_method":
-        name = str(node.target)
-        return name.endswith("_") and not name.endswith("__")
-    return False
+        inplace = node.target in _INPLACE_OPERATORS or bool(schema is not None and schema.is_mutable)
+    elif node.op == "call_method":
+        inplace = str(node.target).endswith("_") and not str(node.target).endswith("__")
+    else:
+        inplace = False
+    first = node.args[0] if node.args else None
+    return first.name if inplace and isinstance(first, fx.Node) else None
 
 
 def _is_random(node: fx.Node) -> bool:
@@ -299,7 +306,7 @@ def annotate(traced: TracedGraph) -> ProxyGraph:
         for node in traced.graph.nodes:
             record = ProxyNode(
                 name=node.name, op=node.op, target=_target_name(node), module=_module_of(node),
-                role=COMPUTE, inplace=_is_inplace(node),
+                role=COMPUTE, mutates=_mutated_input(node),
                 inputs=tuple(n.name for n in node.all_input_nodes), users=tuple(u.name for u in node.users),
             )
             if node.op == "output":
@@ -346,6 +353,15 @@ def annotate(traced: TracedGraph) -> ProxyGraph:
     return ProxyGraph(traced, nodes, param_bytes, param_numel, tie_groups, layers)
 
 
+def mutators_of(nodes: Sequence[ProxyNode]) -> dict[str, list[str]]:
+    """Value name -> names of the nodes that update it in place, in execution order."""
+    mutators: dict[str, list[str]] = {}
+    for rec in nodes:
+        if rec.mutates is not None:
+            mutators.setdefault(rec.mutates, []).append(rec.name)
+    return mutators
+
+
 def _is_device_query(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "device"
 
@@ -362,11 +378,7 @@ def _assign_replicated(graph: fx.Graph, nodes: list[ProxyNode]) -> None:
     """
     by_name = {n.name: n for n in nodes}
     fx_nodes = {n.name: n for n in graph.nodes}
-    mutators: dict[str, list[str]] = {}
-    for rec in nodes:
-        node = fx_nodes[rec.name]
-        if rec.inplace and node.args and isinstance(node.args[0], fx.Node):
-            mutators.setdefault(node.args[0].name, []).append(rec.name)
+    mutators = mutators_of(nodes)
 
     def base_ok(rec: ProxyNode) -> bool:
         node = fx_nodes[rec.name]

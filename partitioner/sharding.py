@@ -138,12 +138,9 @@ class _Sequence:
                     span(grad_delta, p, last, node.output_bytes)
             if not node.sendable:
                 span(bad_delta, p, last, 1)
-        fx_nodes = {n.name: n for n in self.graph.graph.nodes}
-        for node in self.nodes:
-            target = fx_nodes[node.name].args[0] if node.inplace and fx_nodes[node.name].args else None
-            name = getattr(target, "name", None)
-            if name in self.pos and self.pos[name] < self.pos[node.name]:
-                span(bad_delta, self.pos[name], self.pos[node.name], 1)
+        for node in self.nodes:  # never cut between a value and its in-place update
+            if node.mutates in self.pos and self.pos[node.mutates] < self.pos[node.name]:
+                span(bad_delta, self.pos[node.mutates], self.pos[node.name], 1)
         sent, moved, valid = [0] * (n + 1), [0] * (n + 1), np.zeros(n + 1, dtype=bool)
         running_sent = running_grad = running_bad = 0
         for c in range(1, n):

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from .meta import canonical_parameter_names, first_device, is_meta_module, materialize, mirror
-from .proxy_graph import COMPUTE, INPUT, OUTPUT, PARAM, REPLICATED, ProxyGraph
+from .proxy_graph import COMPUTE, INPUT, OUTPUT, REPLICATED, ProxyGraph, mutators_of
 from .sharding import PartitionPlan
 from .tracer import resolve_path
 
@@ -98,13 +98,7 @@ def _needed_nodes(graph: ProxyGraph, plan: PartitionPlan, stage_id: int) -> tupl
     roots = set(own) | ({n.name for n in graph.nodes if n.role == OUTPUT} if stage_id == plan.num_stages - 1 else set())
     local: set[str] = set()
     inputs: set[str] = set()
-    mutators: dict[str, list[str]] = {}
-    fx_nodes = {n.name: n for n in graph.graph.nodes}
-    for rec in graph.nodes:
-        if rec.role == REPLICATED and rec.inplace and fx_nodes[rec.name].args:
-            target = fx_nodes[rec.name].args[0]
-            if isinstance(target, fx.Node):
-                mutators.setdefault(target.name, []).append(rec.name)
+    mutators = mutators_of([n for n in graph.nodes if n.role == REPLICATED])
     stack = list(roots)
     while stack:
         name = stack.pop()
@@ -178,19 +172,12 @@ def _stage_graph(graph: ProxyGraph, plan: PartitionPlan, stage_id: int) -> tuple
         result = fx.node.map_arg(out.args[0], lambda n: env[n])
         output_keys = tuple(result)
     else:
-        result = {name: env[graph_node] for name in plan.send_outputs(stage_id)
-                  for graph_node in [_fx_node(src, name)]}
+        by_name = {n.name: n for n in src.nodes}
+        result = {name: env[by_name[name]] for name in plan.send_outputs(stage_id)}
         output_keys = ()
     g.output(result)
     g.lint()
     return g, data_inputs, output_keys
-
-
-def _fx_node(graph: fx.Graph, name: str) -> fx.Node:
-    for node in graph.nodes:
-        if node.name == name:
-            return node
-    raise KeyError(name)
 
 
 def _targets(g: fx.Graph, op: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from merak.partitioner import CostModel, NodeCost, ProxyNode, build_stage, shard, trace
 from merak.partitioner.cli import main
