@@ -20,14 +20,20 @@ from .meta import init_empty_weights
 
 __all__ = ["parse_overrides", "load_config", "build_model", "example_inputs", "default_seq_len"]
 
-# Auto classes tried in order; the first whose mapping knows the config wins.
-_HEADS = (
-    "AutoModelForCausalLM",
-    "AutoModelForSeq2SeqLM",
-    "AutoModelForMaskedLM",
-    "AutoModelForImageClassification",
-    "AutoModel",
-)
+def _heads(config: Any) -> list[str]:
+    """Auto classes to try, the natural training head first: seq2seq LM for encoder-decoders,
+    masked LM for encoders (BERT also has a causal-LM class, which is not how it trains),
+    causal LM otherwise; then image classification and the bare model."""
+    import transformers
+
+    order = ["AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM",
+             "AutoModelForImageClassification", "AutoModel"]
+    masked = type(config) in transformers.AutoModelForMaskedLM._model_mapping
+    if getattr(config, "is_encoder_decoder", False):
+        order.insert(0, order.pop(1))
+    elif masked and not getattr(config, "is_decoder", False):
+        order.insert(0, order.pop(2))
+    return order
 
 
 def _parse_value(text: str) -> Any:
@@ -68,11 +74,19 @@ def load_config(spec: Sequence[str]) -> Any:
         if model_type is None:
             raise ValueError(f"{path} has no 'model_type'")
         values.update(overrides)
-        return transformers.AutoConfig.for_model(model_type, **values)
+        return _complete(transformers.AutoConfig.for_model(model_type, **values))
     try:
-        return transformers.AutoConfig.for_model(head, **overrides)
+        return _complete(transformers.AutoConfig.for_model(head, **overrides))
     except ValueError as exc:
         raise ValueError(f"unknown model_type {head!r} (and no such config file): {exc}") from exc
+
+
+def _complete(config: Any) -> Any:
+    """Fill what a bare config lacks for a training forward: an encoder-decoder shifts labels
+    right by ``decoder_start_token_id`` (the pad token for T5-style models)."""
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = getattr(config, "pad_token_id", None) or 0
+    return config
 
 
 def build_model(config: Any, attn_implementation: str | None = "sdpa") -> nn.Module:
@@ -81,7 +95,7 @@ def build_model(config: Any, attn_implementation: str | None = "sdpa") -> nn.Mod
 
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    for name in _HEADS:
+    for name in _heads(config):
         auto = getattr(transformers, name)
         if type(config) in auto._model_mapping:
             with init_empty_weights():

@@ -199,10 +199,15 @@ def _min_max_bound(prefix: np.ndarray, transfer: np.ndarray, valid: np.ndarray, 
     return hi
 
 
+_BALANCE_TIE_BREAK = 1e-3  # bytes per (stage cost / bound)^2: orders equal-traffic cuttings only
+
+
 def _min_traffic_cuts(seq: _Sequence, k: int, bound: float) -> list[int]:
     """Cuts (k+1 stage boundaries incl. 0 and n) minimizing the bytes sent over all cuts, with
-    every stage costing <= bound. A stage ending at b can only start at a with
-    ``prefix[a] >= prefix[b] - bound``, so each end scans a window of about n/k starts."""
+    every stage costing <= bound; among equal traffic, the most even stages (least sum of squared
+    costs), so stages beside an unsplittable bottleneck still share the rest evenly.
+    A stage ending at b can only start at a with ``prefix[a] >= prefix[b] - bound``, so each end
+    scans a window of about n/k starts."""
     prefix, transfer, valid, n = seq.prefix, seq.transfer, seq.valid, seq.n
     bound = bound * (1 + 1e-9)
     key = prefix - transfer
@@ -221,7 +226,9 @@ def _min_traffic_cuts(seq: _Sequence, k: int, bound: float) -> list[int]:
             lo = int(np.searchsorted(prefix, prefix[b] - bound, side="left"))
             if lo >= b:
                 continue
-            window = np.where(key[lo:b] >= prefix[b] + transfer[b] - bound, usable[lo:b], np.inf)
+            stage_cost = prefix[b] + transfer[b] - key[lo:b]
+            window = np.where(stage_cost <= bound, usable[lo:b], np.inf)
+            window = window + _BALANCE_TIE_BREAK * (stage_cost / bound) ** 2
             i = int(np.argmin(window))
             if window[i] < np.inf:
                 nxt[b] = window[i] + sent[b]
@@ -250,7 +257,6 @@ class PartitionPlan:
     bounds: tuple[int, ...]
     stages: list[StageStats]
     seconds: float
-    notes: list[str] = dataclasses.field(default_factory=list)
     _seq: _Sequence | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -318,7 +324,7 @@ class PartitionPlan:
             "dynamic_shapes": self.graph.dynamic,
             "cost_model": self.cost_model.describe(),
             "stages": [s.to_json() for s in self.stages],
-            "notes": [*self.graph.notes, *self.notes],
+            "notes": list(self.graph.notes),
         }
 
     def table(self) -> str:
@@ -349,7 +355,7 @@ class PartitionPlan:
 
         lines = [header, fmt(cols), fmt(["-" * w for w in widths])]
         lines += [fmt(r) for r in rows]
-        for note in [*self.graph.notes, *self.notes]:
+        for note in self.graph.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
 

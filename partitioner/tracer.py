@@ -188,6 +188,14 @@ class _MetaAttribute(_MetaProxyMixin, fx.proxy.Attribute):
     pass
 
 
+def _first_user_frame_of(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost non-torch frame of ``exc``'s traceback."""
+    here = os.path.abspath(__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if os.path.abspath(f.filename) != here and f"{os.sep}torch{os.sep}" not in f.filename]
+    return f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else "<unknown>"
+
+
 def _first_user_frame() -> str:
     """``file:line in function`` of the innermost model-code frame (not torch internals)."""
     here = os.path.abspath(__file__)
@@ -434,11 +442,11 @@ def trace_with_fx(model: nn.Module, example_inputs: Mapping[str, Any], leaf_modu
     except TraceError:
         raise
     except Exception as exc:
-        where = tracer._where()
-        leaf = where.split(" (")[-1].rstrip(")") if tracer._module_path_stack else None
+        where = f"in module {tracer._where()}" if tracer._module_path_stack else "in its top-level forward"
+        leaf = tracer._where().split(" (")[-1].rstrip(")") if tracer._module_path_stack else None
         hint = f"; pass leaf_modules=({leaf!r},) to keep it as one opaque node" if leaf else ""
         raise TraceError(
-            f"fx tracing of {type(model).__name__} failed in module {where}: "
+            f"fx tracing of {type(model).__name__} failed {where} at {_first_user_frame_of(exc)}: "
             f"{type(exc).__name__}: {exc}{hint}"
         ) from exc
     _flatten_outputs(graph)
