@@ -86,23 +86,22 @@ class GridLayout:
 
     # Each *_groups() yields every group of that kind, in an order identical on all ranks
     # (torch.distributed.new_group must be called collectively in the same order).
+    def _groups(self, varying: str) -> Iterator[list[int]]:
+        """Groups whose members differ only in the ``varying`` coordinate."""
+        sizes = {"pp": self.dims.pp, "dp": self.dims.dp, "tp": self.dims.tp}
+        outer, inner = (axis for axis in ("pp", "dp", "tp") if axis != varying)
+        for a in range(sizes[outer]):
+            for b in range(sizes[inner]):
+                yield [self.rank_of(**{outer: a, inner: b, varying: v}) for v in range(sizes[varying])]
+
     def tp_groups(self) -> Iterator[list[int]]:
-        d = self.dims
-        for pp in range(d.pp):
-            for dp in range(d.dp):
-                yield [self.rank_of(pp, dp, tp) for tp in range(d.tp)]
+        return self._groups("tp")
 
     def dp_groups(self) -> Iterator[list[int]]:
-        d = self.dims
-        for pp in range(d.pp):
-            for tp in range(d.tp):
-                yield [self.rank_of(pp, dp, tp) for dp in range(d.dp)]
+        return self._groups("dp")
 
     def pp_groups(self) -> Iterator[list[int]]:
-        d = self.dims
-        for dp in range(d.dp):
-            for tp in range(d.tp):
-                yield [self.rank_of(pp, dp, tp) for pp in range(d.pp)]
+        return self._groups("pp")
 
     def tied_groups(self) -> Iterator[list[int]]:
         """First and last stage of each pipeline: they share tied weights (embedding/LM head)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import pickle
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -58,64 +58,42 @@ class _TensorSlot:
     requires_grad: bool
 
 
-def _is_plain_container(obj: Any) -> bool:
-    # Subclasses such as torch.Size or namedtuples are pickled as opaque values, except
-    # namedtuples, which we rebuild field by field so tensors inside them are sent as bytes.
-    return type(obj) in (tuple, list) or isinstance(obj, dict) or _is_namedtuple(obj)
-
-
 def _is_namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
+
+
+def _map_leaves(obj: Any, is_leaf: Callable[[Any], bool], fn: Callable[[Any], Any]) -> Any:
+    """Rebuild ``obj`` with ``fn`` applied to its leaves, through dicts, plain lists/tuples and
+    namedtuples. Other tuple subclasses (``torch.Size``) and all other values stay opaque."""
+    if is_leaf(obj):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _map_leaves(v, is_leaf, fn)) for k, v in obj.items())
+    if _is_namedtuple(obj):
+        return type(obj)(*(_map_leaves(v, is_leaf, fn) for v in obj))
+    if type(obj) in (tuple, list):
+        return type(obj)(_map_leaves(v, is_leaf, fn) for v in obj)
+    return obj
 
 
 def flatten(obj: Any) -> tuple[Any, list[torch.Tensor]]:
     """Split ``obj`` into a picklable skeleton (tensors replaced by slots) and its tensors."""
     tensors: list[torch.Tensor] = []
 
-    def walk(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            tensors.append(x)
-            return _TensorSlot(len(tensors) - 1, tuple(x.shape), x.dtype, x.requires_grad)
-        if isinstance(x, dict):
-            return type(x)((k, walk(v)) for k, v in x.items())
-        if _is_namedtuple(x):
-            return type(x)(*(walk(v) for v in x))
-        if type(x) in (tuple, list):
-            return type(x)(walk(v) for v in x)
-        return x
+    def to_slot(t: torch.Tensor) -> _TensorSlot:
+        tensors.append(t)
+        return _TensorSlot(len(tensors) - 1, tuple(t.shape), t.dtype, t.requires_grad)
 
-    return walk(obj), tensors
+    return _map_leaves(obj, lambda x: isinstance(x, torch.Tensor), to_slot), tensors
 
 
 def unflatten(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
-    def walk(x: Any) -> Any:
-        if isinstance(x, _TensorSlot):
-            return tensors[x.index]
-        if isinstance(x, dict):
-            return type(x)((k, walk(v)) for k, v in x.items())
-        if _is_namedtuple(x):
-            return type(x)(*(walk(v) for v in x))
-        if type(x) in (tuple, list):
-            return type(x)(walk(v) for v in x)
-        return x
-
-    return walk(skeleton)
+    return _map_leaves(skeleton, lambda x: isinstance(x, _TensorSlot), lambda slot: tensors[slot.index])
 
 
 def _slots(skeleton: Any) -> list[_TensorSlot]:
     found: list[_TensorSlot] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, _TensorSlot):
-            found.append(x)
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif _is_plain_container(x):
-            for v in x:
-                walk(v)
-
-    walk(skeleton)
+    _map_leaves(skeleton, lambda x: isinstance(x, _TensorSlot), found.append)
     return sorted(found, key=lambda s: s.index)
 
 

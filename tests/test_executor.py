@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_harness import RankFailed
+from reference import single_process_run
 
 SCHEDULE_RECOMPUTE = [("gpipe", "none"), ("gpipe", "full"), ("1f1b", "none"), ("1f1b", "full"),
                       ("shifted_critical_path", "full"), ("shifted_critical_path", "stage_aware"),
@@ -81,20 +82,9 @@ def global_batches(dp: int, step: int) -> list[dict[str, torch.Tensor]]:
 
 
 def reference(dp: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Single process: mean loss over the global batch, SGD; losses per step, first grads."""
     full = Full()
-    opt = torch.optim.SGD(full.parameters(), lr=0.5)
-    losses, first_grads = [], {}
-    for step in range(STEPS):
-        mbs = global_batches(dp, step)
-        loss = sum(full(**b) for b in mbs) / len(mbs)
-        loss.backward()
-        if step == 0:
-            first_grads = {n: p.grad.clone() for n, p in full.named_parameters()}
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, first_grads
+    return single_process_run(full, [global_batches(dp, step) for step in range(STEPS)],
+                              torch.optim.SGD(full.parameters(), lr=0.5), loss_of=lambda m, b: m(**b))
 
 
 def _pipeline(dp: int) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference import single_process_run
 from tiny_models import tiny_model
 
 SCHEDULE_RECOMPUTE = [("gpipe", "none"), ("1f1b", "none"), ("1f1b", "full"),
@@ -25,18 +26,8 @@ def global_batches(make_batch, num: int, step: int) -> list[dict[str, torch.Tens
 
 def reference(kind: str, num_microbatches: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     model, make_batch = tiny_model(kind)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses, first = [], {}
-    for step in range(STEPS):
-        mbs = global_batches(make_batch, num_microbatches, step)
-        loss = sum(model(**b).loss for b in mbs) / len(mbs)
-        loss.backward()
-        if step == 0:
-            first = {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, first
+    steps = [global_batches(make_batch, num_microbatches, step) for step in range(STEPS)]
+    return single_process_run(model, steps, torch.optim.SGD(model.parameters(), lr=LR))
 
 
 def _pipeline(kind: str, dp: int, pp: int, m: int) -> dict:

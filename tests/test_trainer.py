@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from reference import single_process_run
 from tiny_models import tiny_model
 
 GLOBAL_MICROBATCHES, MICRO, SEQ, STEPS = 4, 2, 8, 5
@@ -42,15 +43,8 @@ def single_process_curve(kind: str) -> list[float]:
     model, make_batch = tiny_model(kind)
     batches = StepBatches(dataset(make_batch), default_data_collator, MICRO, GLOBAL_MICROBATCHES, 1, 0, seed=7)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    sched = get_linear_schedule_with_warmup(opt, 0, STEPS)
-    curve = []
-    for step in range(STEPS):
-        mbs = batches.microbatches(step)
-        loss = sum(model(**b).loss for b in mbs) / len(mbs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad()
-        curve.append(loss.item())
+    curve, _ = single_process_run(model, [batches.microbatches(step) for step in range(STEPS)], opt,
+                                  scheduler=get_linear_schedule_with_warmup(opt, 0, STEPS), max_grad_norm=1.0)
     return curve
 
 
