@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .meta import canonical_parameter_names, meta_like
-from .tracer import LeafSpec, TracedGraph, resolve_path, run_module_on_meta, trace_graph
+from .tracer import LeafSpec, TraceError, TracedGraph, resolve_path, run_module_on_meta, trace_graph
 
 __all__ = ["TensorMeta", "ProxyNode", "ProxyGraph", "trace", "INPUT", "PARAM", "REPLICATED", "COMPUTE", "OUTPUT"]
 
@@ -325,14 +325,16 @@ def annotate(traced: TracedGraph) -> ProxyGraph:
                 value = meta_like(obj)
                 if isinstance(obj, torch.Tensor) and id(obj) in param_ids:
                     record.params = (canonical[id(obj)],)
-            elif node.op == "call_module":
-                module = model.get_submodule(node.target)
-                value = run_module_on_meta(module, args, kwargs, module_state_cache)
-                record.params = tuple(dict.fromkeys(canonical[id(p)] for p in module.parameters()))
-            elif node.op == "call_method":
-                value = getattr(args[0], node.target)(*args[1:], **kwargs)
             else:
-                value = node.target(*args, **kwargs)
+                if node.op == "call_module":
+                    module = model.get_submodule(node.target)
+                    record.params = tuple(dict.fromkeys(canonical[id(p)] for p in module.parameters()))
+                try:
+                    value = _run_on_meta(node, args, kwargs, model, module_state_cache)
+                except Exception as exc:
+                    raise TraceError(f"cannot cost node {node.name} ({record.target}) of module "
+                                     f"{record.module or 'the top level'} on meta tensors: "
+                                     f"{type(exc).__name__}: {exc}") from exc
             env[node] = value
             record.flops = int(counter.get_total_flops() - before)
             record.meta = _describe(value)
@@ -351,6 +353,15 @@ def annotate(traced: TracedGraph) -> ProxyGraph:
             nodes.append(record)
     _assign_replicated(traced.graph, nodes)
     return ProxyGraph(traced, nodes, param_bytes, param_numel, tie_groups, layers)
+
+
+def _run_on_meta(node: fx.Node, args: tuple, kwargs: dict, model: nn.Module,
+                 module_state_cache: dict[int, dict[str, torch.Tensor]]) -> Any:
+    if node.op == "call_module":
+        return run_module_on_meta(model.get_submodule(node.target), args, kwargs, module_state_cache)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
 
 
 def mutators_of(nodes: Sequence[ProxyNode]) -> dict[str, list[str]]:
