@@ -13,8 +13,6 @@ generate text. No network, no GPU needed. Run it with any launcher::
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,20 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def configure_logging(rank: int) -> None:
-    """Show Merak's INFO messages (the partition plan among them) on rank 0, warnings elsewhere.
-
-    Merak logs through the standard ``logging`` module and leaves handlers to the application,
-    as libraries should; without this the plan would be logged to nowhere.
-    """
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(f"[merak rank {rank}] %(levelname)s %(message)s"))
-    log = logging.getLogger("merak")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    log.propagate = False
-
-
 def build_model(vocab_size: int, eos_id: int, args: argparse.Namespace):
     """An unmodified ``GPT2LMHeadModel`` with its parameters on the meta device.
 
@@ -112,7 +96,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     grid = merak.init(dp=args.dp, tp=args.tp, pp=args.pp)
     is_main = grid.rank == 0
-    configure_logging(grid.rank)
 
     def say(message: str) -> None:
         if is_main:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from merak.launch.env import read_launch_env
+from merak.logs import configure as configure_logging
 from merak.runtime.grid import Grid, GridError, ParallelDims
 
 logger = logging.getLogger("merak")
@@ -80,6 +81,7 @@ def init(
             )
     _GRID = Grid.build(dims, timeout=timeout)
     _DEVICE = device
+    configure_logging(_GRID.rank)
     logger.debug("merak.init: %s (launcher: %s)", _GRID.describe(), env.launcher)
     return _GRID
 

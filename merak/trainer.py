@@ -165,7 +165,7 @@ class MerakTrainer(Trainer):
             start_step = self._resume(resume_from_checkpoint)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        total_loss = 0.0
+        total_loss, train_start = 0.0, time.perf_counter()
         for step in range(start_step, max_steps):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             result = self.executor.run(instructions, batches.microbatches(step))
@@ -190,7 +190,12 @@ class MerakTrainer(Trainer):
                 break
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         steps_run = max(self.state.global_step - start_step, 1)
-        metrics = {"train_loss": total_loss / steps_run, "train_plan_seconds": self._plan_seconds}
+        runtime = time.perf_counter() - train_start
+        metrics = {"train_loss": total_loss / steps_run, "train_runtime": runtime,
+                   "train_samples_per_second": steps_run * batches.global_batch_size / runtime,
+                   "train_steps_per_second": steps_run / runtime,
+                   "train_plan_seconds": self._plan_seconds}
+        self.log({k: v for k, v in metrics.items() if k != "train_loss"})
         return TrainOutput(self.state.global_step, total_loss / steps_run, metrics)
 
     def _init_state(self, max_steps: int, batches: StepBatches) -> None:

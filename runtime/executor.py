@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from merak.runtime.grad_reduce import (
     DataParallelReducer,

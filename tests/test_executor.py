@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dist_harness import RankFailed

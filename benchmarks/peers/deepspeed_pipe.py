@@ -38,7 +38,6 @@ from __future__ import annotations
 import torch
 
 from benchmarks.bench_model import (
-    PositionEmbedding,
     TokenEmbedding,
     first_stage_body,
     last_stage_body,
