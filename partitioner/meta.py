@@ -24,15 +24,12 @@ import collections
 import contextlib
 import copy
 import hashlib
-import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "init_empty_weights",
