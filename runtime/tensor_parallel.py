@@ -1,0 +1,39 @@
+"""Automatic tensor parallelism for pipeline stages (Megatron-style, with sub-pipelined TP).
+
+Usage (what :class:`merak.MerakTrainer` does when ``tp > 1``)::
+
+    graph = trace(model, example)                          # merak.partitioner
+    plan = plan_tensor_parallel(graph, tp=grid.dims.tp)    # column/row pairs, vocab-parallel head
+    stage = build_stage(shard(graph, pp), grid.stage_id)
+    apply_tensor_parallel(stage, grid, plan, sub_microbatches=2)
+
+``print(plan.table())`` (or ``python -m merak.partitioner --config ... --tp N``) shows what was
+found. One module per concern:
+
+* :mod:`.tp_plan` - finding the plan (sharding propagation over the traced graph), errors;
+* :mod:`.tp_layers` - communication functions and sharded layers (custom autograd functions);
+* :mod:`.tp_apply` - applying a plan to a stage (modules and graph rewrites);
+* :mod:`.tp_interleave` - sub-micro-batch interleaving of TP communication;
+* :mod:`.tp_export` - gathering full tensors for export and gradient-norm bookkeeping;
+* :mod:`.tp_overlap` - the analytic model of the overlap (benchmark, planning).
+"""
+
+from merak.runtime.tp_apply import apply_tensor_parallel, sharded_parameters
+from merak.runtime.tp_export import gather_full_state_dict, tp_grad_norm_squared
+from merak.runtime.tp_layers import ShardSpec, TPGroup, vocab_parallel_cross_entropy
+from merak.runtime.tp_plan import STYLES, LayerPlan, TPError, TPPlan, plan_tensor_parallel
+
+__all__ = [
+    "plan_tensor_parallel",
+    "apply_tensor_parallel",
+    "gather_full_state_dict",
+    "tp_grad_norm_squared",
+    "sharded_parameters",
+    "vocab_parallel_cross_entropy",
+    "TPPlan",
+    "LayerPlan",
+    "ShardSpec",
+    "TPGroup",
+    "TPError",
+    "STYLES",
+]
