@@ -54,6 +54,12 @@ class MerakArguments(TrainingArguments):
         metadata={"help": "Split each micro-batch into this many sub-micro-batches so one's tensor-"
                           "parallel all-reduce overlaps the next one's compute (1 = off)."},
     )
+    tp_mapping: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Tensor-parallel overrides, 'module.name.pattern=style' (fnmatch patterns on "
+                          "qualified module names; style: column | row | replicate | vocab), e.g. "
+                          "'*.c_attn=column' '*.attn.c_proj=row'. Completes or overrides the automatic plan."},
+    )
     partition_method: str = field(
         default="cost",
         metadata={"help": "How the model is cut into stages: cost (balanced FLOP-based cost, default) | "
@@ -69,6 +75,12 @@ class MerakArguments(TrainingArguments):
         default_factory=list,
         metadata={"help": "Module class names or qualified names the tracer keeps opaque (use it "
                           "when tracing fails inside a module)."},
+    )
+    load_weights_from: str | None = field(
+        default=None,
+        metadata={"help": "A save_pretrained directory whose weights replace the model's initialization; "
+                          "each stage reads only its own tensors (build the model under "
+                          "merak.init_empty_weights() so no rank ever holds the whole model)."},
     )
     max_memory_per_device: str | None = field(
         default=None,

@@ -37,6 +37,7 @@ from merak.data import StepBatches, eval_microbatches
 from merak.partitioner import build_stage, shard, trace
 from merak.partitioner.meta import meta_like
 from merak.runtime.executor import LossFn, PipelineExecutor, all_reduce_mean_loss
+from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel, tp_grad_norm_squared
 from merak.runtime.p2p import wait_with_timeout
 from merak.runtime.recompute_plan import RecomputePlan
 from merak.runtime.schedule import build as build_schedule
@@ -88,6 +89,16 @@ class MerakTrainer(Trainer):
         self.plan = shard(graph, self.grid.num_stages, method=args.partition_method,
                           manual_cuts=args.partition_cuts or None)
         stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed)
+        if args.load_weights_from:
+            from merak.checkpoint import load_pretrained_weights
+
+            load_pretrained_weights(stage, args.load_weights_from, model=model)
+        self.tp_plan = None
+        if self.grid.dims.tp > 1:
+            self.tp_plan = plan_tensor_parallel(graph, self.grid.dims.tp, args.tp_mapping)
+            apply_tensor_parallel(stage, self.grid, self.tp_plan, args.tp_sub_microbatches, args.p2p_timeout)
+            if self.grid.rank == 0:
+                logger.info("%s", self.tp_plan.table())
         if hasattr(model, "config"):
             stage.config = model.config  # HF code paths (saving, logging) look for it
         self._plan_seconds = time.perf_counter() - start
@@ -126,13 +137,16 @@ class MerakTrainer(Trainer):
     def _clip_gradients(self) -> bool:
         """Global gradient norm over every stage (tied parameters counted once); clip to
         ``max_grad_norm``. DP replicas hold identical reduced gradients, so the sum runs over
-        the pipeline group only."""
+        the pipeline group, after TP-sharded gradients were summed over the tensor-parallel
+        group (replicated ones, identical on every TP rank, count once)."""
         tied_elsewhere = set() if self.grid.is_first_stage else {
             id(self.stage.get_parameter(local)) for local in self.stage.tied_parameters.values()}
-        grads = [p.grad for p in self.stage.parameters() if p.grad is not None and id(p) not in tied_elsewhere]
-        sq = torch.zeros((), dtype=torch.float64, device=merak.get_device())
-        for g in grads:
-            sq += g.detach().double().pow(2).sum()
+        sharded, sq = tp_grad_norm_squared(self.stage, exclude=tied_elsewhere)
+        sq = sq.to(merak.get_device())
+        if self.grid.tp_group is not None and self.grid.dims.tp > 1:
+            wait_with_timeout(dist.all_reduce(sharded, group=self.grid.tp_group, async_op=True),
+                              self.args.p2p_timeout, "the tensor-parallel gradient-norm all-reduce")
+        sq += sharded.to(sq.device)
         if self.grid.pp_group is not None and self.grid.num_stages > 1:
             wait_with_timeout(dist.all_reduce(sq, group=self.grid.pp_group, async_op=True),
                               self.args.p2p_timeout, "the gradient-norm all-reduce")
