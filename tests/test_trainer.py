@@ -174,3 +174,61 @@ def test_arguments_parse_from_command_line():
         ("zero_bubble", "full", "uniform", ["GPT2Block", "LlamaDecoderLayer"], 30.0)
     with pytest.raises(ValueError, match="schedule='pipedream' is not one of"):
         merak.MerakArguments(output_dir="/tmp/x", schedule="pipedream", report_to="none")
+
+
+def _train_with_checkpoints(out: str, resume: str | None) -> list[tuple[int, float]]:
+    import merak
+
+    merak.init(pp=2)
+    model, make_batch = tiny_model("gpt2")
+    args = merak.MerakArguments(
+        output_dir=out, per_device_train_batch_size=MICRO, gradient_accumulation_steps=GLOBAL_MICROBATCHES,
+        max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3, learning_rate=1e-2,
+        lr_scheduler_type="linear", warmup_steps=2, seed=3, report_to="none", disable_tqdm=True)
+    trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch))
+    trainer.train(resume_from_checkpoint=resume)
+    return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+
+
+def test_resume_from_checkpoint_is_bitwise(dist_run, tmp_path):
+    full = dist_run(_train_with_checkpoints, 2, str(tmp_path), None, timeout=600)[0]
+    resumed = dist_run(_train_with_checkpoints, 2, str(tmp_path), str(tmp_path / "checkpoint-3"),
+                       timeout=600)[0]
+    assert [s for s, _ in full] == [1, 2, 3, 4, 5, 6]
+    assert resumed == full  # steps 1-3 from the checkpoint's history, 4-6 recomputed: exactly equal
+
+
+def _import_train_export(weights: str, export: str) -> tuple[float, list[float]]:
+    import merak
+
+    merak.init(dp=2, pp=2)
+    model, make_batch = tiny_model("gpt2", meta=True)  # nothing allocated until the stage
+    args = merak.MerakArguments(
+        output_dir=export, per_device_train_batch_size=MICRO, gradient_accumulation_steps=GLOBAL_MICROBATCHES // 2,
+        max_steps=2, logging_steps=1, learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0,
+        seed=7, report_to="none", save_strategy="no", disable_tqdm=True, load_weights_from=weights)
+    trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch))
+    trainer.train()
+    trainer.save_model(export)
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def test_import_hf_weights_train_and_export(dist_run, tmp_path):
+    from transformers import AutoModelForCausalLM, default_data_collator
+
+    from merak.data import StepBatches
+
+    model, make_batch = tiny_model("gpt2", seed=11)  # "pretrained" weights unlike the seed-0 init
+    model.save_pretrained(tmp_path / "pretrained")
+    batches = StepBatches(dataset(make_batch), default_data_collator, MICRO, GLOBAL_MICROBATCHES, 1, 0, seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    ref_curve, _ = single_process_run(model, [batches.microbatches(s) for s in range(2)], opt)
+
+    curves = dist_run(_import_train_export, 4, str(tmp_path / "pretrained"), str(tmp_path / "export"),
+                      timeout=600)
+    for curve in curves:
+        torch.testing.assert_close(curve, ref_curve, rtol=2e-5, atol=2e-6)  # first loss: weights imported right
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    probe = make_batch(batch_size=2, seq_len=SEQ, seed=99)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**probe).logits, model(**probe).logits, rtol=1e-4, atol=1e-5)
