@@ -565,8 +565,13 @@ def export_pretrained(directory: str | os.PathLike, *, stage: nn.Module, grid: G
     ``directory`` file by file (each move atomic); other files there (a tokenizer, checkpoints)
     are kept.
     """
-    if grid.dims.tp != 1:
-        raise CheckpointError(f"export_pretrained supports tp=1 only for now (this job runs {grid.dims})")
+    if grid.dims.tp > 1:
+        # Tensor-parallel shards are reassembled on tp-rank 0 of each stage (only the TP code
+        # knows how fused blocks were split); from there on the export is the tp=1 one.
+        from merak.runtime.tp_export import FullStateView, gather_full_state_dict
+
+        full = _run_phase("gathering tensor-parallel shards for export", lambda: gather_full_state_dict(stage))
+        stage = FullStateView(stage, full)
     directory = Path(directory).absolute()
     coord, rank = grid.coord, grid.rank
     p2p = P2P(_comm_device(), _timeout_s())

@@ -8,6 +8,7 @@ traced, costed and sharded; the text output is a table, ``--json`` prints the pl
 Example::
 
     python -m merak.partitioner --config gpt2 n_layer=48 n_embd=1600 n_head=25 --stages 8
+    python -m merak.partitioner --config llama num_key_value_heads=8 --stages 4 --tp 8   # + TP plan
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link-gbps", type=float, default=None, metavar="GB/s",
                    help="price each cut at its activation+gradient bytes over this link bandwidth "
                         "(default: cuts are free, traffic only breaks ties)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="also print the automatic tensor-parallel plan for N ranks (column/row pairs, "
+                        "vocab-parallel head; errors name sizes not divisible by N)")
+    p.add_argument("--tp-mapping", nargs="+", default=None, metavar="PATTERN=STYLE",
+                   help="with --tp: overrides of the automatic plan, e.g. '*.c_attn=column' '*.mlp.*=replicate'")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -70,11 +76,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = plan_from_config(args.config, args.stages, args.method, args.batch_size, args.seq_len,
                                 args.manual_cuts, args.flavour, args.link_gbps)
+        tp_plan = None
+        if args.tp > 1 or args.tp_mapping:
+            from merak.runtime.tensor_parallel import plan_tensor_parallel
+
+            tp_plan = plan_tensor_parallel(plan.graph, args.tp, args.tp_mapping)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(plan.to_json(), indent=2))
+        out = plan.to_json()
+        if tp_plan is not None:
+            out["tensor_parallel"] = tp_plan.to_json()
+        print(json.dumps(out, indent=2))
     else:
         print(plan.table())
+        if tp_plan is not None:
+            print()
+            print(tp_plan.table())
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from merak.runtime.tp_layers import ShardSpec, TPGroup
@@ -19,35 +20,45 @@ from merak.runtime.tp_layers import ShardSpec, TPGroup
 __all__ = ["gather_full_state_dict", "tp_grad_norm_squared", "FullStateView"]
 
 
-def _gather(tensor: torch.Tensor, spec: ShardSpec, tpg: TPGroup, name: str) -> torch.Tensor:
-    work, parts = tpg.all_gather_async(tensor.detach())
-    tpg.wait(work, f"all-gather of {name} for export")
-    return spec.full(parts)
+def _gather(tensor: torch.Tensor, spec: ShardSpec, tpg: TPGroup, name: str, to_all: bool) -> torch.Tensor | None:
+    tensor = tensor.detach().contiguous()
+    if to_all:
+        work, parts = tpg.all_gather_async(tensor)
+    else:
+        parts = [torch.empty_like(tensor) for _ in range(tpg.size)] if tpg.rank == 0 else None
+        work = dist.gather(tensor, parts, dst=dist.get_global_rank(tpg.group, 0), group=tpg.group, async_op=True)
+    tpg.wait(work, f"gather of {name} for export")
+    return spec.full(parts) if parts is not None else None
 
 
-def gather_full_state_dict(stage: nn.Module) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(stage: nn.Module, to_all: bool = False) -> dict[str, torch.Tensor]:
     """``stage.state_dict()`` with every TP-sharded tensor gathered to its full shape.
 
-    Collective over the stage's tensor-parallel group (every TP rank of the stage must call it,
-    in the same order); every rank gets the full tensors. Without tensor parallelism this is
-    ``stage.state_dict()``. Tied tensors stay aliases of one gathered tensor.
+    Collective over the stage's tensor-parallel group: every TP rank of the stage must call it.
+    The full state lands on TP rank 0 (on every rank with ``to_all``); other ranks get ``{}``,
+    so only one rank per stage ever holds the whole stage. Tensors are gathered one at a time,
+    and a tensor shared by several names (tied weights) is gathered once and stays shared.
+    Without tensor parallelism this is ``stage.state_dict()``.
     """
     state = stage.state_dict()
     specs: dict[str, ShardSpec] = getattr(stage, "tp_param_specs", {}) or {}
     tpg: TPGroup | None = getattr(stage, "tp_group", None)
     if not specs or tpg is None or tpg.size == 1:
         return state
-    done: dict[int, torch.Tensor] = {}
+    keep = to_all or tpg.rank == 0
+    done: dict[int, torch.Tensor | None] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         spec = specs.get(name)
         if spec is None:
-            out[name] = tensor
+            if keep:
+                out[name] = tensor
             continue
         key = tensor.untyped_storage().data_ptr()
         if key not in done:
-            done[key] = _gather(tensor, spec, tpg, name)
-        out[name] = done[key]
+            done[key] = _gather(tensor, spec, tpg, name, to_all)
+        if keep:
+            out[name] = done[key]
     return out
 
 

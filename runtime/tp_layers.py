@@ -348,7 +348,7 @@ class _VocabCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index, tpg):  # type: ignore[override]
         local = logits.shape[-1]
         start = tpg.rank * local
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32
         row_max = logits.max(dim=-1).values
         tpg.all_reduce(row_max, "max of the logits (vocab-parallel cross-entropy)", op=dist.ReduceOp.MAX)
         shifted = logits - row_max.unsqueeze(-1)

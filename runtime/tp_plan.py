@@ -1136,7 +1136,8 @@ def plan_tensor_parallel(graph: Any, tp: int, mapping: Mapping[str, str] | Itera
         valid = ", ".join(map(str, _valid_tps(plan.required + [(e[2], "", e[3]) for e in errors], 64)))
         places: dict[str, list[str]] = {}
         for name, where, _, _ in errors:
-            places.setdefault(name, []).append(where)
+            if name:
+                places.setdefault(name, []).append(where)
         lines = [f"{name} is not divisible by tp={tp} (at {where[0]}" + (f" and {len(where) - 1} more places)"
                  if len(where) > 1 else ")") for name, where in places.items()]
         raise TPError("tensor parallelism with tp={} is impossible for {}:\n  {}\nValid tp values for this "
@@ -1221,6 +1222,8 @@ def _grow(ctx: _Context, seed: str, errors: list[tuple[str, str, int, bool]], fa
                 continue
             for v in region.violations:
                 errors.append((ctx.size_name(v.size, "kv_heads" if kv(v) else v.what), ctx.where(v.node), v.size, kv(v)))
+            # what this region needs of any tp, for the list of valid values in the error
+            errors.extend(("", "", size, what == "heads" and size < heads) for size, what, _ in region.required)
             failed[seed] = "sizes not divisible by tp"
             return None
         region.replicated = replicated
