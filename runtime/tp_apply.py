@@ -7,7 +7,7 @@ torchtitan shape: a parallelism is a function of a module and a mesh):
    user's model is not modified (a stage built from a real-weight model shares its modules, and
    the original model is still needed for export). Column layers stay ``nn.Linear`` / ``Conv1D``
    with fewer output features (so zero-bubble's weight-gradient deferral still applies to them);
-   row layers become :class:`RowParallelLinear` / :class:`RowParallelConv1D`; embeddings become
+   row layers become :class:`RowParallelLinear` (either layout); embeddings become
    :class:`VocabParallelEmbedding`. Parameters keep their names; a parameter shared by several
    modules (GPT-2's ``wte`` / ``lm_head``) is sharded once and stays shared.
 2. **Graph.** Constants recorded by the plan are rewritten (``split(768)`` -> ``split(384)``),
@@ -31,7 +31,6 @@ from torch import fx, nn
 from merak.runtime.grid import Grid
 from merak.runtime.tp_layers import (
     CopyToTP,
-    RowParallelConv1D,
     RowParallelLinear,
     ScatterToTP,
     ShardSpec,
@@ -139,8 +138,7 @@ def _sharded_layer(module: nn.Module, layer: LayerPlan, tpg: TPGroup,
     if layer.style == "row":
         spec = ShardSpec(0 if conv1d else 1, tp)
         weight = _new_param(module.weight, spec, tpg, done)
-        cls = RowParallelConv1D if conv1d else RowParallelLinear
-        return cls(weight, module.bias, tpg, spec), {"weight": spec}
+        return RowParallelLinear(weight, module.bias, tpg, spec, transposed=conv1d), {"weight": spec}
     if layer.style == "vocab":
         spec = ShardSpec(0, tp)
         weight = _new_param(module.weight, spec, tpg, done)

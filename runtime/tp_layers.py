@@ -51,7 +51,6 @@ __all__ = [
     "ScatterToTP",
     "VocabParallelCrossEntropy",
     "RowParallelLinear",
-    "RowParallelConv1D",
     "VocabParallelEmbedding",
     "ForwardReduceLayer",
     "AsyncForward",
@@ -430,42 +429,29 @@ class ForwardReduceLayer(nn.Module):
 
 
 class RowParallelLinear(ForwardReduceLayer):
-    """``nn.Linear`` with its input features split over the TP ranks: each rank multiplies its
-    slice, the partial sums are all-reduced, then the replicated bias is added once."""
+    """A linear layer with its input features split over the TP ranks: each rank multiplies its
+    slice, the partial sums are all-reduced, then the replicated bias is added once.
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tpg: TPGroup, spec: ShardSpec) -> None:
+    ``nn.Linear`` layout (weight ``(out, in)``), or Hugging Face ``Conv1D`` with
+    ``transposed=True`` (``y = x @ W + b``, weight ``(in, out)``).
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tpg: TPGroup, spec: ShardSpec,
+                 transposed: bool = False) -> None:
         super().__init__()
-        self.weight, self.bias, self.tpg = weight, bias, tpg
+        self.weight, self.bias, self.tpg, self.transposed = weight, bias, tpg, transposed
         self.tp_spec = {"weight": spec}
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.in_features, self.out_features = weight.shape[::-1] if not transposed else weight.shape
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return torch.matmul(x, self.weight) if self.transposed else F.linear(x, self.weight)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features} (local), out_features={self.out_features}, tp={self.tpg.size}"
-
-
-class RowParallelConv1D(ForwardReduceLayer):
-    """Hugging Face ``Conv1D`` (``y = x @ W + b``, weight ``(in, out)``) with its input rows split."""
-
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tpg: TPGroup, spec: ShardSpec) -> None:
-        super().__init__()
-        self.weight, self.bias, self.tpg = weight, bias, tpg
-        self.tp_spec = {"weight": spec}
-        self.nf = weight.shape[1]
-
-    def partial(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(x, self.weight)
-
-    def finish(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"nx={self.weight.shape[0]} (local), nf={self.nf}, tp={self.tpg.size}"
+        return (f"in_features={self.in_features} (local), out_features={self.out_features}, tp={self.tpg.size}"
+                + (", Conv1D layout" if self.transposed else ""))
 
 
 class VocabParallelEmbedding(ForwardReduceLayer):
