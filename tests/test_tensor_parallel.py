@@ -188,10 +188,11 @@ def _check_cross_entropy(grid) -> float:
     return worst
 
 
-def _tp_stage_run(kind: str, grid, k: int) -> dict:
-    """Build this rank's tp stage of ``kind``, run STEPS 1F1B steps; losses and first gradients."""
+def _tp_stage_run(kind: str, grid, k: int, schedule: str = "1f1b", recompute: str = "none") -> dict:
+    """Build this rank's tp stage of ``kind``, run STEPS steps of ``schedule``; losses and first gradients."""
     from merak.partitioner import build_stage, shard, trace
     from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.recompute_plan import RecomputePlan
     from merak.runtime.schedule import build
     from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 
@@ -208,8 +209,8 @@ def _tp_stage_run(kind: str, grid, k: int) -> dict:
                           for n, p in stage.named_parameters()})
 
     executor = PipelineExecutor(stage, grid, torch.optim.SGD(stage.parameters(), lr=LR),
-                                before_optimizer_step=keep_first)
-    instructions = build("1f1b", grid.dims.pp, M, grid.stage_id)
+                                before_optimizer_step=keep_first, zero_bubble=schedule == "zero_bubble")
+    instructions = build(schedule, grid.dims.pp, M, grid.stage_id, RecomputePlan.from_mode(recompute, grid.dims.pp))
     losses = [all_reduce_mean_loss(executor.run(instructions, mbs).loss, grid) for mbs in _steps(make_batch)]
     return {"losses": losses, "grads": grads, "sharded": len(stage.tp_param_specs)}
 
@@ -222,6 +223,9 @@ def _parity_job(tp: int, pp: int, kinds: tuple[str, ...], ks: tuple[int, ...]) -
     for kind in kinds:
         for k in ks:
             out[(kind, k)] = _tp_stage_run(kind, grid, k)
+    if pp > 1:  # the schedules that split or repeat work: deferred weight gradients, recomputation
+        out[(kinds[0], 2, "zero_bubble")] = _tp_stage_run(kinds[0], grid, 2, "zero_bubble")
+        out[(kinds[0], 2, "shifted")] = _tp_stage_run(kinds[0], grid, 2, "shifted_critical_path", "full")
     return out
 
 
@@ -254,6 +258,22 @@ def test_tensor_parallel_matches_single_process(dist_run, tp, pp, kinds, ks):
     per_rank = dist_run(_parity_job, tp * pp, tp, pp, kinds, ks, timeout=900)
     assert max(r["ce"] for r in per_rank) < 1e-12
     _assert_parity(per_rank, kinds)
+
+
+def test_overlap_model_hides_communication_and_charges_slicing():
+    from merak.runtime.tp_overlap import Link, Segment, simulate_overlap
+
+    link = Link(ranks=2, bus_bytes_per_s=1e9, latency_s=0.0)  # 1 MB all-reduce over 2 ranks: 1 ms
+    layer = [Segment("attn", 2e-3, 10, 10**6), Segment("mlp", 2e-3, 10, 10**6)]
+    plain = simulate_overlap(layer * 4, 1, link, launch_overhead_s=0.0, interference=0.0)
+    assert plain.seconds == pytest.approx(4 * (2e-3 + 1e-3) * 2) and plain.exposed_comm_s == pytest.approx(8e-3)
+    split = simulate_overlap(layer * 4, 2, link, launch_overhead_s=0.0, interference=0.0)
+    assert split.comm_s == pytest.approx(plain.comm_s)  # same bytes, in halves
+    assert split.exposed_comm_s == pytest.approx(0.5e-3)  # only the last half all-reduce is exposed
+    costly = simulate_overlap(layer * 4, 4, link, launch_overhead_s=1e-4, interference=0.0)
+    assert costly.compute_s == pytest.approx(plain.compute_s + 8 * 4 * 10 * 1e-4)
+    slowed = simulate_overlap(layer * 4, 2, link, launch_overhead_s=0.0, interference=0.5)
+    assert slowed.compute_s > split.compute_s
 
 
 # ---- trainer: checkpoints and export ---------------------------------------------------------------
