@@ -170,7 +170,7 @@ def _check_cross_entropy(grid) -> float:
 
     tpg = TPGroup(grid.tp_group, grid.coord.tp, grid.dims.tp)
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 10, generator=g, dtype=torch.float64) * 3
+    logits = torch.randn(6, 12, generator=g, dtype=torch.float64) * 3
     target = torch.tensor([1, 9, -100, 4, 0, 7])
     full = logits.clone().requires_grad_(True)
     local = tpg.chunk(logits, 1).requires_grad_(True)
