@@ -94,7 +94,14 @@ class MerakTrainer(Trainer):
 
             load_pretrained_weights(stage, args.load_weights_from, model=model)
         self.tp_plan = None
+        if args.tp_sub_microbatches > 1 and self.grid.dims.tp == 1:
+            logger.warning("tp_sub_microbatches=%d has no effect without tensor parallelism (tp=1)",
+                           args.tp_sub_microbatches)
         if self.grid.dims.tp > 1:
+            if args.per_device_train_batch_size % args.tp_sub_microbatches:
+                raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} cannot be split "
+                                 f"into tp_sub_microbatches={args.tp_sub_microbatches} equal parts; use a multiple of "
+                                 f"{args.tp_sub_microbatches} (or tp_sub_microbatches=1)")
             self.tp_plan = plan_tensor_parallel(graph, self.grid.dims.tp, args.tp_mapping)
             apply_tensor_parallel(stage, self.grid, self.tp_plan, args.tp_sub_microbatches, args.p2p_timeout)
             if self.grid.rank == 0:
