@@ -175,15 +175,14 @@ class TPPlan:
         for module, reason in _collapse_reasons(self.unmatched).items():
             lines.append(f"  {module}: {reason}")
         if self.edits:
-            kinds = sorted({self._edit_label(e) for e in self.edits})
-            lines.append(f"graph constants rewritten: {len(self.edits)} ({', '.join(kinds[:6])}{' ...' if len(kinds) > 6 else ''})")
+            counts: dict[str, int] = {}
+            for e in self.edits:
+                counts[e.describe()] = counts.get(e.describe(), 0) + 1
+            lines.append("graph constants rewritten: " + ", ".join(
+                f"{what}{f' (x{n})' if n > 1 else ''}" for what, n in counts.items()))
         for note in dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in self.notes):
             lines.append(f"note: {note}")
         return "\n".join(lines)
-
-    @staticmethod
-    def _edit_label(edit: Edit) -> str:
-        return f"{edit.kind}"
 
 
 def _collapse_reasons(unmatched: Mapping[str, str]) -> dict[str, str]:

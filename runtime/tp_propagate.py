@@ -47,6 +47,13 @@ class Edit:
     path: tuple[Any, ...]
     kind: str
     value: int = 0
+    op: str = ""
+    old: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "set":
+            return f"{self.op} {self.old} -> {self.value}"
+        return f"{self.op} (size computed in the graph) / tp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,8 +306,8 @@ class Region:
     def insert(self, kind: str, value: fx.Node, consumer: fx.Node, dim: int | None = None) -> None:
         self.inserts[(kind, value.name, consumer.name, dim)] = Insert(kind, value.name, consumer.name, dim)
 
-    def edit(self, node: fx.Node, path: tuple[Any, ...], kind: str, value: int = 0) -> None:
-        self.edits.append(Edit(node.name, path, kind, value))
+    def edit(self, node: fx.Node, path: tuple[Any, ...], kind: str, value: int = 0, old: int | None = None) -> None:
+        self.edits.append(Edit(node.name, path, kind, value, _op_name(node), old))
 
     # -- driver
     def run(self) -> None:
@@ -308,14 +315,11 @@ class Region:
         heap: list[int] = []
         for seed in sorted(self.seeds, key=ctx.index.__getitem__):
             node = ctx.by_name[seed]
-            module = ctx.module(node)
             x = node.args[0]
             if self.lay(x) is not None or not ctx.is_tensor(x):
                 raise self.fail(node, "a column layer's input must be replicated", {seed})
-            shape = ctx.shape(node)
-            self.layouts[seed] = _S(len(shape) - 1, frozenset({seed}), column=seed)
+            self.layouts[seed] = _S(len(ctx.shape(node)) - 1, frozenset({seed}), column=seed)
             self.insert("copy", x, node)
-            del module
             for user in node.users:
                 heapq.heappush(heap, ctx.index[user.name])
         visited: set[str] = set()
@@ -629,7 +633,7 @@ class Region:
                 if isinstance(e, int):
                     if e != -1:
                         self.require(e, "features", node, origins)
-                        self.edit(node, path, "set", e // self.ctx.tp)
+                        self.edit(node, path, "set", e // self.ctx.tp, e)
                 elif isinstance(el, _LocalInt):
                     pass
                 elif isinstance(e, fx.Node):
@@ -696,12 +700,12 @@ class Region:
             path = ("args", 1) if len(node.args) > 1 else ("kwargs", "split_size_or_sections" if
                                                            "split_size_or_sections" in node.kwargs else "split_size")
             if isinstance(arg, int):
-                self.edit(node, path, "set", arg // self.ctx.tp)
+                self.edit(node, path, "set", arg // self.ctx.tp, arg)
             elif isinstance(arg, (tuple, list)):
                 for j, s in enumerate(arg):
                     if not isinstance(s, int):
                         raise self.fail(node, "symbolic split sizes of a fused projection")
-                    self.edit(node, (*path, j), "set", s // self.ctx.tp)
+                    self.edit(node, (*path, j), "set", s // self.ctx.tp, s)
             else:
                 raise self.fail(node, "symbolic split size of a fused projection")
         self.notes.append(f"{self.ctx.linears[l.column]} is a fused projection of {len(sizes)} blocks {sizes}")
