@@ -10,7 +10,8 @@ Usage (what :class:`merak.MerakTrainer` does when ``tp > 1``)::
 ``print(plan.table())`` (or ``python -m merak.partitioner --config ... --tp N``) shows what was
 found. One module per concern:
 
-* :mod:`.tp_plan` - finding the plan (sharding propagation over the traced graph), errors;
+* :mod:`.tp_plan` - the plan, the search for column -> row regions, the user mapping, errors;
+* :mod:`.tp_propagate` - the sharding rules of every op the search follows;
 * :mod:`.tp_layers` - communication functions and sharded layers (custom autograd functions);
 * :mod:`.tp_apply` - applying a plan to a stage (modules and graph rewrites);
 * :mod:`.tp_interleave` - sub-micro-batch interleaving of TP communication;

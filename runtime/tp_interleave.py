@@ -29,6 +29,7 @@ on the batch, e.g. T5's position bias, are identical in every slice).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +57,8 @@ def install_sub_microbatching(stage: nn.Module, k: int) -> "SubMicrobatchRunner"
     runner = SubMicrobatchRunner(stage, k)
     stage.forward = runner  # type: ignore[method-assign]
     stage.tp_sub_microbatches = k
+    if hasattr(stage, "_STAGE_ATTRIBUTES"):  # StageModule.__deepcopy__ carries the runner over
+        stage._STAGE_ATTRIBUTES = tuple(dict.fromkeys((*stage._STAGE_ATTRIBUTES, "forward")))
     return runner
 
 
@@ -66,6 +69,19 @@ class SubMicrobatchRunner:
         if k < 1:
             raise ValueError(f"tp_sub_microbatches={k} must be >= 1")
         self.stage, self.k = stage, k
+        self._analyze()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "SubMicrobatchRunner":
+        # fx nodes must not be deep-copied one by one (their meta holds traced values); the copy
+        # re-analyzes the copied stage's graph when first called (the stage may still be under
+        # construction here, as GraphModule deep-copies its attributes first).
+        new = SubMicrobatchRunner.__new__(SubMicrobatchRunner)
+        memo[id(self)] = new
+        new.stage, new.k, new.nodes = copy.deepcopy(self.stage, memo), self.k, None
+        return new
+
+    def _analyze(self) -> None:
+        stage = self.stage
         plan = getattr(stage, "tp_plan", None)
         self.batch_values = plan.batch_values if plan is not None else frozenset()
         graph: fx.Graph = stage.graph
@@ -132,6 +148,8 @@ class SubMicrobatchRunner:
 
     # ---- running -------------------------------------------------------------------------------
     def __call__(self, data: Mapping[str, Any], received: Mapping[str, Any]) -> dict[str, Any]:
+        if self.nodes is None:
+            self._analyze()
         batch = self._batch_size(data, received)
         if batch is None or self.k == 1:
             return type(self.stage).forward(self.stage, data, received)

@@ -215,11 +215,27 @@ def _tp_stage_run(kind: str, grid, k: int, schedule: str = "1f1b", recompute: st
     return {"losses": losses, "grads": grads, "sharded": len(stage.tp_param_specs)}
 
 
+def _deepcopy_keeps_tp(grid) -> bool:
+    """A deep copy of a TP stage with sub-micro-batching (StageModule supports deepcopy) computes the same."""
+    import copy
+
+    from merak.partitioner import build_stage, shard, trace
+    from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
+
+    model, make_batch = tiny_model("gpt2")
+    batch = make_batch(batch_size=MICRO, seq_len=SEQ)
+    graph = trace(model, batch)
+    stage = apply_tensor_parallel(build_stage(shard(graph, 1), 0), grid, plan_tensor_parallel(graph, grid.dims.tp), 2)
+    twin = copy.deepcopy(stage)
+    return twin.tp_group is stage.tp_group and torch.equal(twin(batch, {})["loss"], stage(batch, {})["loss"])
+
+
 def _parity_job(tp: int, pp: int, kinds: tuple[str, ...], ks: tuple[int, ...]) -> dict:
     import merak
 
     grid = merak.init(tp=tp, pp=pp)
-    out: dict = {"tp_rank": grid.coord.tp, "ce": _check_cross_entropy(grid)}
+    out: dict = {"tp_rank": grid.coord.tp, "ce": _check_cross_entropy(grid),
+                 "deepcopy": _deepcopy_keeps_tp(grid) if pp == 1 else True}
     for kind in kinds:
         for k in ks:
             out[(kind, k)] = _tp_stage_run(kind, grid, k)
@@ -256,7 +272,7 @@ LAYOUTS = [
 @pytest.mark.parametrize("tp, pp, kinds, ks", LAYOUTS)
 def test_tensor_parallel_matches_single_process(dist_run, tp, pp, kinds, ks):
     per_rank = dist_run(_parity_job, tp * pp, tp, pp, kinds, ks, timeout=900)
-    assert max(r["ce"] for r in per_rank) < 1e-12
+    assert max(r["ce"] for r in per_rank) < 1e-12 and all(r["deepcopy"] for r in per_rank)
     _assert_parity(per_rank, kinds)
 
 
