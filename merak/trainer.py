@@ -34,6 +34,7 @@ from transformers.trainer_utils import TrainOutput
 import merak
 from merak.arguments import MerakArguments
 from merak.data import StepBatches, eval_microbatches
+from merak.launch.env import read_launch_env
 from merak.partitioner import build_stage, shard, trace
 from merak.partitioner.meta import meta_like
 from merak.runtime.executor import LossFn, PipelineExecutor, all_reduce_mean_loss
@@ -124,12 +125,18 @@ class MerakTrainer(Trainer):
     def stage(self) -> nn.Module:
         return self.model
 
-    def _make_executor(self) -> PipelineExecutor:
-        return PipelineExecutor(
-            self.stage, self.grid, self.optimizer, device=merak.get_device(), loss_fn=self.loss_fn,
-            timeout_s=self.args.p2p_timeout, zero_bubble=self.args.schedule == "zero_bubble",
-            before_optimizer_step=self._clip_gradients,
-        )
+    def _pipeline_executor(self) -> PipelineExecutor:
+        """The trainer's one executor, created on first use: it registers gradient hooks on the
+        stage's parameters (and patches layers for zero-bubble), which must happen only once.
+        ``train`` hands it the optimizer, which may not exist yet when ``evaluate`` runs first."""
+        if self.executor is None:
+            self.executor = PipelineExecutor(
+                self.stage, self.grid, None, device=merak.get_device(), loss_fn=self.loss_fn,
+                timeout_s=self.args.p2p_timeout, zero_bubble=self.args.schedule == "zero_bubble",
+                before_optimizer_step=self._clip_gradients,
+            )
+        self.executor.optimizer = self.optimizer
+        return self.executor
 
     def _instructions(self) -> list:
         plan = RecomputePlan.from_mode(self.args.recompute, self.grid.num_stages)
@@ -178,7 +185,7 @@ class MerakTrainer(Trainer):
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * batches.steps_per_epoch)
         self.create_optimizer_and_scheduler(num_training_steps=max_steps)
-        self.executor = self._make_executor()
+        executor = self._pipeline_executor()
         instructions = self._instructions()
         self._init_state(max_steps, batches)
         start_step = 0
@@ -189,7 +196,7 @@ class MerakTrainer(Trainer):
         total_loss, train_start = 0.0, time.perf_counter()
         for step in range(start_step, max_steps):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            result = self.executor.run(instructions, batches.microbatches(step))
+            result = executor.run(instructions, batches.microbatches(step))
             loss = all_reduce_mean_loss(result.loss, self.grid, args.p2p_timeout)
             if not result.skipped:
                 self.lr_scheduler.step()
@@ -261,8 +268,7 @@ class MerakTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (in the constructor or as argument)")
-        if self.executor is None:
-            self.executor = self._make_executor()
+        executor = self._pipeline_executor()
         start = time.perf_counter()
         mbs = eval_microbatches(dataset, self.data_collator, self.args.per_device_eval_batch_size,
                                 self.grid.dims.dp, self.grid.coord.dp)
@@ -272,7 +278,7 @@ class MerakTrainer(Trainer):
         with torch.no_grad():
             for i in range(0, len(mbs), chunk):
                 part = mbs[i:i + chunk]
-                result = self.executor.run(forward_only.build(self.grid.num_stages, len(part),
+                result = executor.run(forward_only.build(self.grid.num_stages, len(part),
                                                               self.grid.stage_id), part)
                 if result.loss is not None:
                     total += torch.tensor([result.loss * len(part), len(part)], dtype=torch.float64)
@@ -327,10 +333,8 @@ class MerakTrainer(Trainer):
 def _grid() -> Any:
     try:
         return merak.get_grid()
-    except RuntimeError:
-        import os
-
-        return merak.init(dp=int(os.environ.get("WORLD_SIZE", 1)))
+    except RuntimeError:  # no merak.init: pure data parallelism over whatever the launcher started
+        return merak.init(dp=read_launch_env().world_size)
 
 
 def _barrier(timeout_s: float) -> None:
