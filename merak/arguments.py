@@ -28,6 +28,8 @@ from transformers import TrainingArguments
 SCHEDULE_CHOICES = ("gpipe", "1f1b", "shifted_critical_path", "zero_bubble")
 RECOMPUTE_CHOICES = ("none", "full", "stage_aware")
 PARTITION_CHOICES = ("cost", "parameters", "uniform", "manual")
+ZERO_CHOICES = (0, 1)
+COST_MODEL_CHOICES = ("flops", "profile")
 
 
 class DeepSpeedConfigError(ValueError):
@@ -66,6 +68,14 @@ class MerakArguments(TrainingArguments):
                           "parameters | uniform (by layer) | manual (see partition_cuts).",
                   "choices": PARTITION_CHOICES},
     )
+    partition_cost_model: str = field(
+        default="flops",
+        metadata={"help": "What partition_method=cost balances: flops (roofline estimate from FLOPs and "
+                          "bytes, no device time spent) | profile (time every node on this device with one "
+                          "micro-batch, averaged over ranks; a few seconds at start-up, better balance "
+                          "when norms, softmax and the loss cost more than their FLOPs say).",
+                  "choices": COST_MODEL_CHOICES},
+    )
     partition_cuts: list[str] = field(
         default_factory=list,
         metadata={"help": "With partition_method=manual: the module names that start stages 1..P-1, "
@@ -91,12 +101,34 @@ class MerakArguments(TrainingArguments):
         metadata={"help": "Seconds any pipeline send/receive or collective may wait before failing "
                           "with an error that names the ranks involved."},
     )
+    zero_stage: int = field(
+        default=0,
+        metadata={"help": "ZeRO optimization stage: 0 (off) | 1 (optimizer states sharded over each "
+                          "stage's data-parallel replicas: ~1/dp of the Adam moments per rank).",
+                  "choices": ZERO_CHOICES},
+    )
+    fp16_initial_loss_scale: float = field(
+        default=2.0**16,
+        metadata={"help": "With fp16=True: the dynamic loss scale to start from."},
+    )
+    fp16_loss_scale_window: int = field(
+        default=1000,
+        metadata={"help": "With fp16=True: double the loss scale after this many steps without overflow."},
+    )
+    fp16_min_loss_scale: float = field(
+        default=1.0,
+        metadata={"help": "With fp16=True: the loss scale never halves below this."},
+    )
 
     def __post_init__(self) -> None:
         for name, choices in (("schedule", SCHEDULE_CHOICES), ("recompute", RECOMPUTE_CHOICES),
-                              ("partition_method", PARTITION_CHOICES)):
+                              ("partition_method", PARTITION_CHOICES),
+                              ("partition_cost_model", COST_MODEL_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if self.zero_stage not in ZERO_CHOICES:
+            raise ValueError(f"zero_stage={self.zero_stage!r}: Merak implements ZeRO stage 0 or 1; stages 2/3 "
+                             f"shard gradients/parameters, which conflicts with pipeline parallelism")
         if self.tp_sub_microbatches < 1:
             raise ValueError(f"tp_sub_microbatches={self.tp_sub_microbatches} must be >= 1 (1 = off)")
         if self.partition_method == "manual" and not self.partition_cuts:
@@ -113,6 +145,19 @@ class MerakArguments(TrainingArguments):
         super().__post_init__()
 
     # ---- DeepSpeed config ---------------------------------------------------------------
+    def _apply_deepspeed_fp16(self, fp16: dict[str, Any]) -> None:
+        """DeepSpeed's dynamic loss-scale keys; a static ``loss_scale`` is refused."""
+        if fp16.get("loss_scale", 0) not in (0, "auto"):
+            raise DeepSpeedConfigError(f"fp16.loss_scale={fp16['loss_scale']} (a static loss scale) is not "
+                                       f"supported; remove it (0 = dynamic scaling, set the start with "
+                                       f"initial_scale_power)")
+        if fp16.get("initial_scale_power") not in (None, "auto"):
+            self.fp16_initial_loss_scale = 2.0 ** fp16["initial_scale_power"]
+        if fp16.get("loss_scale_window") not in (None, "auto"):
+            self.fp16_loss_scale_window = fp16["loss_scale_window"]
+        if fp16.get("min_loss_scale") not in (None, "auto"):
+            self.fp16_min_loss_scale = fp16["min_loss_scale"]
+
     def apply_deepspeed_config(self, config: str | os.PathLike | dict[str, Any]) -> None:
         """Map a DeepSpeed JSON config onto these arguments (see the module docstring)."""
         if not isinstance(config, dict):
@@ -125,6 +170,7 @@ class MerakArguments(TrainingArguments):
                 f"ranks, which conflicts with pipeline parallelism; use stage 0 or 1 (Merak implements "
                 f"ZeRO-1) or remove the block."
             )
+        self.zero_stage = zero
         simple = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
                   "gradient_accumulation_steps": "gradient_accumulation_steps",
                   "gradient_clipping": "max_grad_norm"}
@@ -134,6 +180,7 @@ class MerakArguments(TrainingArguments):
         for precision in ("bf16", "fp16"):
             if config.get(precision, {}).get("enabled") is True:
                 setattr(self, precision, True)
+        self._apply_deepspeed_fp16(config.get("fp16", {}))
         opt = config.get("optimizer")
         if opt:
             kind, params = opt.get("type", "").lower(), opt.get("params", {})

@@ -40,6 +40,8 @@ from merak.partitioner.meta import meta_like
 from merak.runtime.executor import LossFn, PipelineExecutor, all_reduce_mean_loss
 from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel, tp_grad_norm_squared
 from merak.runtime.p2p import wait_with_timeout
+from merak.runtime.precision import MixedPrecision
+from merak.runtime.zero import shard_optimizer_states
 from merak.runtime.recompute_plan import RecomputePlan
 from merak.runtime.schedule import build as build_schedule
 from merak.runtime.schedules import forward_only
@@ -88,7 +90,8 @@ class MerakTrainer(Trainer):
         start = time.perf_counter()
         graph = trace(model, {k: meta_like(v) for k, v in example.items()}, leaf_modules=args.leaf_modules)
         self.plan = shard(graph, self.grid.num_stages, method=args.partition_method,
-                          manual_cuts=args.partition_cuts or None)
+                          manual_cuts=args.partition_cuts or None,
+                          cost_model=_partition_cost_model(args, graph, example))
         stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed)
         if args.load_weights_from:
             from merak.checkpoint import load_pretrained_weights
@@ -117,6 +120,7 @@ class MerakTrainer(Trainer):
                         self.plan.table())
         self.executor: PipelineExecutor | None = None
         self._last_grad_norm: float | None = None
+        self.precision = _mixed_precision(args, self.grid)
         super().__init__(model=stage, args=args, data_collator=collate, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, **kwargs)
 
@@ -133,10 +137,19 @@ class MerakTrainer(Trainer):
             self.executor = PipelineExecutor(
                 self.stage, self.grid, None, device=merak.get_device(), loss_fn=self.loss_fn,
                 timeout_s=self.args.p2p_timeout, zero_bubble=self.args.schedule == "zero_bubble",
-                before_optimizer_step=self._clip_gradients,
+                before_optimizer_step=self._clip_gradients, precision=self.precision,
             )
         self.executor.optimizer = self.optimizer
         return self.executor
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """HF's optimizer (its class, parameter groups and hyper-parameters); under
+        ``zero_stage=1`` rebuilt with its states sharded over the stage's DP group."""
+        super().create_optimizer(model)
+        if self.args.zero_stage == 1:
+            self.optimizer = shard_optimizer_states(self.optimizer, self.grid.dp_group, self.grid.dims.dp,
+                                                    self.args.p2p_timeout)
+        return self.optimizer
 
     def _instructions(self) -> list:
         plan = RecomputePlan.from_mode(self.args.recompute, self.grid.num_stages)
@@ -255,6 +268,9 @@ class MerakTrainer(Trainer):
         flops = 3 * self._flops_per_microbatch / self.args.per_device_train_batch_size * samples
         logs["tflops_per_device"] = flops / max(seconds, 1e-9) / self.grid.dims.world_size / 1e12
         logs["peak_memory_mb"] = _peak_memory_mb()
+        if self.precision.scaler is not None:
+            logs["loss_scale"] = self.precision.scaler.scale
+            logs["skipped_steps"] = self.precision.scaler.skipped_steps
         self.log(logs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -299,7 +315,7 @@ class MerakTrainer(Trainer):
         directory = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
         save_checkpoint(directory, stage=self.stage, grid=self.grid, optimizer=self.optimizer,
                         lr_scheduler=self.lr_scheduler,
-                        extra={"global_step": self.state.global_step})
+                        extra={"global_step": self.state.global_step, **self._scaler_state()})
         if self.grid.rank == 0:
             self.state.save_to_json(f"{directory}/trainer_state.json")
         _barrier(self.args.p2p_timeout)
@@ -318,8 +334,14 @@ class MerakTrainer(Trainer):
         saved = TrainerState.load_from_json(f"{directory}/trainer_state.json")
         self.state.log_history = saved.log_history
         self.state.global_step = int(extra["global_step"])
+        if self.precision.scaler is not None and "loss_scaler" in extra:
+            self.precision.scaler.load_state_dict(extra["loss_scaler"])
         self.state.num_input_tokens_seen = saved.num_input_tokens_seen
         return self.state.global_step
+
+    def _scaler_state(self) -> dict[str, Any]:
+        scaler = self.precision.scaler
+        return {} if scaler is None else {"loss_scaler": scaler.state_dict()}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Collective: write a consolidated ``save_pretrained`` directory from any layout."""
@@ -330,6 +352,32 @@ class MerakTrainer(Trainer):
 
 
 # ---- helpers ------------------------------------------------------------------------------
+def _partition_cost_model(args: MerakArguments, graph: Any, example: Mapping[str, Any]) -> Any:
+    """``None`` (the partitioner's FLOP roofline) or, with ``partition_cost_model="profile"``,
+    node times measured on this device and averaged over all ranks so every stage cuts alike."""
+    if args.partition_cost_model != "profile":
+        return None
+    from merak.partitioner.profiler import profile_costs
+
+    measured = profile_costs(graph, example, device=merak.get_device())
+    return measured.averaged(timeout_s=args.p2p_timeout)
+
+
+def _mixed_precision(args: MerakArguments, grid: Any) -> MixedPrecision:
+    """bf16 / fp16 autocast over fp32 master weights (HF's own amp never runs: Merak's executor
+    runs the steps). ``zero_stage=1`` with one DP replica has nothing to shard: say so."""
+    if args.zero_stage == 1 and grid.dims.dp == 1 and grid.rank == 0:
+        logger.warning("zero_stage=1 has no effect with dp=1: optimizer states are sharded over data-parallel "
+                       "replicas only")
+    precision = MixedPrecision.from_flags(
+        bf16=args.bf16, fp16=args.fp16, scale=args.fp16_initial_loss_scale,
+        growth_interval=args.fp16_loss_scale_window, min_scale=args.fp16_min_loss_scale)
+    if precision.dtype is not None and grid.rank == 0:
+        logger.info("mixed precision: %s compute, fp32 master weights%s", precision.name,
+                    ", dynamic loss scaling" if precision.scaler else "")
+    return precision
+
+
 def _grid() -> Any:
     try:
         return merak.get_grid()

@@ -18,7 +18,7 @@ def dataset(make_batch, n: int = 48) -> list[dict[str, torch.Tensor]]:
     return [{k: v[0] for k, v in make_batch(batch_size=1, seq_len=SEQ, seed=i).items()} for i in range(n)]
 
 
-def _train(kind: str, dp: int, pp: int, schedule: str = "1f1b", meta: bool = False) -> list[float]:
+def _train(kind: str, dp: int, pp: int, schedule: str = "1f1b", meta: bool = False, **extra: object) -> list[float]:
     import merak
 
     merak.init(dp=dp, pp=pp)
@@ -28,7 +28,7 @@ def _train(kind: str, dp: int, pp: int, schedule: str = "1f1b", meta: bool = Fal
         gradient_accumulation_steps=GLOBAL_MICROBATCHES // dp,  # same global batch in every layout
         max_steps=STEPS, logging_steps=1, learning_rate=1e-2, lr_scheduler_type="linear",
         max_grad_norm=1.0, seed=7, report_to="none", save_strategy="no", schedule=schedule,
-        disable_tqdm=True,
+        disable_tqdm=True, **extra,
     )
     trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch))
     trainer.train()

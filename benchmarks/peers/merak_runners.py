@@ -2,8 +2,11 @@
 
 Each entry runs in the 2 ranks started by ``torchrun`` (gloo, one OpenMP thread per rank) on
 the same seeded HF model and data as the peers. Unlike the peers, which are cut by hand at the
-block boundary, Merak partitions the model itself (``cost`` method, sub-layer granularity):
-that automatic balancing is part of what is being measured. ``step(batch)`` runs one whole
+block boundary, Merak partitions the model itself (``cost`` method, sub-layer granularity, node
+costs *profiled* on this CPU and averaged over the two ranks - ``partition_cost_model="profile"``
+in ``MerakArguments``): that automatic balancing is part of what is being measured. The FLOP
+roofline would cut after block 4's attention, which on this CPU leaves stage 0 ~8 % slower than
+stage 1 (attention's softmax and reshapes cost more time than their FLOPs say). ``step(batch)`` runs one whole
 schedule (all micro-batches, tied-gradient reduction, optimizer step).
 
 The driver then checks the first-step loss against the single-process baseline and ranks the
@@ -44,6 +47,7 @@ def run_merak(ctx: BenchContext, entry: str) -> RankResult:
     import merak
     from benchmarks.bench_model import make_optimizer
     from merak.partitioner import build_stage, shard, trace
+    from merak.partitioner.profiler import profile_costs
     from merak.runtime.executor import PipelineExecutor
     from merak.runtime.recompute_plan import RecomputePlan
     from merak.runtime.schedule import build
@@ -52,8 +56,10 @@ def run_merak(ctx: BenchContext, entry: str) -> RankResult:
     cfg = ctx.cfg
     grid = merak.init(pp=ctx.world_size)
     model = ctx.build_model()
-    ids = torch.zeros(cfg.micro_batch, cfg.seq_len, dtype=torch.long)
-    plan = shard(trace(model, {"input_ids": ids, "labels": ids}), grid.num_stages)
+    ids = ctx.microbatches(ctx.batches()[0])[0]  # profile on real tokens of the benchmark's shape
+    example = {"input_ids": ids, "labels": ids}
+    graph = trace(model, example)
+    plan = shard(graph, grid.num_stages, cost_model=profile_costs(graph, example).averaged())
     if ctx.rank == 0:
         print(plan.table(), flush=True)
     stage = build_stage(plan, grid.stage_id)
