@@ -14,8 +14,10 @@ for the 20B model is what ``python -m merak.partitioner`` costs).
 Usage (from the repository root)::
 
     python benchmarks/partition_balance.py [--models gpt2-xl,llama2-7b,...] [--stages 4,8,16]
+    python benchmarks/partition_balance.py --quick      # GPT-2 XL at 4 and 8 stages (CI smoke run)
 
-Writes ``benchmarks/results/partition_balance.md``.
+Writes ``benchmarks/results/partition_balance.md`` and ``partition_balance.png`` (imbalance per
+method, one group of bars per model and stage count).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 from benchmarks.common import markdown_table, write_markdown_report  # noqa: E402
 
+REPORT_NAME = "partition_balance"
+
 MODELS: dict[str, list[str]] = {
     "gpt2-xl": ["gpt2", "n_layer=48", "n_embd=1600", "n_head=25"],
     "llama2-7b": ["llama", "num_hidden_layers=32", "hidden_size=4096", "intermediate_size=11008",
@@ -45,7 +49,7 @@ MODELS: dict[str, list[str]] = {
 }
 METHODS = ("cost", "parameters", "uniform")
 TARGETS = {8: 1.05, 16: 1.10}
-RESULTS = Path(__file__).resolve().parent / "results" / "partition_balance.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def worker(name: str, stages: list[int]) -> dict:
@@ -115,26 +119,56 @@ def report(results: list[dict], stages: list[int]) -> str:
     ])
 
 
-def main() -> None:
+def plot(results: list[dict], stages: list[int], path: Path) -> None:
+    """Grouped bars: imbalance of each method for every (model, stages) pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(r, k) for r in results for k in stages]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.5))
+    width = 0.8 / len(METHODS)
+    for i, method in enumerate(METHODS):
+        values = [r["plans"][f"{k}/{method}"]["imbalance"] for r, k in groups]
+        ax.bar([g + (i - (len(METHODS) - 1) / 2) * width for g in range(len(groups))], values, width,
+               label=method)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(groups)), [f"{r['model']}\n{k} stages" for r, k in groups], fontsize=8)
+    ax.set_ylabel("imbalance (max / mean stage cost)")
+    ax.set_ylim(bottom=0.95)
+    ax.set_title("Partition balance per method (lower is better, 1.0 = perfect)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--stages", default="4,8,16")
+    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--stages", default=None, help="comma-separated stage counts (default 4,8,16)")
+    p.add_argument("--quick", action="store_true", help="GPT-2 XL at 4 and 8 stages only (smoke run)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args()
-    stages = [int(s) for s in args.stages.split(",")]
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the .md and .png go")
+    args = p.parse_args(argv)
+    models = args.models or ("gpt2-xl" if args.quick else ",".join(MODELS))
+    stages = [int(s) for s in (args.stages or ("4,8" if args.quick else "4,8,16")).split(",")]
     if args.worker:
         print(json.dumps(worker(args.worker, stages)))
-        return
+        return 0
     results = []
-    for name in args.models.split(","):
+    for name in models.split(","):
         results.append(run_worker(name, stages))
         print(f"{name}: traced in {results[-1]['trace_seconds']:.1f}s", file=sys.stderr)
-    body = report(results, stages)
-    write_markdown_report(args.out, "Partition balance: cost vs parameters vs uniform", body,
-                          packages=("torch", "transformers"))
+    plot(results, stages, args.out_dir / f"{REPORT_NAME}.png")
+    body = report(results, stages) + f"\n\n![imbalance per method]({REPORT_NAME}.png)\n"
+    write_markdown_report(args.out_dir / f"{REPORT_NAME}.md", "Partition balance: cost vs parameters vs uniform",
+                          body, packages=("torch", "transformers"))
     print(body)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

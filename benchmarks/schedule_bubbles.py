@@ -7,7 +7,7 @@ before choosing a schedule; the measured throughput lives in ``pipeline_throughp
 
 Usage (from the repository root)::
 
-    python benchmarks/schedule_bubbles.py [--quick] [--costs F,B,W,R,C] [--out DIR]
+    python benchmarks/schedule_bubbles.py [--quick] [--costs F,B,W,R,C] [--out-dir DIR]
 
 Writes ``schedule_bubbles.md``, ``schedule_timeline_<schedule>_<recompute>.png`` (P=4, M=8)
 and ``schedule_bubble_vs_m.png`` under ``benchmarks/results/``.
@@ -173,7 +173,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="P in {4, 8}, M in {P, 2P}: a smoke run")
     p.add_argument("--costs", default="1,1,1,1,0", help="F,B,W,R,C per micro-batch (default: DESIGN.md's 1:1:1:1, no latency)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="directory for the report and plots")
+    p.add_argument("--out-dir", "--out", dest="out", type=Path, default=RESULTS,
+                   help="directory for the report and plots")
     return p.parse_args(argv)
 
 
