@@ -2,9 +2,10 @@
 
 A plan is just one number per stage. Schedules read it to decide where ``RECOMPUTE``
 instructions go, the simulator charges ``recompute_cost * fraction`` for each of them, and the
-executor checkpoints that fraction of the stage's layers. Keeping it a frozen value object lets a
-memory-budget planner (written later) hand an explicit plan to the same code paths as the fixed
-rules below.
+executor's per-layer actions (:class:`merak.runtime.activation_policy.ActivationPlan`, whose
+``recompute_plan()`` produces this object from layer counts) decide what is dropped. Keeping it a
+frozen value object lets a memory-budget planner hand an explicit plan to the same code paths as
+the fixed rules below.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Names accepted by :meth:`RecomputePlan.from_mode` (and the ``--recompute`` CLI flag).
-RECOMPUTE_MODES = ("none", "full", "stage_aware")
+RECOMPUTE_MODES = ("none", "full", "selective", "stage_aware")
 
 #: Stage 0's kept fraction under the stage-aware rule (DESIGN.md: "stage-0 ratio 0.5").
 DEFAULT_FIRST_STAGE_KEEP = 0.5
@@ -81,8 +82,13 @@ class RecomputePlan:
 
     @classmethod
     def from_mode(cls, mode: str, num_stages: int) -> "RecomputePlan":
-        """``none | full | stage_aware`` → plan (the ``recompute`` training argument)."""
-        builders = {"none": cls.none, "full": cls.full, "stage_aware": cls.stage_aware}
+        """``none | full | selective | stage_aware`` → plan (the ``recompute`` training argument).
+
+        ``selective`` places ``RECOMPUTE`` instructions as ``full`` does (every layer of every
+        stage recomputes its attention core); the simulator charges it the recompute cost it is
+        given. Layer-exact fractions come from ``ActivationPlan.recompute_plan()``.
+        """
+        builders = {"none": cls.none, "full": cls.full, "selective": cls.full, "stage_aware": cls.stage_aware}
         if mode not in builders:
             raise ValueError(f"unknown recompute mode {mode!r}; choose one of {RECOMPUTE_MODES}")
         return builders[mode](num_stages)
