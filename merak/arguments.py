@@ -170,7 +170,8 @@ class MerakArguments(TrainingArguments):
                 f"ranks, which conflicts with pipeline parallelism; use stage 0 or 1 (Merak implements "
                 f"ZeRO-1) or remove the block."
             )
-        self.zero_stage = zero
+        if "stage" in config.get("zero_optimization", {}):
+            self.zero_stage = zero
         simple = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
                   "gradient_accumulation_steps": "gradient_accumulation_steps",
                   "gradient_clipping": "max_grad_norm"}

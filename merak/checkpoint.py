@@ -19,15 +19,21 @@ Layout of a checkpoint directory::
     layout.json            grid dims, world size, per-stage tensor names (written last: rank 0)
     extra.json             the caller's JSON state (global step, data position ...)
     pp00-dp00-tp00/        model.safetensors  optimizer.pt  scheduler.pt  rng.pt
-    pp00-dp01-tp00/        rng.pt
+    pp00-dp01-tp00/        rng.pt             (+ optimizer.pt: its ZeRO-1 shard)
     ...
 
 Decisions worth knowing:
 
 * **Only dp-rank 0 writes weights and optimizer state.** Data-parallel replicas of a stage hold
   bitwise-identical weights and optimizer states (gradients are averaged before every step), so
-  writing them once per stage is enough; every DP replica reads that one copy back. (Under ZeRO,
-  which partitions optimizer state across DP, each DP rank would write its own partition.)
+  writing them once per stage is enough; every DP replica reads that one copy back. Under ZeRO-1
+  (:mod:`merak.runtime.zero`) each DP rank holds a different shard of the optimizer state, so
+  each writes and reads its own ``optimizer.pt`` (``layout.json``: ``"optimizer_sharded": true``).
+* **Optimizer state is matched by parameter name.** Each ``optimizer.pt`` records the names of
+  the parameters its states belong to and the parameter groups' hyper-parameters (learning rate
+  as the scheduler left it ...). When the current optimizer holds exactly those parameters the
+  state loads as is; otherwise (a ZeRO-1 checkpoint resumed without ZeRO, or the reverse) the
+  stage's files are merged by name, so every parameter gets its own moments back exactly.
   *Every* rank writes its RNG states: replicas draw different random numbers, and a resume that
   is bitwise identical needs each rank's own generators back.
 * **Atomic saves.** All ranks write into a staging directory beside the target; after all of
@@ -72,6 +78,7 @@ from torch import nn
 
 from merak.runtime.grid import Coord, Grid
 from merak.runtime.p2p import P2P, wait_with_timeout
+from merak.runtime.zero import is_sharded, local_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -309,26 +316,64 @@ def _optimizer_param_names(optimizer: torch.optim.Optimizer, stage: nn.Module) -
     return [[names.get(id(p), "<not a stage parameter>") for p in group["params"]] for group in optimizer.param_groups]
 
 
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
 def _save_optimizer(optimizer: torch.optim.Optimizer, stage: nn.Module, path: Path) -> None:
     # Parameter names are stored beside the index-based state so that a resume with another
-    # parameter order fails loudly instead of giving Adam moments to the wrong tensors.
-    torch.save({"param_names": _optimizer_param_names(optimizer, stage), "state": optimizer.state_dict()}, path)
+    # parameter order fails loudly instead of giving Adam moments to the wrong tensors. The
+    # hyper-parameters are the optimizer's own: under ZeRO-1 the shard's local optimizer sees the
+    # learning rate only at its next step, the wrapper holds what the scheduler set since.
+    local = local_optimizer(optimizer)
+    torch.save({"param_names": _optimizer_param_names(local, stage), "state": local.state_dict(),
+                "hyperparameters": _hyperparameters(optimizer)}, path)
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, stage: nn.Module, path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing: the checkpoint was saved without optimizer state; "
+def _load_optimizer(optimizer: torch.optim.Optimizer, stage: nn.Module, paths: list[Path]) -> None:
+    """Restore the state of the parameters this rank's optimizer holds from ``paths`` (the
+    stage's one ``optimizer.pt``, or all its DP ranks' ZeRO-1 shards)."""
+    missing_files = [p for p in paths if not p.exists()]
+    if missing_files:
+        raise CheckpointError(f"{missing_files[0]} is missing: the checkpoint was saved without optimizer state; "
                               "load it with optimizer=None (weights only) or from a checkpoint that has it")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    current = _optimizer_param_names(optimizer, stage)
-    if saved["param_names"] != current:
+    local = local_optimizer(optimizer)
+    current = _optimizer_param_names(local, stage)
+    saved = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    own = next((s for s in saved if s["param_names"] == current), None)
+    if own is not None:
+        local.load_state_dict(own["state"])
+    else:
+        local.load_state_dict(_merged_state(saved, current, paths))
+    for group, values in zip(optimizer.param_groups, saved[0].get("hyperparameters", [])):
+        group.update(values)
+    if local is not optimizer:
+        for group, values in zip(local.param_groups, saved[0].get("hyperparameters", [])):
+            group.update(values)
+
+
+def _merged_state(saved: list[dict[str, Any]], current: list[list[str]], paths: list[Path]) -> dict[str, Any]:
+    """A ``state_dict`` for an optimizer over the parameters ``current`` (names per group), with
+    each parameter's state taken by name from whichever saved file holds it."""
+    by_name: dict[str, Any] = {}
+    known: list[str] = []
+    for entry in saved:
+        names = [n for group in entry["param_names"] for n in group]
+        known += names
+        by_name.update({names[index]: value for index, value in entry["state"]["state"].items()})
+    flat = [n for group in current for n in group]
+    groups = saved[0]["state"]["param_groups"]
+    if set(flat) - set(known) or len(groups) != len(current):
         raise CheckpointError(
-            f"the optimizer's parameter groups differ from the saved ones ({path}): saved "
-            f"{[len(g) for g in saved['param_names']]} parameters per group, now {[len(g) for g in current]}; "
-            + _mismatch("parameters", [n for g in saved["param_names"] for n in g], [n for g in current for n in g])
+            f"the optimizer's parameter groups differ from the saved ones ({', '.join(map(str, paths))}): saved "
+            f"{[len(g) for g in saved[0]['param_names']]} parameters per group, now {[len(g) for g in current]}; "
+            + _mismatch("parameters", known, flat)
             + ". Build the optimizer over the stage's parameters in the same groups and order as before."
         )
-    optimizer.load_state_dict(saved["state"])
+    indices = iter(range(len(flat)))
+    param_groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [next(indices) for _ in names]}
+                    for group, names in zip(groups, current)]
+    return {"state": {i: by_name[n] for i, n in enumerate(flat) if n in by_name}, "param_groups": param_groups}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -377,7 +422,7 @@ def save_checkpoint(
 
     Each rank writes its RNG states; dp-rank 0 of each stage also writes the stage's tensors
     (parameters and persistent buffers, keyed by their original names), the optimizer state and
-    the scheduler state. ``extra`` (JSON-serializable, e.g. ``{"global_step": 100}``) comes back
+    the scheduler state (under ZeRO-1 every DP rank writes its own optimizer-state shard). ``extra`` (JSON-serializable, e.g. ``{"global_step": 100}``) comes back
     from :func:`load_checkpoint`. The directory appears complete or not at all (see the module
     docstring); an existing checkpoint of the same name is replaced.
     """
@@ -390,10 +435,10 @@ def save_checkpoint(
     def write_shard() -> None:
         own = staging / rank_dir_name(coord)
         own.mkdir()
+        if optimizer is not None and (coord.dp == 0 or is_sharded(optimizer)):
+            _save_optimizer(optimizer, stage, own / OPTIMIZER_FILE)
         if coord.dp == 0:
             _save_stage(stage, own / WEIGHTS_FILE)
-            if optimizer is not None:
-                _save_optimizer(optimizer, stage, own / OPTIMIZER_FILE)
             if lr_scheduler is not None:
                 torch.save(lr_scheduler.state_dict(), own / SCHEDULER_FILE)
         torch.save(_rng_state(), own / RNG_FILE)
@@ -428,6 +473,7 @@ def _publish_checkpoint(staging: Path, directory: Path, grid: Grid, extra_json: 
         "world_size": dims.world_size,
         "rank_dirs": {str(r): rank_dir_name(grid.layout.coord_of(r)) for r in range(dims.world_size)},
         "optimizer": (first / OPTIMIZER_FILE).exists(),
+        "optimizer_sharded": dims.dp > 1 and (staging / rank_dir_name(Coord(pp=0, dp=1, tp=0)) / OPTIMIZER_FILE).exists(),
         "lr_scheduler": (first / SCHEDULER_FILE).exists(),
         "stages": stages,
         "torch_version": torch.__version__,
@@ -488,7 +534,9 @@ def load_checkpoint(
     def restore() -> dict:
         _load_stage(stage, shard / WEIGHTS_FILE)
         if optimizer is not None:
-            _load_optimizer(optimizer, stage, shard / OPTIMIZER_FILE)
+            dp_ranks = range(grid.dims.dp) if layout.get("optimizer_sharded") else [0]
+            _load_optimizer(optimizer, stage, [directory / rank_dir_name(Coord(pp=coord.pp, dp=dp, tp=coord.tp))
+                                               / OPTIMIZER_FILE for dp in dp_ranks])
         if lr_scheduler is not None:
             if not (shard / SCHEDULER_FILE).exists():
                 raise CheckpointError(f"{shard / SCHEDULER_FILE} is missing: the checkpoint was saved "

@@ -9,9 +9,12 @@ Semantics that the schedules and the validator rely on:
 
 * ``LOAD`` takes from the micro-batch dict only the keys this stage reads (``stage.data_inputs``;
   on the last stage also what a custom ``loss_fn`` reads), so data is never piped through stages.
-* ``FORWARD`` of a micro-batch that has a ``RECOMPUTE`` later in the list runs without autograd
-  and keeps only its inputs and RNG state; ``RECOMPUTE`` re-runs it with autograd (same RNG) so
-  the backward finds a graph. Everything else keeps its graph from the forward.
+* ``FORWARD`` of a micro-batch that has a ``RECOMPUTE`` later in the list applies the stage's
+  activation actions (:mod:`merak.runtime.stage_activations`: recomputed layers keep only their
+  inputs, offloaded ones move their saved tensors to host memory); ``RECOMPUTE`` re-runs that
+  micro-batch's checkpointed layers (same RNG and autocast state) so backward finds their
+  tensors ready and does not recompute again. Every other micro-batch keeps all activations.
+  Without an ``activation_plan`` the whole stage is the one recomputed unit.
 * The last stage's loss is divided by the number of micro-batches before backward, so the
   accumulated gradient is that of the mean loss over the whole (global) batch, as in a single
   process; DP then averages over replicas.
@@ -28,6 +31,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
+from merak.runtime.activation_policy import WHOLE_STAGE, ActivationPlan, LayerAction
 from merak.runtime.grad_reduce import (
     DataParallelReducer,
     broadcast_tied_parameters,
@@ -36,6 +40,8 @@ from merak.runtime.grad_reduce import (
 from merak.runtime.grid import Grid
 from merak.runtime.instructions import Instruction, Op
 from merak.runtime.p2p import P2P, wait_with_timeout
+from merak.runtime.precision import MixedPrecision
+from merak.runtime.stage_activations import StageActivations
 from merak.runtime.weight_grad_store import WeightGradStore, defer_weight_gradients
 
 LossFn = Callable[[Mapping[str, Any], Mapping[str, Any]], torch.Tensor]
@@ -60,7 +66,6 @@ class _MicroBatch:
     received: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] | None = None
     loss: torch.Tensor | None = None
-    rng: tuple[torch.Tensor, ...] | None = None
     input_grads: dict[str, Any] | None = None
     output_grads: dict[str, Any] | None = None
 
@@ -83,25 +88,19 @@ def _needs_grad(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
-    state = (torch.get_rng_state(),)
-    return state + ((torch.cuda.get_rng_state(device),) if device.type == "cuda" else ())
-
-
-def _set_rng_state(state: tuple[torch.Tensor, ...], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
-
-
 class PipelineExecutor:
     """Executes instruction lists for one stage module on one rank of the grid.
 
     ``optimizer`` may be ``None`` (gradients are then left in ``.grad`` — handy for tests).
     ``before_optimizer_step`` runs after all gradient reductions and may return ``False`` to
-    skip the step (gradient clipping and fp16 overflow checks live there, not here).
+    skip the step (gradient clipping lives there, not here).
     ``zero_bubble=True`` patches Linear/Conv1D layers so ``BACKWARD_INPUT`` leaves their weight
     gradients to ``BACKWARD_WEIGHT``; without it those two ops still work, just unsplit.
+    ``precision`` (default fp32) runs forwards under autocast and, for fp16, scales the loss and
+    skips the step on every rank when any rank's gradients overflow (:mod:`merak.runtime.precision`).
+    ``activation_plan`` gives this stage's per-layer keep / recompute / selective / offload
+    actions, applied to the micro-batches that have a ``RECOMPUTE`` instruction; ``None`` treats
+    the whole stage as one recomputed unit (whole-stage recomputation).
     """
 
     def __init__(
@@ -116,11 +115,14 @@ class PipelineExecutor:
         bucket_bytes: int = 25 * 2**20,
         zero_bubble: bool = False,
         before_optimizer_step: Callable[[], bool | None] | None = None,
+        precision: MixedPrecision | None = None,
+        activation_plan: ActivationPlan | None = None,
     ) -> None:
         self.stage, self.grid, self.optimizer = stage, grid, optimizer
         self.device = torch.device(device)
         self.loss_fn, self.timeout_s = loss_fn, timeout_s
         self.before_optimizer_step = before_optimizer_step
+        self.precision = precision or MixedPrecision()
         self.p2p = P2P(self.device, timeout_s)
         self.is_first, self.is_last = grid.is_first_stage, grid.is_last_stage
         params = dict(stage.named_parameters())
@@ -133,6 +135,7 @@ class PipelineExecutor:
             # Autograd still fires their post-accumulate hooks during B (with no gradient), so
             # deferred weights must not count toward an early bucket: they finish only in W.
             late |= {id(stage.get_submodule(name).weight) for name in patched}
+        self.activations = StageActivations(stage, _stage_actions(activation_plan, grid), self.device)  # type: ignore[arg-type]
         self.reducer = DataParallelReducer(
             [p for p in params.values() if p.requires_grad], grid.dp_group, grid.dims.dp,
             bucket_bytes=bucket_bytes, timeout_s=timeout_s, late=late,
@@ -184,6 +187,7 @@ class PipelineExecutor:
         losses = [m.loss for m in self._mb.values() if m.loss is not None]
         loss = float(torch.stack(losses).detach().mean()) if losses else None
         self._mb.clear()
+        self.activations.release_all()
         return StepResult(loss, self._num_mb, time.perf_counter() - start, self._skipped)
 
     # ---- handlers ----------------------------------------------------------------------
@@ -207,8 +211,10 @@ class PipelineExecutor:
                 value.requires_grad_(True)
         self._mb[ins.microbatch].received = got
 
-    def _run_stage(self, mb: _MicroBatch) -> None:
-        mb.outputs = self.stage(mb.data, mb.received)
+    def _run_stage(self, mb: _MicroBatch, microbatch: int) -> None:
+        apply = microbatch in self._recomputed  # the schedule asks this micro-batch to drop memory
+        with self.precision.autocast(self.device):
+            mb.outputs = self.activations.forward(microbatch, apply, mb.data, mb.received)
         if self.is_last:
             mb.loss = self._loss(mb.outputs, mb.data)
 
@@ -223,31 +229,18 @@ class PipelineExecutor:
         return outputs["loss"]
 
     def _forward(self, ins: Instruction) -> None:
-        mb = self._mb[ins.microbatch]
-        if ins.microbatch in self._recomputed:
-            mb.rng = _rng_state(self.device)
-            with torch.no_grad():
-                self._run_stage(mb)
-            if mb.loss is not None:
-                mb.loss = mb.loss.detach()
-        else:
-            self._run_stage(mb)
+        self._run_stage(self._mb[ins.microbatch], ins.microbatch)
 
     def _send_act(self, ins: Instruction) -> None:
         mb = self._mb[ins.microbatch]
         assert mb.outputs is not None, f"{ins}: send before forward"
-        self.p2p.send({n: mb.outputs[n] for n in self.stage.send_outputs}, self.grid.next_rank,
-                      f"activations of micro-batch {ins.microbatch}")
-        if ins.microbatch in self._recomputed:
-            mb.outputs = None  # the point of recomputation: keep only the inputs
+        self.p2p.send(self.precision.on_wire({n: mb.outputs[n] for n in self.stage.send_outputs}),
+                      self.grid.next_rank, f"activations of micro-batch {ins.microbatch}")
 
     def _recompute(self, ins: Instruction) -> None:
-        mb = self._mb[ins.microbatch]
-        assert mb.rng is not None, f"{ins}: recompute without a preceding forward"
-        saved = _rng_state(self.device)
-        _set_rng_state(mb.rng, self.device)
-        self._run_stage(mb)
-        _set_rng_state(saved, self.device)
+        if self._mb[ins.microbatch].outputs is None:
+            raise RuntimeError(f"{ins}: recompute without a preceding forward")
+        self.activations.recompute(ins.microbatch)
 
     def _recv_grad(self, ins: Instruction) -> None:
         self._mb[ins.microbatch].output_grads = self.p2p.recv(
@@ -258,7 +251,7 @@ class PipelineExecutor:
         if mb.outputs is None:
             raise RuntimeError(f"{ins}: no activations to backward through (missing forward or recompute)")
         if self.is_last:
-            tensors, grads = [mb.loss / self._num_mb], [None]
+            tensors, grads = [self.precision.scale_loss(mb.loss / self._num_mb)], [None]
         else:
             assert mb.output_grads is not None, f"{ins}: backward before its gradient was received"
             pairs = [(mb.outputs[n], mb.output_grads.get(n)) for n in self.stage.send_outputs]
@@ -271,6 +264,7 @@ class PipelineExecutor:
         mb.input_grads = {n: (v.grad if _needs_grad(v) else None) for n, v in mb.received.items()}
         mb.outputs = mb.output_grads = None
         mb.received = {}
+        self.activations.release(ins.microbatch)
 
     def _backward_input(self, ins: Instruction) -> None:
         self._backward(ins, defer_weights=True)
@@ -294,7 +288,10 @@ class PipelineExecutor:
         self.reducer.finish()
 
     def _optimizer_step(self, ins: Instruction) -> None:
-        if self.before_optimizer_step is not None and self.before_optimizer_step() is False:
+        params = (p for _, p in self.stage.named_parameters())
+        if not self.precision.unscale_and_check(params, self.device, self.timeout_s):
+            self._skipped = True  # fp16 overflow somewhere: every rank skips this step
+        elif self.before_optimizer_step is not None and self.before_optimizer_step() is False:
             self._skipped = True
         elif self.optimizer is not None:
             self.optimizer.step()
@@ -313,3 +310,13 @@ def all_reduce_mean_loss(loss: float | None, grid: Grid, timeout_s: float = 300.
         wait_with_timeout(work, timeout_s, "the loss all-reduce at the end of a step")
     contributors = grid.dims.dp * grid.dims.tp
     return float(t.item()) / contributors
+
+
+def _stage_actions(plan: ActivationPlan | None, grid: Grid) -> dict[str, LayerAction]:
+    """This rank's ``{layer: action}``; without a plan the whole stage is recomputed."""
+    if plan is None:
+        return {WHOLE_STAGE: LayerAction.RECOMPUTE}
+    if plan.num_stages != grid.num_stages:
+        raise ValueError(f"the activation plan has {plan.num_stages} stages but the pipeline {grid.num_stages}; "
+                         f"build it from this pipeline's sharding plan")
+    return plan.actions(grid.stage_id)

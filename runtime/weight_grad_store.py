@@ -72,7 +72,18 @@ class _DeferredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, store, transposed):  # type: ignore[override]
+        param = weight
+        if torch.is_autocast_enabled(x.device.type):
+            # What autocast does for F.linear / addmm: compute in its dtype (the output, hence the
+            # activations, stay bf16/fp16); W casts the weight gradient back to the parameter's.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
+        # The parameter object itself, not a saved tensor: under saved_tensors_hooks (activation
+        # checkpointing, offload) autograd unpacks saved tensors as new tensor objects, and a
+        # gradient accumulated into such a copy would never reach the parameter.
+        ctx.param = param
         ctx.store, ctx.transposed, ctx.has_bias = store, transposed, bias is not None
         y = x @ weight if transposed else x @ weight.t()
         return y if bias is None else y + bias
@@ -80,14 +91,15 @@ class _DeferredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         x, weight = ctx.saved_tensors
+        param = ctx.param
         grad_x = grad_y @ (weight.t() if ctx.transposed else weight) if ctx.needs_input_grad[0] else None
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[1]:
             transposed = ctx.transposed
 
-            def weight_grad(x=x, grad_y=grad_y, weight=weight) -> None:
+            def weight_grad(x=x, grad_y=grad_y, param=param) -> None:
                 x2, g2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
-                _accumulate(weight, x2.t() @ g2 if transposed else g2.t() @ x2)
+                _accumulate(param, (x2.t() @ g2 if transposed else g2.t() @ x2).to(param.dtype))
 
             if ctx.store.active:
                 ctx.store.put(weight_grad)
