@@ -26,7 +26,7 @@ import torch
 from transformers import TrainingArguments
 
 SCHEDULE_CHOICES = ("gpipe", "1f1b", "shifted_critical_path", "zero_bubble")
-RECOMPUTE_CHOICES = ("none", "full", "stage_aware")
+RECOMPUTE_CHOICES = ("none", "full", "selective", "stage_aware")
 PARTITION_CHOICES = ("cost", "parameters", "uniform", "manual")
 ZERO_CHOICES = (0, 1)
 COST_MODEL_CHOICES = ("flops", "profile")
@@ -47,8 +47,9 @@ class MerakArguments(TrainingArguments):
     )
     recompute: str = field(
         default="none",
-        metadata={"help": "Activation recomputation: none | full | stage_aware (early stages, which "
-                          "hold more in-flight micro-batches, recompute more).",
+        metadata={"help": "Activation recomputation per layer: none | full (every layer) | selective (only "
+                          "the attention core, as Megatron) | stage_aware (early stages, which hold more "
+                          "in-flight micro-batches, recompute more of their layers).",
                   "choices": RECOMPUTE_CHOICES},
     )
     tp_sub_microbatches: int = field(

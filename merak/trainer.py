@@ -42,7 +42,7 @@ from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_par
 from merak.runtime.p2p import wait_with_timeout
 from merak.runtime.precision import MixedPrecision
 from merak.runtime.zero import shard_optimizer_states
-from merak.runtime.recompute_plan import RecomputePlan
+from merak.runtime.activation_policy import ActivationPlan
 from merak.runtime.schedule import build as build_schedule
 from merak.runtime.schedules import forward_only
 
@@ -119,6 +119,7 @@ class MerakTrainer(Trainer):
             logger.info("Merak %s, partition plan (%.1fs):\n%s", self.grid.dims, self._plan_seconds,
                         self.plan.table())
         self.executor: PipelineExecutor | None = None
+        self._layer_actions: ActivationPlan | None = None
         self._last_grad_norm: float | None = None
         self.precision = _mixed_precision(args, self.grid)
         super().__init__(model=stage, args=args, data_collator=collate, train_dataset=train_dataset,
@@ -138,6 +139,7 @@ class MerakTrainer(Trainer):
                 self.stage, self.grid, None, device=merak.get_device(), loss_fn=self.loss_fn,
                 timeout_s=self.args.p2p_timeout, zero_bubble=self.args.schedule == "zero_bubble",
                 before_optimizer_step=self._clip_gradients, precision=self.precision,
+                activation_plan=self._activation_plan(),
             )
         self.executor.optimizer = self.optimizer
         return self.executor
@@ -151,8 +153,22 @@ class MerakTrainer(Trainer):
                                                     self.args.p2p_timeout)
         return self.optimizer
 
+    def _activation_plan(self) -> ActivationPlan:
+        """Per stage and layer: keep, recompute, selective or offload (computed once).
+
+        The one place that decides it: from the ``recompute`` mode for now; a memory-budget
+        planner (``max_memory_per_device``) returns its own :class:`ActivationPlan` here. The
+        executor applies it and the schedule reads its ``recompute_plan()``, so both agree.
+        """
+        if self._layer_actions is None:
+            plan = self._layer_actions = ActivationPlan.from_mode(self.args.recompute, self.plan)
+            if self.grid.rank == 0 and self.args.recompute != "none":
+                logger.info("recompute=%s, layers not kept per stage: %s", self.args.recompute, ", ".join(
+                    f"{len(plan.actions(s))}/{len(plan.stage_layer_names(s))}" for s in range(plan.num_stages)))
+        return self._layer_actions
+
     def _instructions(self) -> list:
-        plan = RecomputePlan.from_mode(self.args.recompute, self.grid.num_stages)
+        plan = self._activation_plan().recompute_plan()
         return build_schedule(self.args.schedule, self.grid.num_stages,
                               self.args.gradient_accumulation_steps, self.grid.stage_id, plan)
 

@@ -342,3 +342,13 @@ def test_every_mode_matches_single_process(dist_run, kind, dp, pp, configs):
     m = max(4, pp)
     per_rank = dist_run(_pipeline, dp * pp, kind, dp, pp, m, configs, timeout=900)
     _check(kind, dp, pp, per_rank, m)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, recompute", [("shifted_critical_path", "selective"), ("1f1b", "stage_aware")])
+def test_trainer_recompute_modes_follow_the_single_process_curve(dist_run, schedule, recompute):
+    from test_trainer import _train, single_process_curve
+
+    ref = single_process_curve("gpt2")
+    for rank, curve in enumerate(dist_run(_train, 2, "gpt2", 1, 2, schedule, recompute=recompute, timeout=600)):
+        torch.testing.assert_close(curve, ref, rtol=2e-5, atol=2e-6, msg=f"{schedule}/{recompute} rank {rank}")
