@@ -21,12 +21,12 @@ from test_trainer import GLOBAL_MICROBATCHES, MICRO, SEQ, STEPS, dataset, single
 from tiny_models import tiny_model
 
 
-def _trainer(dp: int, pp: int, out: str = "/tmp/merak-test-zero", steps: int = STEPS, **overrides):
+def _trainer(dp: int, pp: int, out: str = "/tmp/merak-test-zero", steps: int = STEPS, tp: int = 1, **overrides):
     """The MerakTrainer of test_trainer's parity runs (AdamW, linear decay, clipping at 1), with
     ``overrides`` (zero_stage, bf16, fp16, schedule, checkpointing ...)."""
     import merak
 
-    merak.init(dp=dp, pp=pp)
+    merak.init(dp=dp, tp=tp, pp=pp)
     model, make_batch = tiny_model("gpt2")
     options = dict(output_dir=out, per_device_train_batch_size=MICRO,
                    gradient_accumulation_steps=GLOBAL_MICROBATCHES // dp, max_steps=steps, logging_steps=1,
@@ -107,14 +107,16 @@ def test_zero1_checkpoint_resumes_bitwise_with_and_without_zero(dist_run, tmp_pa
 PRECISION_STEPS = 20
 
 
-def _precision_runs() -> dict:
-    """pp=2: fp32, bf16 (1F1B and zero-bubble) and fp16 curves in one process group, with the
+DEFAULT_RUNS = {"fp32": {}, "bf16": {"bf16": True}, "bf16-zb": {"bf16": True, "schedule": "zero_bubble"},
+                "fp16": {"fp16": True}}
+
+
+def _precision_runs(runs: dict[str, dict] = DEFAULT_RUNS, tp: int = 1, pp: int = 2) -> dict:
+    """Loss curves of ``runs`` (name -> MerakArguments overrides) in one process group, with the
     dtypes of every floating tensor that crossed the stage cut."""
-    runs = {"fp32": {}, "bf16": {"bf16": True}, "bf16-zb": {"bf16": True, "schedule": "zero_bubble"},
-            "fp16": {"fp16": True}}
     out = {}
     for name, options in runs.items():
-        trainer = _trainer(1, 2, steps=PRECISION_STEPS, **options)
+        trainer = _trainer(1, pp, tp=tp, steps=PRECISION_STEPS, **options)
         sent: set[torch.dtype] = set()
         p2p = trainer._pipeline_executor().p2p
         send = p2p.send
@@ -149,6 +151,34 @@ def test_bf16_and_fp16_track_fp32_with_fp32_master_weights(dist_run):
             assert run["sent"] == {low}, f"rank {rank} {name}: tensors crossing the cut were {run['sent']}"
             assert run["param_dtypes"] == {torch.float32}, "master weights must stay fp32"
         assert runs["fp16"]["skipped"] == 0
+
+
+@pytest.mark.slow
+def test_bf16_with_tensor_parallelism_and_recomputation(dist_run):
+    """TP layers (their collectives move bf16) track fp32 within 1%; recomputation re-enters the
+    forward under the same autocast, so it changes nothing at all."""
+    tp = dist_run(_precision_runs, 2, {"fp32": {}, "bf16": {"bf16": True}}, 2, 1, timeout=900)[0]
+    fp32, bf16 = torch.tensor(tp["fp32"]["curve"]), torch.tensor(tp["bf16"]["curve"])
+    assert float(((bf16 - fp32).abs() / fp32).max()) < 0.01 and bf16.ne(fp32).any()
+    runs = {"bf16": {"bf16": True}, "bf16-full": {"bf16": True, "recompute": "full"},
+            "bf16-scp": {"bf16": True, "recompute": "full", "schedule": "shifted_critical_path"}}
+    for rank, result in enumerate(dist_run(_precision_runs, 2, runs, timeout=900)):
+        assert result["bf16-full"]["curve"] == result["bf16"]["curve"], rank
+        assert result["bf16-scp"]["curve"] == result["bf16"]["curve"], rank
+
+
+@pytest.mark.slow
+def test_zero1_resume_with_tied_embedding_over_two_stages(dist_run, tmp_path):
+    """dp=2 x pp=2, fp32: the tied embedding's state lives in two stages' ZeRO shards."""
+    full = dist_run(_zero_checkpointed, 4, str(tmp_path), None, timeout=900)
+    resumed = dist_run(_zero_checkpointed, 4, str(tmp_path), str(tmp_path / "checkpoint-3"), timeout=900)
+    assert resumed == full and full[0] == full[-1] and len(full[0]) == 6
+
+
+def _zero_checkpointed(out: str, resume: str | None) -> list[tuple]:
+    trainer = _trainer(2, 2, out, steps=6, zero_stage=1, save_strategy="steps", save_steps=3)
+    trainer.train(resume_from_checkpoint=resume)
+    return _logged(trainer, "step", "loss", "grad_norm")
 
 
 def _overflow_on_one_rank() -> list[dict]:
