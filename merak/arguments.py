@@ -97,6 +97,14 @@ class MerakArguments(TrainingArguments):
         default=None,
         metadata={"help": "Memory budget per device, e.g. '80GB'; stage_aware recompute fits it."},
     )
+    auto_parallel: bool = field(
+        default=False,
+        metadata={"help": "Choose dp, tp, pp, the micro-batch, schedule, recomputation and "
+                          "tp_sub_microbatches at start-up with Merak's cluster simulator (as "
+                          "`python -m merak.plan` would) for the launched world size, keeping the global "
+                          "batch per_device_train_batch_size x gradient_accumulation_steps x world size. "
+                          "Do not call merak.init yourself then."},
+    )
     p2p_timeout: float = field(
         default=300.0,
         metadata={"help": "Seconds any pipeline send/receive or collective may wait before failing "

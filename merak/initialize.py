@@ -62,6 +62,19 @@ def init(
     world = dist.get_world_size() if dist.is_initialized() else env.world_size
     dims.validate(world)  # before any collective: a bad layout must not hang
 
+    device, timeout = join_job(backend=backend, timeout_s=timeout_s)
+    _GRID = Grid.build(dims, timeout=timeout)
+    _DEVICE = device
+    configure_logging(_GRID.rank)
+    logger.debug("merak.init: %s (launcher: %s)", _GRID.describe(), env.launcher)
+    return _GRID
+
+
+def join_job(*, backend: str | None = None, timeout_s: float | None = None) -> tuple[torch.device, datetime.timedelta]:
+    """Create the default process group from the launcher's environment (if none exists yet) and
+    pick the local device, without building a grid: ``auto_parallel`` needs the ranks to talk
+    before it knows the layout. Returns the device and the collective timeout."""
+    env = read_launch_env()
     default_backend, device = _pick_backend_and_device(env.local_rank)
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
     if not dist.is_initialized():
@@ -79,11 +92,12 @@ def init(
                 world_size=env.world_size,
                 timeout=timeout,
             )
-    _GRID = Grid.build(dims, timeout=timeout)
-    _DEVICE = device
-    configure_logging(_GRID.rank)
-    logger.debug("merak.init: %s (launcher: %s)", _GRID.describe(), env.launcher)
-    return _GRID
+    return device, timeout
+
+
+def is_initialized() -> bool:
+    """Whether :func:`init` built a grid in this process."""
+    return _GRID is not None
 
 
 def get_grid() -> Grid:

@@ -72,10 +72,12 @@ class MerakTrainer(Trainer):
         if not isinstance(args, MerakArguments):
             raise TypeError("MerakTrainer needs MerakArguments (a TrainingArguments subclass with "
                             "the pipeline fields); replace TrainingArguments(...) by MerakArguments(...)")
+        collate = data_collator or default_data_collator
+        if args.auto_parallel:
+            _apply_auto_parallel(model, args, collate, train_dataset if train_dataset is not None else eval_dataset)
         self.grid = _grid()
         self.original_model = model
         self.loss_fn = loss_fn
-        collate = data_collator or default_data_collator
         dataset = train_dataset if train_dataset is not None else eval_dataset
         if dataset is None:
             raise ValueError("MerakTrainer needs a train_dataset or eval_dataset: the model is traced "
@@ -392,6 +394,35 @@ def _mixed_precision(args: MerakArguments, grid: Any) -> MixedPrecision:
         logger.info("mixed precision: %s compute, fp32 master weights%s", precision.name,
                     ", dynamic loss scaling" if precision.scaler else "")
     return precision
+
+
+def _apply_auto_parallel(model: nn.Module, args: MerakArguments, collate: Callable[[list[Any]], dict[str, Any]],
+                         dataset: Any) -> None:
+    """Pick the layout with the simulator (rank 0 decides, every rank follows), build the grid
+    and rewrite the arguments it decides (see :mod:`merak.auto_parallel`)."""
+    from merak.auto_parallel import decide_on_rank0
+
+    if merak.initialize.is_initialized():
+        raise ValueError("auto_parallel=True chooses dp, tp and pp itself, but merak.init(...) was already "
+                         "called; remove that call, or set auto_parallel=False to keep your layout")
+    if dataset is None:
+        raise ValueError("MerakTrainer needs a train_dataset or eval_dataset to plan auto_parallel with")
+    merak.initialize.join_job(timeout_s=args.p2p_timeout)
+    example = collate([dataset[i] for i in range(min(len(dataset), args.per_device_train_batch_size))])
+    graph = trace(model, {k: meta_like(v) for k, v in example.items()}, leaf_modules=args.leaf_modules)
+    choice = decide_on_rank0(graph, example, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                             args.max_memory_per_device, args.p2p_timeout)
+    grid = merak.init(dp=choice.dp, tp=choice.tp, pp=choice.pp, timeout_s=args.p2p_timeout)
+    args.per_device_train_batch_size = choice.micro_batch
+    args.gradient_accumulation_steps = choice.num_microbatches
+    args.schedule, args.recompute = choice.schedule, choice.recompute
+    args.tp_sub_microbatches = choice.tp_sub_microbatches
+    if grid.rank == 0:
+        logger.info("auto_parallel chose dp=%d tp=%d pp=%d, micro-batch %d x %d, %s, recompute=%s, "
+                    "tp_sub_microbatches=%d (predicted %.3fs/step, %.2f GiB peak, MFU %.1f%%); best layouts:\n%s",
+                    choice.dp, choice.tp, choice.pp, choice.micro_batch, choice.num_microbatches, choice.schedule,
+                    choice.recompute, choice.tp_sub_microbatches, choice.step_seconds,
+                    choice.peak_memory_bytes / 2**30, choice.mfu * 100, choice.table)
 
 
 def _grid() -> Any:
