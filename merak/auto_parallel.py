@@ -54,13 +54,14 @@ class LayoutChoice:
     table: str = ""
 
 
-def local_cluster(world_size: int, local_world_size: int, memory_bytes: float | None = None) -> Cluster:
+def local_cluster(world_size: int, local_world_size: int, memory_bytes: float | None = None,
+                  cpu_link: Link = CPU_LINK) -> Cluster:
     """The machines this job runs on, as the simulator sees them.
 
     CUDA: a preset when the device name says A100 or H100 (with its memory), otherwise this GPU
     calibrated. CPU: this CPU calibrated (one thread per rank); when more ranks than cores share a
     node, each gets its share of a core. ``memory_bytes`` (``max_memory_per_device``) caps the
-    device memory the search may plan for.
+    device memory the search may plan for; ``cpu_link`` is the rank-to-rank link on CPU (gloo).
     """
     nodes = max(1, world_size // max(1, local_world_size))
     per_node = world_size // nodes
@@ -80,7 +81,7 @@ def local_cluster(world_size: int, local_world_size: int, memory_bytes: float | 
         device = dataclasses.replace(device, peak_flops=device.peak_flops * share,
                                      hbm_bytes_per_s=device.hbm_bytes_per_s * share,
                                      op_overhead_s=device.op_overhead_s / share)
-        cluster = Cluster(device, nodes, per_node, CPU_LINK, CPU_LINK)
+        cluster = Cluster(device, nodes, per_node, cpu_link, cpu_link)
     if memory_bytes is not None:
         cluster = dataclasses.replace(cluster, device=dataclasses.replace(
             cluster.device, hbm_bytes=memory_bytes + cluster.device.reserved_bytes))
