@@ -15,8 +15,9 @@ that applies no action still runs the stage's own ``forward``.
 
 Layer of a node: the module path the tracer recorded (``transformer.h.3.attn`` ->
 ``transformer.h.3``), the same rule that gives ``ProxyNode.layer``. A layer's range runs from
-its first to its last node; nodes without a layer inside that range (e.g. inserted
-tensor-parallel copies) belong to it.
+its first to its last computing node (``get_attr`` nodes, which torch.export hoists to the top,
+do not count: a region reads them as inputs); nodes without a layer inside that range (e.g.
+inserted tensor-parallel copies) belong to it.
 
 Attention core (for ``selective``): a ``scaled_dot_product_attention`` call, or, in eager
 attention, the range from the matmul feeding a softmax (scores = q·kᵀ) to the matmul consuming
@@ -73,8 +74,8 @@ def layer_ranges(nodes: Sequence[fx.Node], layers: Sequence[str]) -> dict[str, t
     cache: dict[str, str | None] = {}
     ranges: dict[str, tuple[int, int]] = {}
     for i, node in enumerate(nodes):
-        if node.op in ("placeholder", "output"):
-            continue
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue  # a get_attr may sit anywhere (torch.export hoists them); read from outside, it costs nothing
         layer = _layer_of(_module_of(node), layers, cache)
         if layer is not None:
             first, _ = ranges.get(layer, (i, i))
@@ -90,7 +91,10 @@ def layer_ranges(nodes: Sequence[fx.Node], layers: Sequence[str]) -> dict[str, t
 def attention_cores(nodes: Sequence[fx.Node], start: int, end: int) -> list[tuple[int, int]]:
     """Positions ``(first, last)`` of each attention core between ``start`` and ``end``."""
     position = {n: i for i, n in enumerate(nodes)}
-    inside = lambda n: n in position and start <= position[n] <= end  # noqa: E731
+
+    def inside(n: fx.Node) -> bool:
+        return n in position and start <= position[n] <= end
+
     cores = []
     for i in range(start, end + 1):
         node = nodes[i]

@@ -352,3 +352,56 @@ def test_trainer_recompute_modes_follow_the_single_process_curve(dist_run, sched
     ref = single_process_curve("gpt2")
     for rank, curve in enumerate(dist_run(_train, 2, "gpt2", 1, 2, schedule, recompute=recompute, timeout=600)):
         torch.testing.assert_close(curve, ref, rtol=2e-5, atol=2e-6, msg=f"{schedule}/{recompute} rank {rank}")
+
+
+TP_CONFIGS = [(1, "1f1b", "full"), (1, "shifted_critical_path", "selective"), (1, "zero_bubble", "offload"),
+              (2, "shifted_critical_path", "stage_aware")]  # k=2: the stage forward is the TP runner
+
+
+def _tp_pipeline(kind: str, tp: int, pp: int) -> dict:
+    import merak
+    from merak.partitioner import build_stage, shard, trace
+    from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.schedule import build
+    from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
+    from test_tensor_parallel import LR, M, MICRO, SEQ, _steps
+
+    grid = merak.init(tp=tp, pp=pp)
+    out: dict = {"tp_rank": grid.coord.tp}
+    for k, schedule, mode in TP_CONFIGS:
+        model, make_batch = tiny_model(kind)
+        graph = trace(model, make_batch(batch_size=MICRO, seq_len=SEQ))
+        plan = shard(graph, pp)
+        stage = build_stage(plan, grid.stage_id)
+        apply_tensor_parallel(stage, grid, plan_tensor_parallel(graph, tp), sub_microbatches=k)
+        activation_plan = _activation_plan(mode, plan)
+        canonical = {local: key for key, local in stage.tied_parameters.items()}
+        grads: dict = {}
+
+        def keep_first() -> None:
+            if not grads:
+                grads.update({canonical.get(n, n): (p.grad.clone(), stage.tp_param_specs.get(n))
+                              for n, p in stage.named_parameters()})
+
+        ex = PipelineExecutor(stage, grid, torch.optim.SGD(stage.parameters(), lr=LR), before_optimizer_step=keep_first,
+                              zero_bubble=schedule == "zero_bubble", activation_plan=activation_plan)
+        instructions = build(schedule, pp, M, grid.stage_id, activation_plan.recompute_plan())
+        losses = [all_reduce_mean_loss(ex.run(instructions, mbs).loss, grid) for mbs in _steps(make_batch)]
+        out[(k, schedule, mode)] = (losses, grads, ex.activations.describe())
+    return out
+
+
+@pytest.mark.slow
+def test_layer_actions_under_tensor_parallelism(dist_run):
+    from test_tensor_parallel import _reference
+
+    ref_losses, ref_grads = _reference("gpt2")
+    for rank, results in enumerate(dist_run(_tp_pipeline, 4, "gpt2", 2, 2, timeout=900)):
+        for key in TP_CONFIGS:
+            losses, grads, described = results[key]
+            if key[0] > 1:  # stage 0 (ranks 0, 1) recomputes one layer: the whole stage instead
+                assert described == ("whole stage: recompute" if rank < 2 else "keep all"), (key, rank, described)
+            torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6, msg=f"{key} rank {rank}")
+            for name, (grad, spec) in grads.items():
+                want = ref_grads[name] if spec is None else spec.local(ref_grads[name], results["tp_rank"])
+                torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=f"{key} rank {rank} grad {name}")
