@@ -95,7 +95,15 @@ class MerakArguments(TrainingArguments):
     )
     max_memory_per_device: str | None = field(
         default=None,
-        metadata={"help": "Memory budget per device, e.g. '80GB'; stage_aware recompute fits it."},
+        metadata={"help": "Memory budget per device, e.g. '80GB' (GB = GiB here). With recompute=stage_aware "
+                          "each stage recomputes the fewest layers that fit it; with other modes the budget is "
+                          "checked. An infeasible budget is refused at start-up with the smallest one that fits."},
+    )
+    activation_offload: bool = field(
+        default=False,
+        metadata={"help": "With max_memory_per_device and recompute=stage_aware: the planner may also move "
+                          "layers' activations to host memory where the transfer hides under compute "
+                          "(cheaper than recomputing them)."},
     )
     auto_parallel: bool = field(
         default=False,
@@ -140,6 +148,13 @@ class MerakArguments(TrainingArguments):
                              f"shard gradients/parameters, which conflicts with pipeline parallelism")
         if self.tp_sub_microbatches < 1:
             raise ValueError(f"tp_sub_microbatches={self.tp_sub_microbatches} must be >= 1 (1 = off)")
+        if self.max_memory_per_device is not None:
+            from merak.runtime.memory import parse_bytes
+
+            parse_bytes(self.max_memory_per_device)  # a clear error now rather than at the first step
+        elif self.activation_offload:
+            raise ValueError("activation_offload=True is decided against a memory budget; set "
+                             "max_memory_per_device (e.g. '80GB') as well")
         if self.partition_method == "manual" and not self.partition_cuts:
             raise ValueError("partition_method='manual' needs partition_cuts (module names that "
                              "start stages 1..P-1)")

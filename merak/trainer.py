@@ -126,6 +126,8 @@ class MerakTrainer(Trainer):
         self.precision = _mixed_precision(args, self.grid)
         super().__init__(model=stage, args=args, data_collator=collate, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, **kwargs)
+        if args.max_memory_per_device:
+            self._activation_plan()  # an infeasible budget is refused here, identically on every rank
 
     # ---- the pipeline pieces --------------------------------------------------------------
     @property
@@ -162,6 +164,8 @@ class MerakTrainer(Trainer):
         planner (``max_memory_per_device``) returns its own :class:`ActivationPlan` here. The
         executor applies it and the schedule reads its ``recompute_plan()``, so both agree.
         """
+        if self._layer_actions is None and self.args.max_memory_per_device:
+            self._layer_actions = _budget_activation_plan(self.args, self.grid, self.plan, self.tp_plan)
         if self._layer_actions is None:
             plan = self._layer_actions = ActivationPlan.from_mode(self.args.recompute, self.plan)
             if self.grid.rank == 0 and self.args.recompute != "none":
@@ -379,6 +383,23 @@ def _partition_cost_model(args: MerakArguments, graph: Any, example: Mapping[str
 
     measured = profile_costs(graph, example, device=merak.get_device())
     return measured.averaged(timeout_s=args.p2p_timeout)
+
+
+def _budget_activation_plan(args: MerakArguments, grid: Any, plan: Any, tp_plan: Any) -> ActivationPlan:
+    """The per-layer plan that fits ``max_memory_per_device`` on every stage (the estimator and
+    planner of :mod:`merak.runtime.memory_planner`; deterministic, so every rank computes the same
+    plan, or raises the same ``MemoryBudgetError``). Rank 0 logs the per-stage estimate."""
+    from merak.runtime.memory import Layout, MemoryModel, memory_table, parse_bytes
+    from merak.runtime.memory_planner import plan_activations
+
+    budget = parse_bytes(args.max_memory_per_device)
+    memory = MemoryModel(plan, Layout.from_training_args(args, grid.dims.dp, grid.dims.tp, grid.dims.pp), tp_plan)
+    actions = plan_activations(plan, memory.layout, args.recompute, budget, offload=args.activation_offload,
+                               memory=memory)
+    if grid.rank == 0:
+        logger.info("memory per device (estimate, recompute=%s%s):\n%s", args.recompute,
+                    " + offload" if args.activation_offload else "", memory_table(memory.estimate(actions), budget))
+    return actions
 
 
 def _mixed_precision(args: MerakArguments, grid: Any) -> MixedPrecision:

@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +41,7 @@ from typing import Any
 
 from merak.runtime.activation_memory import PRECISIONS, StageFootprint, stage_footprints
 from merak.runtime.activation_policy import ActivationPlan, LayerAction
+from merak.runtime.cluster import parse_bytes as _parse_size
 from merak.runtime.instructions import Instruction, Op
 from merak.runtime.recompute_plan import RECOMPUTE_MODES, RecomputePlan
 from merak.runtime.schedule import SCHEDULES, build_all
@@ -81,6 +81,22 @@ class Layout:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(str, allowed))}")
+
+    @classmethod
+    def from_training_args(cls, args: Any, dp: int, tp: int, pp: int) -> "Layout":
+        """The layout of a ``MerakArguments`` run on a ``dp x tp x pp`` grid."""
+        optim = str(getattr(args.optim, "value", args.optim))
+        if optim.startswith("adamw"):
+            optimizer = "adamw"
+        elif optim == "sgd":
+            optimizer = "sgd"
+        else:
+            raise ValueError(f"max_memory_per_device: the states of optim={optim!r} are not modelled by the memory "
+                             "estimator; use optim='adamw_torch' (or 'sgd'), or drop the budget")
+        return cls(dp=dp, tp=tp, pp=pp, micro_batch_size=args.per_device_train_batch_size,
+                   num_microbatches=args.gradient_accumulation_steps, schedule=args.schedule, optimizer=optimizer,
+                   precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+                   zero_stage=getattr(args, "zero_stage", 0))
 
     def describe(self) -> str:
         return (f"dp={self.dp} tp={self.tp} pp={self.pp}, {self.schedule}, {self.num_microbatches} micro-batches "
@@ -293,22 +309,11 @@ def estimate_memory(sharding_plan: Any, layout: Layout, activation_plan: Activat
 
 
 # ---- units and the table ----------------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def parse_bytes(text: str | int) -> int:
-    """``"80GB"`` -> 80e9, ``"80GiB"`` -> 80 * 2**30, ``"1.5TB"``, ``"123456"`` (bytes).
-
-    GB/MB are powers of ten, GiB/MiB powers of two (an "80 GB" A100/H100 has 80 GiB).
-    """
-    if isinstance(text, int):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"cannot read a memory size from {text!r}; write e.g. '80GB', '75GiB' or a byte count")
-        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    """``"80GB"`` / ``"80GiB"`` -> bytes (both 2**30 per GB: devices sold as "80 GB" hold 80 GiB),
+    ``"512MB"``, or a byte count. The same reading as the cluster planner's (one meaning for
+    ``max_memory_per_device`` everywhere)."""
+    value = int(_parse_size(text))
     if value <= 0:
         raise ValueError(f"a memory size must be positive, got {text!r}")
     return value
@@ -360,7 +365,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's context, at most 2048)")
     p.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
     p.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none")
-    p.add_argument("--budget", default=None, help="memory per device, e.g. 80GB or 75GiB: plan the recomputation to fit")
+    p.add_argument("--budget", default=None, help="memory per device, e.g. 80GB (= 80 GiB): plan the recomputation to fit")
     p.add_argument("--offload", action="store_true",
                    help="with --budget: let the planner offload layers to host memory where that is cheaper")
     p.add_argument("--host-link-gbps", type=float, default=None, metavar="GB/s",
