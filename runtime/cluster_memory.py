@@ -15,8 +15,9 @@ Accounting, per device of stage ``s`` (bytes):
 * activations: a micro-batch keeps ``kept_bytes`` (outputs of the stage's nodes that autograd
   needs, the partitioner's own ``activation_bytes`` rule, scaled to the micro-batch and the
   training precision, sharded nodes ``1/tp``) plus its received input; the schedule decides how
-  many are alive at once (``merak.runtime.schedules.memory.peak_activations``, which knows that a
-  recomputed micro-batch keeps ``1 - fraction`` of its activations until its RECOMPUTE);
+  many are alive at once (the caller passes ``merak.runtime.schedules.memory.peak_activations``,
+  which knows that a recomputed micro-batch keeps ``1 - fraction`` of its activations until its
+  RECOMPUTE);
   recomputed layers keep their inputs (checkpoints) for every micro-batch in flight. With
   per-layer checkpointing (DeepSpeed, Megatron) only one layer is re-materialized at a time,
   not the whole stage (Merak's runtime recomputes the stage's recomputed part in one go);
@@ -26,14 +27,11 @@ Accounting, per device of stage ``s`` (bytes):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 from merak.partitioner.proxy_graph import COMPUTE, ProxyNode
 from merak.partitioner.sharding import PartitionPlan
 from merak.runtime.cluster_cost import TRACE_BYTES_PER_ELEMENT, is_sharded
-from merak.runtime.instructions import Instruction
-from merak.runtime.schedules.memory import peak_activations, peak_inflight
 
 __all__ = ["Precision", "StageFootprint", "StageMemory", "stage_footprints", "stage_memory"]
 
@@ -147,16 +145,19 @@ def _layer_input_bytes(graph: Any) -> dict[str, int]:
 
 def stage_memory(
     footprint: StageFootprint,
-    ops: Sequence[Instruction],
-    fraction: float,
     *,
+    fraction: float,
+    peak: float,
+    inflight: int,
     batch_scale: float,
     precision: Precision,
     mode: str = "stage",
     dp: int = 1,
     zero1: bool = False,
 ) -> StageMemory:
-    """Peak memory of one device running ``ops`` (its stage's instruction list).
+    """Peak memory of one device of a stage whose schedule holds at most ``inflight``
+    micro-batches and ``peak`` micro-batches' worth of saved activations at once (both from the
+    stage's instruction list: ``peak_inflight`` and ``peak_activations(ops, fraction)``).
 
     ``fraction`` of the stage's layers is recomputed; ``mode`` is ``"stage"`` (Merak's runtime:
     the recomputed part is re-materialized at once), ``"layer"`` (per-layer checkpointing) or
@@ -166,14 +167,12 @@ def stage_memory(
         raise ValueError(f"unknown recomputation granularity {mode!r}")
     act_scale = batch_scale * precision.byte_scale
     kept = footprint.kept_bytes * act_scale
-    inflight = peak_inflight(ops)
     recv = footprint.recv_bytes * act_scale * inflight
     layers = max(footprint.layers, 1)
     if mode == "selective":
         core = footprint.attention_core_bytes * act_scale
         activations = (kept - core) * inflight + core / layers if fraction > 0 else kept * inflight
     else:
-        peak = peak_activations(ops, fraction)
         if mode == "layer" and fraction > 0 and peak >= 1.0:
             peak -= fraction * (1.0 - 1.0 / layers)  # one layer re-materialized, not the stage
         checkpoints = fraction * footprint.layer_input_bytes * act_scale * inflight

@@ -8,11 +8,12 @@ sub-micro-batches, partition method and the runtime's fixed habits).
 
 Candidates are every ``dp x tp x pp`` that fills the cluster (tp within a node, tp accepted by
 the TP planner, pp at most the number of layers) times the space's choices, with at least
-``pp`` micro-batches per step. Each is planned (:func:`~merak.runtime.cluster_sim.plan_step`:
-partition, costs, memory - cheap) and refused when it does not fit the device; the rest are
-simulated in order of their busiest stage's compute, a lower bound on their step time, and the
-search stops simulating once that bound exceeds the ``keep``-th best step found (branch and
-bound: the answer is the same as simulating everything).
+``pp`` micro-batches per step. Each gets a cheap lower bound on its step time (M x its busiest
+stage's compute, from the partition alone: :func:`~merak.runtime.cluster_sim.lower_bound`);
+in that order each is then planned (:func:`~merak.runtime.cluster_sim.plan_step`: recompute
+plan, schedule, memory), refused when it does not fit the device, and otherwise simulated. The
+search stops once the bound reaches the ``keep``-th best step found (branch and bound: the
+answer is the same as simulating everything; candidates never planned are counted as pruned).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 from collections.abc import Iterator, Sequence
 
 from merak.runtime.cluster import Cluster
-from merak.runtime.cluster_sim import Prediction, Strategy, StepPlan, TracedModel, plan_step, predict
+from merak.runtime.cluster_sim import Prediction, Strategy, TracedModel, lower_bound, plan_step, predict
 
 __all__ = ["SearchSpace", "SearchResult", "layouts", "search"]
 
@@ -90,33 +91,31 @@ def _strategies(model: TracedModel, cluster: Cluster, global_batch: int, space: 
 def search(model: TracedModel, cluster: Cluster, global_batch: int, space: SearchSpace = SearchSpace(),
            keep: int = 5) -> SearchResult:
     """The ``keep`` fastest strategies of ``space`` that fit (see the module docstring)."""
-    plans: list[StepPlan] = []
-    refused = 0
+    bounded: list[tuple[float, int, Strategy]] = []
     invalid: list[str] = []
     candidates = 0
     for strategy in _strategies(model, cluster, global_batch, space):
         candidates += 1
         try:
-            sp = plan_step(model, strategy, global_batch, cluster)
+            bounded.append((lower_bound(model, strategy, global_batch, cluster), candidates, strategy))
         except ValueError as exc:  # e.g. a stage with no layer to cut (pp too deep for the graph)
             invalid.append(f"{strategy.label()}: {exc}")
-            continue
-        if sp.fits:
-            plans.append(sp)
-        else:
-            refused += 1
-    plans.sort(key=lambda sp: sp.busy_lower_bound)
+    bounded.sort(key=lambda t: (t[0], t[1]))
     best: list[tuple[float, int, Prediction]] = []  # max-heap on step time via negation
-    pruned = 0
-    for i, sp in enumerate(plans):
-        if len(best) == keep and sp.busy_lower_bound >= -best[0][0]:
-            pruned = len(plans) - i
+    refused = pruned = 0
+    for i, (bound, order, strategy) in enumerate(bounded):
+        if len(best) == keep and bound >= -best[0][0]:
+            pruned = len(bounded) - i
             break
-        p = predict(model, sp.strategy, global_batch, cluster, sp)
-        item = (-p.step_seconds, i, p)
+        sp = plan_step(model, strategy, global_batch, cluster)
+        if not sp.fits:
+            refused += 1
+            continue
+        p = predict(model, strategy, global_batch, cluster, sp)
+        item = (-p.step_seconds, order, p)
         if len(best) < keep:
             heapq.heappush(best, item)
         elif p.step_seconds < -best[0][0]:
             heapq.heapreplace(best, item)
-    ranked = tuple(p for _, _, p in sorted(best, key=lambda t: -t[0]))
+    ranked = tuple(p for _, _, p in sorted(best, key=lambda t: (-t[0], t[1])))
     return SearchResult(ranked, candidates, refused, pruned, tuple(invalid))

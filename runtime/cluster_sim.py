@@ -30,6 +30,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from merak.partitioner.configs import build_model, default_seq_len, example_inputs, load_config
 from merak.partitioner.proxy_graph import ProxyGraph, trace
 from merak.partitioner.sharding import PartitionPlan, shard
@@ -39,10 +41,11 @@ from merak.runtime.cluster_memory import Precision, StageMemory, is_attention_co
 from merak.runtime.instructions import Instruction, Op
 from merak.runtime.recompute_plan import RecomputePlan
 from merak.runtime.schedule import SCHEDULES, build_all
+from merak.runtime.schedules.memory import activation_profile, peak_activations, peak_inflight
 from merak.runtime.simulate import Costs, SimulationResult, simulate
 
-__all__ = ["TracedModel", "Strategy", "Prediction", "StageCosts", "StepPlan", "RECOMPUTE_CHOICES", "plan_step",
-           "predict", "simulate_pipeline"]
+__all__ = ["TracedModel", "Strategy", "Prediction", "StageCosts", "StepPlan", "RECOMPUTE_CHOICES", "lower_bound",
+           "plan_step", "predict", "simulate_pipeline"]
 
 logger = logging.getLogger("merak")
 
@@ -227,16 +230,38 @@ class Prediction:
 
 # ---- pipeline ----------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """A built schedule and the per-stage counts memory needs (computed once per schedule)."""
+
+    ops: tuple[tuple[Instruction, ...], ...]
+    inflight: tuple[int, ...]
+    peaks: tuple[float, ...]  # peak saved activations under the plan it was built with
+
+
 @functools.lru_cache(maxsize=512)
-def _schedule(name: str, p: int, m: int, plan: RecomputePlan) -> tuple[tuple[Instruction, ...], ...]:
-    return tuple(tuple(ops) for ops in build_all(name, p, m, plan))
+def _schedule(name: str, p: int, m: int, plan: RecomputePlan) -> _Schedule:
+    ops = tuple(tuple(stage) for stage in build_all(name, p, m, plan))
+    return _Schedule(ops, tuple(peak_inflight(o) for o in ops),
+                     tuple(peak_activations(o, f) for o, f in zip(ops, plan.fractions)))
+
+
+@functools.lru_cache(maxsize=128)
+def _all_recomputed_profiles(name: str, p: int, m: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Per stage, the saved-activation profile of the schedule without recomputation if every
+    micro-batch dropped nothing (``a``) or everything (``b``): the profile for a fraction ``f``
+    is ``a (1 - f) + b f`` (each point is linear in f), so its peak is one vectorized max."""
+    ops = _schedule(name, p, m, RecomputePlan.none(p)).ops
+    everything = frozenset(range(m))
+    return tuple((np.array(activation_profile(o, 0.0, everything)), np.array(activation_profile(o, 1.0, everything)))
+                 for o in ops)
 
 
 def simulate_pipeline(schedule: str, num_stages: int, num_microbatches: int, costs: StageCosts | Costs,
                       recompute_plan: RecomputePlan | None = None) -> SimulationResult:
     """One step of ``schedule`` under per-stage ``costs`` (the real schedule and simulator)."""
     plan = recompute_plan or RecomputePlan.none(num_stages)
-    ops = _schedule(schedule, num_stages, num_microbatches, plan)
+    ops = _schedule(schedule, num_stages, num_microbatches, plan).ops
     return simulate(ops, costs.costs() if isinstance(costs, StageCosts) else costs, plan)
 
 
@@ -266,13 +291,32 @@ def _cost_model(model: TracedModel, strategy: Strategy, cluster: Cluster) -> Ran
 
 
 def _partition(model: TracedModel, strategy: Strategy, cluster: Cluster) -> tuple[PartitionPlan, RankCostModel]:
-    key = (strategy.pp, strategy.partition, strategy.tp, strategy.micro_batch, strategy.tp_sub_microbatches,
-           strategy.precision.activation_bytes, cluster.device, cluster.intra)
-    if key not in model._shards:
-        cost_model = _cost_model(model, strategy, cluster)
-        model._shards[key] = shard(model.graph, strategy.pp, method=strategy.partition, cost_model=cost_model)
-    plan = model._shards[key]
-    return plan, plan.cost_model  # type: ignore[return-value]
+    """The partition and its cost model (schedule and recomputation do not change either)."""
+    return _partition_cached(model, dataclasses.replace(strategy, schedule="1f1b", recompute="none"), cluster)
+
+
+@functools.lru_cache(maxsize=256)
+def _partition_cached(model: TracedModel, strategy: Strategy, cluster: Cluster) -> tuple[PartitionPlan, RankCostModel]:
+    """Where the cuts fall is decided once per (pp, tp, sub-micro-batches, method, link) at the
+    smallest micro-batch that allows the sub-micro-batches (costs grow in proportion with the
+    batch, so the balance hardly depends on it; the ``cost`` sharder is the expensive step of a
+    search) and reused, with every stage's costs and statistics recomputed at the strategy's
+    own micro-batch."""
+    cost_model = _cost_model(model, strategy, cluster)
+    link = _pipeline_link(strategy, cluster)
+    cut_key = (strategy.pp, strategy.partition, strategy.tp, strategy.tp_sub_microbatches,
+               strategy.precision.activation_bytes, cluster.device, cluster.intra, link)
+    if cut_key not in model._shards:
+        reference = dataclasses.replace(strategy, micro_batch=strategy.tp_sub_microbatches)
+        model._shards[cut_key] = shard(model.graph, strategy.pp, method=strategy.partition,
+                                       cost_model=_cost_model(model, reference, cluster))
+    cuts = model._shards[cut_key]
+    if strategy.pp == 1:
+        return shard(model.graph, 1, cost_model=cost_model), cost_model
+    starts = [s.first_node for s in cuts.stages[1:]]
+    plan = shard(model.graph, strategy.pp, method="manual", manual_cuts=starts, cost_model=cost_model)
+    plan.method = strategy.partition
+    return plan, cost_model
 
 
 def _stage_costs(plan: PartitionPlan, cost_model: RankCostModel, strategy: Strategy, cluster: Cluster,
@@ -303,22 +347,45 @@ def _stage_costs(plan: PartitionPlan, cost_model: RankCostModel, strategy: Strat
     return StageCosts(tuple(fwd), tuple(bi), tuple(bw), tuple(rec), tuple(p2p))
 
 
-def _memory(footprints: Sequence[Any], schedule: Sequence[Sequence[Instruction]], fractions: Sequence[float],
-            strategy: Strategy, batch_scale: float) -> list[StageMemory]:
+def _stage_memory(fp: Any, strategy: Strategy, fraction: float, peak: float, inflight: int,
+                  batch_scale: float) -> StageMemory:
     mode = "selective" if strategy.recompute == "selective" else strategy.recompute_granularity
-    return [stage_memory(fp, ops, f, batch_scale=batch_scale, precision=strategy.precision, mode=mode,
-                         dp=strategy.dp, zero1=strategy.zero1)
-            for fp, ops, f in zip(footprints, schedule, fractions)]
+    return stage_memory(fp, fraction=fraction, peak=peak, inflight=inflight, batch_scale=batch_scale,
+                        precision=strategy.precision, mode=mode, dp=strategy.dp, zero1=strategy.zero1)
+
+
+def _memory(footprints: Sequence[Any], schedule: _Schedule, fractions: Sequence[float], strategy: Strategy,
+            batch_scale: float) -> list[StageMemory]:
+    return [_stage_memory(fp, strategy, f, peak, inflight, batch_scale)
+            for fp, f, peak, inflight in zip(footprints, fractions, schedule.peaks, schedule.inflight)]
 
 
 def _fit_fractions(footprints: Sequence[Any], strategy: Strategy, m: int, batch_scale: float,
                    usable: float) -> RecomputePlan:
     """Stage-aware recomputation under the device budget: per stage the smallest fraction (in
-    steps of one layer) whose peak fits, re-checked on the schedule built with that plan (whose
-    kept cool-down micro-batches depend on it) until every stage fits or recomputes everything."""
+    steps of one layer) whose peak fits. First priced on the schedule without recomputation as
+    if every micro-batch were recomputed (1F1B's peak under that plan, which the shifted
+    schedule does not exceed), then re-checked on the schedule built with the plan (whose kept
+    cool-down micro-batches depend on it), one more layer where a stage still does not fit."""
     p = strategy.pp
     steps = [max(fp.layers, 1) for fp in footprints]
-    level = [0] * p
+    plain = _schedule(strategy.schedule, p, m, RecomputePlan.none(p))
+    profiles = _all_recomputed_profiles(strategy.schedule, p, m)
+
+    def fits(s: int, level: int) -> bool:
+        f = level / steps[s]
+        keep, drop = profiles[s]
+        peak = float(np.max(keep * (1.0 - f) + drop * f)) if len(keep) else 0.0
+        mem = _stage_memory(footprints[s], strategy, f, peak, plain.inflight[s], batch_scale)
+        return mem.total_bytes <= usable
+
+    level = []
+    for s in range(p):  # memory falls as the fraction grows: bisect the smallest level that fits
+        lo, hi = 0, steps[s]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(s, mid) else (mid + 1, hi)
+        level.append(lo)
     for _ in range(sum(steps) + 1):
         fractions = tuple(level[s] / steps[s] for s in range(p))
         plan = RecomputePlan(fractions)
@@ -377,6 +444,15 @@ class StepPlan:
                                        for s in range(len(f)))
 
 
+def lower_bound(model: TracedModel, strategy: Strategy, global_batch: int, cluster: Cluster) -> float:
+    """A cheap lower bound on the step time: M x the busiest stage's compute without
+    recomputation (needs the partition, not the schedule)."""
+    m = strategy.check(cluster, global_batch)
+    plan, cost_model = _partition(model, strategy, cluster)
+    c = _stage_costs(plan, cost_model, strategy, cluster, strategy.micro_batch / model.trace_batch)
+    return m * max(f + b + w for f, b, w in zip(c.forward, c.backward_input, c.backward_weight))
+
+
 def plan_step(model: TracedModel, strategy: Strategy, global_batch: int, cluster: Cluster) -> StepPlan:
     """Partition, costs, recompute plan, schedule and memory of ``strategy`` (see :func:`predict`)."""
     m = strategy.check(cluster, global_batch)
@@ -388,7 +464,7 @@ def plan_step(model: TracedModel, strategy: Strategy, global_batch: int, cluster
     rplan = _recompute_plan(strategy, footprints, m, batch_scale, usable)
     schedule = _schedule(strategy.schedule, strategy.pp, m, rplan)
     memory = tuple(_memory(footprints, schedule, rplan.fractions, strategy, batch_scale))
-    return StepPlan(strategy, m, plan, costs, footprints, rplan, schedule, memory, usable)
+    return StepPlan(strategy, m, plan, costs, footprints, rplan, schedule.ops, memory, usable)
 
 
 def predict(model: TracedModel, strategy: Strategy, global_batch: int, cluster: Cluster,
