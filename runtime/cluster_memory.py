@@ -1,70 +1,92 @@
 """Memory per device of a pipeline stage, for the cluster simulator.
 
-Why here and not only in the runtime's estimator: the simulator prices layouts it never builds,
-from a graph traced once at a small batch, for any micro-batch size, tp degree and precision.
-What it needs per stage is small and additive, so it is computed straight from the partition
-plan (:class:`StageFootprint`) and combined with the schedule's in-flight counts
-(:func:`stage_memory`). This is the one place the simulator's memory numbers come from - the
-adapter point for the runtime's estimator (``merak.runtime.memory``, issue 7) when its figures
-can be produced for an arbitrary micro-batch and tp without retracing.
+Why not call the runtime's estimator (:func:`merak.runtime.memory.estimate_memory`) directly: it
+prices one layout traced at its own micro-batch, while a search prices hundreds of layouts from
+one trace. So this module takes the estimator's source of truth - what autograd saves per node,
+recorded by one meta forward of the graph at the training precision
+(:func:`merak.runtime.activation_memory.profile_saved_tensors`, checked against real runs within
+10 %) - once per model, and combines it per stage with plain arithmetic that scales with the
+micro-batch and the TP degree:
 
-Accounting, per device of stage ``s`` (bytes):
-
-* parameters, gradients and optimizer states: ``params x (weight + grad + optimizer bytes)``,
-  optimizer states divided by dp under ZeRO-1; TP-sharded weights count ``1/tp``;
-* activations: a micro-batch keeps ``kept_bytes`` (outputs of the stage's nodes that autograd
-  needs, the partitioner's own ``activation_bytes`` rule, scaled to the micro-batch and the
-  training precision, sharded nodes ``1/tp``) plus its received input; the schedule decides how
-  many are alive at once (the caller passes ``merak.runtime.schedules.memory.peak_activations``,
-  which knows that a recomputed micro-batch keeps ``1 - fraction`` of its activations until its
-  RECOMPUTE);
-  recomputed layers keep their inputs (checkpoints) for every micro-batch in flight. With
-  per-layer checkpointing (DeepSpeed, Megatron) only one layer is re-materialized at a time,
-  not the whole stage (Merak's runtime recomputes the stage's recomputed part in one go);
-* Megatron's ``selective`` recomputation drops only the attention core (``attention_core_bytes``).
+* parameters, gradients and optimizer states: ``params x (weight + grad + optimizer bytes)``
+  per the system's :class:`Precision`, optimizer states divided by dp under ZeRO-1;
+  TP-sharded weights count ``1/tp``;
+* activations of one micro-batch (:class:`StageFootprint`): everything the stage's nodes save
+  (``kept``), what stays when every layer is recomputed (``recompute``: the saves outside any
+  layer and the layers' inputs) or only its attention core is (``selective``, the cores
+  delimited as the executor delimits them, :func:`merak.runtime.layer_graph.attention_cores`),
+  and the values it receives; values of TP-sharded nodes count ``1/tp``;
+* the schedule decides how many micro-batches hold what (:func:`stage_memory`): walking a
+  stage's instruction list (``schedules.memory.activation_profile`` at fractions 0 and 1), each
+  point of the list has ``a - b`` micro-batches holding their reduced set and ``b`` holding their
+  materialized set. Merak's runtime re-materializes a stage's recomputed part at once
+  (``stage``); per-layer checkpointing (DeepSpeed, Megatron-LM) only one layer at a time
+  (``layer``, ``selective``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
-from merak.partitioner.proxy_graph import COMPUTE, ProxyNode
-from merak.partitioner.sharding import PartitionPlan
-from merak.runtime.cluster_cost import TRACE_BYTES_PER_ELEMENT, is_sharded
+import numpy as np
 
-__all__ = ["Precision", "StageFootprint", "StageMemory", "stage_footprints", "stage_memory"]
+from merak.partitioner.sharding import PartitionPlan
+from merak.runtime.activation_memory import profile_saved_tensors
+from merak.runtime.cluster_cost import TRACE_BYTES_PER_ELEMENT, is_sharded
+from merak.runtime.layer_graph import attention_cores
+
+__all__ = ["Precision", "StageFootprint", "StageMemory", "attention_core_nodes", "stage_footprints", "stage_memory"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
     """Bytes per parameter of the weights, their gradients (also what the DP all-reduce moves)
-    and the optimizer states, and bytes per activation element.
+    and the optimizer states, bytes per activation element (2: 16-bit compute, 4: fp32), and
+    whether 16-bit compute is autocast over fp32 weights.
 
-    Merak's runtime keeps fp32 weights as Adam's master copy and autocasts compute (4 + 4 + 8);
-    DeepSpeed's fp16/bf16 engine keeps 16-bit weights and gradients plus an fp32 master copy and
-    the moments (2 + 2 + 12); Megatron-LM accumulates and reduces bf16 gradients in fp32 (2 + 4 + 12).
+    Merak's runtime keeps fp32 weights as Adam's master copy and autocasts compute (4 + 4 + 8,
+    ``autocast=True``: autograd then saves a mix of fp32 and bf16 tensors - both the fp32 input
+    and its bf16 cast in places - as the runtime's estimator records); DeepSpeed's fp16/bf16
+    engine keeps 16-bit weights and gradients plus an fp32 master copy and the moments
+    (2 + 2 + 12) and Megatron-LM accumulates and reduces bf16 gradients in fp32 (2 + 4 + 12);
+    both run the model in 16 bits (``autocast=False``: saved tensors are 16-bit).
     """
 
     weight_bytes: int = 4
     grad_bytes: int = 4
     optimizer_bytes: int = 8
     activation_bytes: int = 2
+    autocast: bool = True
 
     @property
     def byte_scale(self) -> float:
+        """Training bytes per element over the trace's (fp32)."""
         return self.activation_bytes / TRACE_BYTES_PER_ELEMENT
+
+    @property
+    def profile(self) -> tuple[str, float]:
+        """The runtime's precision name whose saved-tensor profile to read, and the factor on it."""
+        if self.autocast and self.activation_bytes == 2:
+            return "bf16", 1.0
+        return "fp32", self.byte_scale
 
 
 @dataclasses.dataclass(frozen=True)
 class StageFootprint:
-    """Per stage, per device, per micro-batch of the traced shape (scale with the batch)."""
+    """One device of a stage: its parameters, and per traced micro-batch the bytes it holds
+    between forward and backward when all its layers keep / recompute / recompute their
+    attention core (the values it received included: the executor holds them to the backward;
+    storages shared between saved tensors and received values count once), and the backward's
+    transient workspace (the gradient of the stage's largest value plus the output gradients it
+    receives), as the runtime's estimator counts them."""
 
     params: int
     kept_bytes: float
-    attention_core_bytes: float
-    layer_input_bytes: float
-    recv_bytes: float
+    recompute_bytes: float
+    selective_bytes: float
+    workspace_bytes: float
     layers: int
 
 
@@ -76,26 +98,23 @@ class StageMemory:
     grads_bytes: float
     optimizer_bytes: float
     activation_bytes: float
+    workspace_bytes: float
     recompute_fraction: float
 
     @property
     def total_bytes(self) -> float:
-        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+        return (self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+                + self.workspace_bytes)
 
     def to_json(self) -> dict[str, float]:
         return dataclasses.asdict(self) | {"total_bytes": self.total_bytes}
 
 
-def is_attention_core(node: ProxyNode) -> bool:
-    """A node of Megatron's selective recomputation: inside a layer, no weights, a per-head
-    (4-d or more) output - attention scores, softmax, dropout, attention x values."""
-    meta = node.meta
-    return (node.layer is not None and not node.params and node.memory_bytes > 0
-            and getattr(meta, "shape", None) is not None and len(meta.shape) >= 4)
-
-
-def _saved(node: ProxyNode) -> bool:
-    return node.requires_grad and node.memory_bytes > 0
+def attention_core_nodes(graph: Any) -> frozenset[str]:
+    """Names of the nodes inside attention cores (Megatron's selective recomputation)."""
+    fx_nodes = {n.name: n for n in graph.graph.nodes}
+    nodes = [fx_nodes[n.name] for n in graph.compute_nodes]
+    return frozenset(n.name for a, b in attention_cores(nodes, 0, len(nodes) - 1) for n in nodes[a:b + 1])
 
 
 def _param_share(name: str, tp_plan: Any) -> float:
@@ -109,79 +128,88 @@ def _param_share(name: str, tp_plan: Any) -> float:
     return 1.0 / tp_plan.tp
 
 
-def stage_footprints(plan: PartitionPlan, tp_plan: Any = None) -> list[StageFootprint]:
-    """What each stage of ``plan`` holds on one device, per traced micro-batch, in trace bytes."""
+def stage_footprints(plan: PartitionPlan, precision: Precision, tp_plan: Any = None,
+                     cores: Collection[str] = frozenset()) -> list[StageFootprint]:
+    """Every stage's :class:`StageFootprint` (bytes at the traced batch and ``precision``)."""
     graph = plan.graph
+    name, scale = precision.profile
+    profile = profile_saved_tensors(graph, name)
     tp = tp_plan.tp if tp_plan is not None else 1
-    layer_inputs = _layer_input_bytes(graph)
+    sharded = frozenset(n.name for n in graph.nodes if is_sharded(n, tp_plan))
+    by_name = graph.by_name
+
+    def saved(names: Iterable[str]) -> frozenset[int]:
+        return frozenset().union(*(profile.saved.get(n, frozenset()) for n in names))
+
+    def values(names: Iterable[str]) -> frozenset[int]:
+        return frozenset().union(*(profile.value_keys(n) for n in names))
+
+    def nbytes(keys: Iterable[int]) -> float:
+        return float(profile.nbytes(keys, sharded, tp)) * scale
+
+    def inputs_from_outside(names: Sequence[str]) -> list[str]:
+        inside = set(names)
+        return [i for n in names for i in by_name[n].inputs if i not in inside and by_name[i].is_tensor]
+
     out = []
     for s in range(plan.num_stages):
         nodes = plan.stage_nodes(s)
-        params = sum(graph.param_numel[p] * _param_share(p, tp_plan) for p in plan.stage_parameters(s))
-        div = [tp if is_sharded(n, tp_plan) else 1 for n in nodes]
-        kept = sum(n.output_bytes / d for n, d in zip(nodes, div) if _saved(n))
-        core = sum(n.output_bytes / d for n, d in zip(nodes, div) if _saved(n) and is_attention_core(n))
+        names = [n.name for n in nodes]
         layers = list(dict.fromkeys(n.layer for n in nodes if n.layer is not None))
-        recv = plan.stages[s - 1].send_bytes if s > 0 else 0
-        out.append(StageFootprint(int(params), kept, core, sum(layer_inputs.get(name, 0) for name in layers),
-                                  float(recv), len(layers)))
+        outside = saved(n.name for n in nodes if n.layer is None)
+        layer_inputs = values(i for layer in layers
+                              for i in inputs_from_outside([n.name for n in nodes if n.layer == layer]))
+        core_names = [n for n in names if n in cores]
+        selective = saved(n for n in names if n not in cores) | values(inputs_from_outside(core_names))
+        held = values(plan.recv_inputs(s)) | values(plan.send_outputs(s))  # kept by the executor to the backward
+        largest = max((nbytes(profile.value_keys(n)) for n in names), default=0.0)
+        params = sum(graph.param_numel[p] * _param_share(p, tp_plan) for p in plan.stage_parameters(s))
+        out.append(StageFootprint(
+            params=int(params), kept_bytes=nbytes(saved(names) | held),
+            recompute_bytes=nbytes(outside | layer_inputs | held), selective_bytes=nbytes(selective | held),
+            workspace_bytes=largest + nbytes(values(plan.send_outputs(s))), layers=len(layers),
+        ))
     return out
-
-
-def _layer_input_bytes(graph: Any) -> dict[str, int]:
-    """Per repeated layer, bytes of the tensors it reads from outside itself that need a gradient
-    (the hidden state a checkpoint keeps)."""
-    by_name = graph.by_name
-    seen: dict[str, set[str]] = {}
-    for node in graph.nodes:
-        if node.layer is None or node.role != COMPUTE:
-            continue
-        for i in node.inputs:
-            src = by_name[i]
-            if src.layer != node.layer and src.role == COMPUTE and src.is_tensor and src.requires_grad:
-                seen.setdefault(node.layer, set()).add(i)
-    return {layer: sum(by_name[i].output_bytes for i in names) for layer, names in seen.items()}
 
 
 def stage_memory(
     footprint: StageFootprint,
     *,
     fraction: float,
-    peak: float,
-    inflight: int,
+    profiles: tuple[np.ndarray, np.ndarray],
     batch_scale: float,
     precision: Precision,
     mode: str = "stage",
     dp: int = 1,
     zero1: bool = False,
 ) -> StageMemory:
-    """Peak memory of one device of a stage whose schedule holds at most ``inflight``
-    micro-batches and ``peak`` micro-batches' worth of saved activations at once (both from the
-    stage's instruction list: ``peak_inflight`` and ``peak_activations(ops, fraction)``).
+    """Peak memory of one device of a stage.
 
-    ``fraction`` of the stage's layers is recomputed; ``mode`` is ``"stage"`` (Merak's runtime:
-    the recomputed part is re-materialized at once), ``"layer"`` (per-layer checkpointing) or
-    ``"selective"`` (only the attention core is dropped, per layer).
+    ``profiles`` = the stage's ``activation_profile(ops, 0)`` and ``activation_profile(ops, 1)``
+    (micro-batches alive, and materialized, at each instruction); ``fraction`` of its layers is
+    recomputed; ``mode`` is ``stage``, ``layer`` or ``selective`` (see the module docstring).
     """
     if mode not in ("stage", "layer", "selective"):
         raise ValueError(f"unknown recomputation granularity {mode!r}")
-    act_scale = batch_scale * precision.byte_scale
-    kept = footprint.kept_bytes * act_scale
-    recv = footprint.recv_bytes * act_scale * inflight
+    kept = footprint.kept_bytes * batch_scale
     layers = max(footprint.layers, 1)
-    if mode == "selective":
-        core = footprint.attention_core_bytes * act_scale
-        activations = (kept - core) * inflight + core / layers if fraction > 0 else kept * inflight
+    if fraction <= 0:
+        reduced = materialized = kept
+    elif mode == "selective":
+        dropped = kept - footprint.selective_bytes * batch_scale
+        reduced, materialized = kept - dropped, kept - dropped + dropped / layers
     else:
-        if mode == "layer" and fraction > 0 and peak >= 1.0:
-            peak -= fraction * (1.0 - 1.0 / layers)  # one layer re-materialized, not the stage
-        checkpoints = fraction * footprint.layer_input_bytes * act_scale * inflight
-        activations = kept * peak + checkpoints
+        dropped = fraction * (kept - footprint.recompute_bytes * batch_scale)
+        reduced = kept - dropped
+        materialized = kept if mode == "stage" else reduced + dropped / layers
+    alive, materializing = profiles
+    activations = float(np.max((alive - materializing) * reduced + materializing * materialized)) if len(alive) else 0.0
     params = footprint.params
     return StageMemory(
         params_bytes=params * precision.weight_bytes,
         grads_bytes=params * precision.grad_bytes,
         optimizer_bytes=params * precision.optimizer_bytes / (dp if zero1 else 1),
-        activation_bytes=activations + recv,
+        activation_bytes=activations,
+        workspace_bytes=footprint.workspace_bytes * batch_scale,
         recompute_fraction=fraction,
     )

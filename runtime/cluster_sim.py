@@ -37,11 +37,12 @@ from merak.partitioner.proxy_graph import ProxyGraph, trace
 from merak.partitioner.sharding import PartitionPlan, shard
 from merak.runtime.cluster import Cluster
 from merak.runtime.cluster_cost import NodeTimes, RankCostModel, tp_boundary_extras, tp_layer_factors
-from merak.runtime.cluster_memory import Precision, StageMemory, is_attention_core, stage_footprints, stage_memory
+from merak.runtime.cluster_memory import (Precision, StageMemory, attention_core_nodes, stage_footprints,
+                                          stage_memory)
 from merak.runtime.instructions import Instruction, Op
 from merak.runtime.recompute_plan import RecomputePlan
 from merak.runtime.schedule import SCHEDULES, build_all
-from merak.runtime.schedules.memory import activation_profile, peak_activations, peak_inflight
+from merak.runtime.schedules.memory import activation_profile
 from merak.runtime.simulate import Costs, SimulationResult, simulate
 
 __all__ = ["TracedModel", "Strategy", "Prediction", "StageCosts", "StepPlan", "RECOMPUTE_CHOICES", "lower_bound",
@@ -67,6 +68,7 @@ class TracedModel:
     trace_batch: int = 1
     _tp_plans: dict[int, Any] = dataclasses.field(default_factory=dict, repr=False)
     _shards: dict[Any, PartitionPlan] = dataclasses.field(default_factory=dict, repr=False)
+    _cores: frozenset[str] | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, spec: Sequence[str] | str, seq_len: int | None = None, label: str | None = None,
@@ -92,6 +94,13 @@ class TracedModel:
     @property
     def forward_flops_per_sequence(self) -> float:
         return self.graph.total_flops / self.trace_batch
+
+    @property
+    def attention_cores(self) -> frozenset[str]:
+        """Nodes of the attention cores (what ``selective`` recomputation recomputes)."""
+        if self._cores is None:
+            self._cores = attention_core_nodes(self.graph)
+        return self._cores
 
     def tp_plan(self, tp: int) -> Any:
         """The automatic TP plan for ``tp`` ranks (``None`` for tp=1); raises TPError naming the
@@ -235,26 +244,28 @@ class _Schedule:
     """A built schedule and the per-stage counts memory needs (computed once per schedule)."""
 
     ops: tuple[tuple[Instruction, ...], ...]
-    inflight: tuple[int, ...]
-    peaks: tuple[float, ...]  # peak saved activations under the plan it was built with
+    #: per stage, micro-batches alive and micro-batches materialized at each instruction
+    profiles: tuple[tuple[np.ndarray, np.ndarray], ...]
+
+
+def _profiles(ops: Sequence[Instruction], recomputed: frozenset[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Alive micro-batches (profile at fraction 0) and materialized ones (at fraction 1: a
+    recomputed micro-batch counts only from its RECOMPUTE or backward on)."""
+    return (np.array(activation_profile(ops, 0.0, recomputed)), np.array(activation_profile(ops, 1.0, recomputed)))
 
 
 @functools.lru_cache(maxsize=512)
 def _schedule(name: str, p: int, m: int, plan: RecomputePlan) -> _Schedule:
     ops = tuple(tuple(stage) for stage in build_all(name, p, m, plan))
-    return _Schedule(ops, tuple(peak_inflight(o) for o in ops),
-                     tuple(peak_activations(o, f) for o, f in zip(ops, plan.fractions)))
+    return _Schedule(ops, tuple(_profiles(o) for o in ops))
 
 
 @functools.lru_cache(maxsize=128)
 def _all_recomputed_profiles(name: str, p: int, m: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """Per stage, the saved-activation profile of the schedule without recomputation if every
-    micro-batch dropped nothing (``a``) or everything (``b``): the profile for a fraction ``f``
-    is ``a (1 - f) + b f`` (each point is linear in f), so its peak is one vectorized max."""
-    ops = _schedule(name, p, m, RecomputePlan.none(p)).ops
+    """Per stage, the profiles of the schedule without recomputation as if every micro-batch
+    were recomputed (pricing a plan before building its schedule)."""
     everything = frozenset(range(m))
-    return tuple((np.array(activation_profile(o, 0.0, everything)), np.array(activation_profile(o, 1.0, everything)))
-                 for o in ops)
+    return tuple(_profiles(o, everything) for o in _schedule(name, p, m, RecomputePlan.none(p)).ops)
 
 
 def simulate_pipeline(schedule: str, num_stages: int, num_microbatches: int, costs: StageCosts | Costs,
@@ -320,7 +331,7 @@ def _partition_cached(model: TracedModel, strategy: Strategy, cluster: Cluster) 
 
 
 def _stage_costs(plan: PartitionPlan, cost_model: RankCostModel, strategy: Strategy, cluster: Cluster,
-                 batch_scale: float) -> StageCosts:
+                 batch_scale: float, cores: frozenset[str]) -> StageCosts:
     """Per-stage costs; ``recompute`` is the forward of the stage's layers, or only of their
     attention core for ``selective``. A stage's p2p time is its slower link: forward to s+1
     (cut after s) or backward to s-1 (cut before s), each over NVLink or the inter-node link."""
@@ -331,7 +342,7 @@ def _stage_costs(plan: PartitionPlan, cost_model: RankCostModel, strategy: Strat
         bi.append(sum(t.backward_input for _, t in times))
         bw.append(sum(t.backward_weight for _, t in times))
         if strategy.recompute == "selective":
-            rec.append(sum(t.forward for n, t in times if is_attention_core(n)))
+            rec.append(sum(t.forward for n, t in times if n.name in cores))
         else:
             rec.append(sum(t.forward for n, t in times if n.layer is not None))
     scale = batch_scale * strategy.precision.byte_scale
@@ -347,17 +358,17 @@ def _stage_costs(plan: PartitionPlan, cost_model: RankCostModel, strategy: Strat
     return StageCosts(tuple(fwd), tuple(bi), tuple(bw), tuple(rec), tuple(p2p))
 
 
-def _stage_memory(fp: Any, strategy: Strategy, fraction: float, peak: float, inflight: int,
+def _stage_memory(fp: Any, strategy: Strategy, fraction: float, profiles: tuple[np.ndarray, np.ndarray],
                   batch_scale: float) -> StageMemory:
     mode = "selective" if strategy.recompute == "selective" else strategy.recompute_granularity
-    return stage_memory(fp, fraction=fraction, peak=peak, inflight=inflight, batch_scale=batch_scale,
+    return stage_memory(fp, fraction=fraction, profiles=profiles, batch_scale=batch_scale,
                         precision=strategy.precision, mode=mode, dp=strategy.dp, zero1=strategy.zero1)
 
 
 def _memory(footprints: Sequence[Any], schedule: _Schedule, fractions: Sequence[float], strategy: Strategy,
             batch_scale: float) -> list[StageMemory]:
-    return [_stage_memory(fp, strategy, f, peak, inflight, batch_scale)
-            for fp, f, peak, inflight in zip(footprints, fractions, schedule.peaks, schedule.inflight)]
+    return [_stage_memory(fp, strategy, f, prof, batch_scale)
+            for fp, f, prof in zip(footprints, fractions, schedule.profiles)]
 
 
 def _fit_fractions(footprints: Sequence[Any], strategy: Strategy, m: int, batch_scale: float,
@@ -369,14 +380,10 @@ def _fit_fractions(footprints: Sequence[Any], strategy: Strategy, m: int, batch_
     cool-down micro-batches depend on it), one more layer where a stage still does not fit."""
     p = strategy.pp
     steps = [max(fp.layers, 1) for fp in footprints]
-    plain = _schedule(strategy.schedule, p, m, RecomputePlan.none(p))
     profiles = _all_recomputed_profiles(strategy.schedule, p, m)
 
     def fits(s: int, level: int) -> bool:
-        f = level / steps[s]
-        keep, drop = profiles[s]
-        peak = float(np.max(keep * (1.0 - f) + drop * f)) if len(keep) else 0.0
-        mem = _stage_memory(footprints[s], strategy, f, peak, plain.inflight[s], batch_scale)
+        mem = _stage_memory(footprints[s], strategy, level / steps[s], profiles[s], batch_scale)
         return mem.total_bytes <= usable
 
     level = []
@@ -449,7 +456,8 @@ def lower_bound(model: TracedModel, strategy: Strategy, global_batch: int, clust
     recomputation (needs the partition, not the schedule)."""
     m = strategy.check(cluster, global_batch)
     plan, cost_model = _partition(model, strategy, cluster)
-    c = _stage_costs(plan, cost_model, strategy, cluster, strategy.micro_batch / model.trace_batch)
+    c = _stage_costs(plan, cost_model, strategy, cluster, strategy.micro_batch / model.trace_batch,
+                     model.attention_cores)
     return m * max(f + b + w for f, b, w in zip(c.forward, c.backward_input, c.backward_weight))
 
 
@@ -458,8 +466,8 @@ def plan_step(model: TracedModel, strategy: Strategy, global_batch: int, cluster
     m = strategy.check(cluster, global_batch)
     plan, cost_model = _partition(model, strategy, cluster)
     batch_scale = strategy.micro_batch / model.trace_batch
-    costs = _stage_costs(plan, cost_model, strategy, cluster, batch_scale)
-    footprints = tuple(stage_footprints(plan, model.tp_plan(strategy.tp)))
+    costs = _stage_costs(plan, cost_model, strategy, cluster, batch_scale, model.attention_cores)
+    footprints = tuple(stage_footprints(plan, strategy.precision, model.tp_plan(strategy.tp), model.attention_cores))
     usable = cluster.device.usable_bytes
     rplan = _recompute_plan(strategy, footprints, m, batch_scale, usable)
     schedule = _schedule(strategy.schedule, strategy.pp, m, rplan)

@@ -113,6 +113,22 @@ def test_layout_over_memory_is_flagged_and_refused(gpt2: TracedModel) -> None:
     assert result.best == () and result.refused_memory + result.pruned == result.candidates and result.refused_memory > 0
 
 
+@pytest.mark.parametrize("schedule,mode", [("1f1b", "none"), ("1f1b", "full"), ("zero_bubble", "none"),
+                                           ("shifted_critical_path", "full")])
+def test_memory_agrees_with_the_runtime_estimator(gpt2: TracedModel, schedule: str, mode: str) -> None:
+    from merak.runtime.activation_policy import ActivationPlan
+    from merak.runtime.memory import Layout, estimate_memory
+
+    s = Strategy(pp=4, micro_batch=1, schedule=schedule, recompute=mode, precision=Precision(4, 4, 8, 4))
+    sp = plan_step(gpt2, s, 8, cluster(per_node=4))
+    layout = Layout(pp=4, micro_batch_size=1, num_microbatches=8, schedule=schedule, precision="fp32")
+    theirs = estimate_memory(sp.partition, layout, ActivationPlan.from_mode(mode, sp.partition))
+    for ours, ref in zip(sp.memory, theirs):
+        assert ours.activation_bytes == pytest.approx(ref.activation_bytes, rel=0.1)
+        assert ours.workspace_bytes == pytest.approx(ref.workspace_bytes, rel=0.01)
+        assert ours.params_bytes + ours.grads_bytes + ours.optimizer_bytes == pytest.approx(ref.static_bytes, rel=0.01)
+
+
 def test_stage_aware_recomputes_only_what_the_budget_needs(gpt2: TracedModel) -> None:
     strategy = Strategy(dp=1, tp=1, pp=4, micro_batch=8, schedule="shifted_critical_path", recompute="none")
     roomy = cluster(per_node=4)
@@ -220,6 +236,10 @@ def test_precision_scales_memory(gpt2: TracedModel) -> None:
     c = cluster(per_node=2)
     s = Strategy(pp=2, micro_batch=2)
     fp32 = plan_step(gpt2, dataclasses.replace(s, precision=Precision(4, 4, 8, 4)), 8, c)
-    bf16 = plan_step(gpt2, s, 8, c)
-    assert fp32.memory[0].activation_bytes == pytest.approx(2 * bf16.memory[0].activation_bytes)
-    assert RecomputePlan.none(2) == bf16.recompute_plan
+    pure16 = plan_step(gpt2, dataclasses.replace(s, precision=Precision(2, 2, 12, 2, autocast=False)), 8, c)
+    autocast = plan_step(gpt2, s, 8, c)
+    # a model run in 16 bits saves half of what fp32 saves; autocast over fp32 weights saves more
+    assert fp32.memory[0].activation_bytes == pytest.approx(2 * pure16.memory[0].activation_bytes)
+    assert autocast.memory[0].activation_bytes > pure16.memory[0].activation_bytes
+    assert fp32.memory[0].params_bytes == autocast.memory[0].params_bytes == 2 * pure16.memory[0].params_bytes
+    assert RecomputePlan.none(2) == autocast.recompute_plan
