@@ -378,9 +378,11 @@ class StageFootprint:
 
     ``outside`` are storages saved by nodes in no layer (embeddings, final norm, head, loss:
     always kept); ``received`` / ``sent`` the storages of the values the stage receives from the
-    previous stage / sends to the next. Received values always count: the executor holds them
-    until the backward (for their gradients), and so does autograd. Byte counts divide
-    tensor-parallel values (``sharded_nodes``) by ``tp``.
+    previous stage / sends to the next; ``outputs`` what the executor holds from a micro-batch's
+    forward to its backward: the sent values, or on the last stage the model's outputs (logits).
+    Received values always count: the executor holds them until the backward (for their
+    gradients), and so does autograd. Byte counts divide tensor-parallel values
+    (``sharded_nodes``) by ``tp``.
     """
 
     stage: int
@@ -389,6 +391,7 @@ class StageFootprint:
     outside: frozenset[int]
     received: frozenset[int]
     sent: frozenset[int]
+    outputs: frozenset[int]
     sharded_nodes: frozenset[str] = frozenset()
     tp: int = 1
 
@@ -468,8 +471,14 @@ def _stage_footprint(plan: Any, profile: SavedTensorProfile, stage: int, names: 
         parts.append(LayerFootprint(name, tuple(n.name for n in span), saved(n.name for n in span),
                                     inputs_of(span), frozenset(selective), bool(cores)))
     outside = saved(n.name for n in nodes if n.name not in covered)
-    return StageFootprint(stage, profile, tuple(parts), outside, values(plan.recv_inputs(stage)),
-                          values(plan.send_outputs(stage)), sharded, tp)
+    sent = values(plan.send_outputs(stage))
+    if stage == plan.num_stages - 1:
+        output = next(n for n in plan.graph.graph.nodes if n.op == "output")
+        outputs = values(n.name for n in output.all_input_nodes)
+    else:
+        outputs = sent
+    return StageFootprint(stage, profile, tuple(parts), outside, values(plan.recv_inputs(stage)), sent, outputs,
+                          sharded, tp)
 
 
 # ---- measuring a real run --------------------------------------------------------------------------
@@ -546,6 +555,11 @@ class RetainedStorageMeter(TorchDispatchMode):
                 self._track(t)
         return out
 
-    def alive_bytes(self) -> int:
-        gc.collect()
-        return sum(size for ref, size in self._refs.values() if not ref.expired())
+    def alive_bytes(self, exclude: Iterable[torch.Tensor] = (), collect: bool = True) -> int:
+        """Bytes still alive, without the storages of ``exclude`` (e.g. the current gradients).
+        ``collect=False`` skips the garbage collector (for frequent sampling: reference counting
+        already frees everything not caught in a cycle)."""
+        if collect:
+            gc.collect()
+        skip = {_storage_id(t) for t in exclude}
+        return sum(size for sid, (ref, size) in self._refs.items() if sid not in skip and not ref.expired())

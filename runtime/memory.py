@@ -12,7 +12,8 @@ recompute (:mod:`merak.runtime.memory_planner`). Per device of stage ``s``:
   (from the automatic TP plan) count ``1/tp`` of their sharded weights.
 * **activations**: what one micro-batch keeps between its forward and its backward
   (:mod:`merak.runtime.activation_memory`: autograd's saved tensors, measured on meta, per layer
-  action), plus the values it received and sends (the executor holds both until the backward),
+  action), plus the values it received and its outputs (sent values; the logits on the last
+  stage: the executor holds both until the backward),
   times the micro-batches the *schedule* has in flight. The stage's instruction list is walked:
   a micro-batch with a ``RECOMPUTE`` keeps its reduced set from its forward to that instruction
   and its materialized set (recomputed layers back, offloaded ones still on the host) to its
@@ -198,10 +199,10 @@ def static_bytes(plan: Any, stage: int, layout: Layout, tp_plan: Any = None) -> 
 def _activation_peak(ops: Sequence[Instruction], fp: StageFootprint,
                      actions: Mapping[str, LayerAction]) -> tuple[int, int, int]:
     """``(peak activation bytes, peak in-flight micro-batches, peak host bytes)`` of one stage."""
-    sent = fp.sent
-    full = fp.nbytes(fp.retained({}) | sent)
-    reduced = fp.nbytes(fp.retained(actions) | sent)
-    materialized = fp.nbytes(fp.retained(actions, materialized=True) | sent)
+    held = fp.outputs  # the executor keeps a micro-batch's outputs until its backward
+    full = fp.nbytes(fp.retained({}) | held)
+    reduced = fp.nbytes(fp.retained(actions) | held)
+    materialized = fp.nbytes(fp.retained(actions, materialized=True) | held)
     offloaded = [p for p in fp.layers if actions.get(p.name) is LayerAction.OFFLOAD]
     host = sum(fp.nbytes(p.kept - fp.received) for p in offloaded)
     # Offloaded tensors come back as backward reaches their layer, one layer at a time.

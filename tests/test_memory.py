@@ -120,7 +120,7 @@ def test_bf16_estimate_matches_autocast():
 
 def test_activation_peak_follows_the_schedule():
     """Keeping everything under 1F1B, stage s holds min(P - s, M) micro-batches (each with the
-    values it received and sends); GPipe holds all M on every stage."""
+    values it received and its outputs); GPipe holds all M on every stage."""
     _, _, plan = _pipeline("gpt2", 4, layers=8, meta=True)
     for schedule, m in (("1f1b", 8), ("gpipe", 3)):
         layout = Layout(pp=4, micro_batch_size=MICRO, num_microbatches=m, schedule=schedule)
@@ -129,7 +129,7 @@ def test_activation_peak_follows_the_schedule():
             fp = model.footprints[s]
             inflight = min(4 - s, m) if schedule == "1f1b" else m
             assert est.peak_inflight == inflight
-            assert est.activation_bytes == inflight * fp.nbytes(fp.retained({}) | fp.sent)
+            assert est.activation_bytes == inflight * fp.nbytes(fp.retained({}) | fp.outputs)
 
 
 # ---- static bytes ---------------------------------------------------------------------------------
