@@ -31,10 +31,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
-    "Device", "Link", "Cluster", "DEVICE_PRESETS", "cluster_preset", "calibrate_device",
-    "parse_bytes", "ring_allreduce_seconds",
+    "Device", "Link", "Cluster", "DEVICE_PRESETS", "OP_CLASSES", "cluster_preset", "calibrate_device",
+    "op_class", "parse_bytes", "ring_allreduce_seconds",
 ]
 
 GiB = 2**30
@@ -47,7 +48,13 @@ class Device:
     ``reserved_bytes`` is memory the framework cannot use for the model (CUDA context, NCCL
     buffers, allocator fragmentation); ``op_overhead_s`` is host time per op that is *not*
     hidden behind device work (0 on a GPU, whose launches are asynchronous; the dispatch cost
-    on a CPU, where the host is the device).
+    on a CPU, where the host is the device). Backward over forward: a matmul's backward runs two
+    GEMMs of its size (input and weight gradients, 2x); a bandwidth-bound op's reads the output
+    gradient and a saved tensor and writes the input gradient (three tensors where the forward
+    moved two, 1.5x); :func:`calibrate_device` measures both. ``op_rates``: per op class
+    (:data:`OP_CLASSES`), forward and backward bytes/s measured on the device (bytes = the
+    forward's inputs and outputs); empty for the presets, whose elementwise kernels are
+    bandwidth-bound.
     """
 
     name: str
@@ -60,6 +67,9 @@ class Device:
     kernel_floor_s: float = 4e-6
     op_overhead_s: float = 0.0
     reserved_bytes: float = 2 * GiB
+    matmul_backward_factor: float = 2.0
+    memory_backward_factor: float = 1.5
+    op_rates: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "hbm_bytes", "hbm_bytes_per_s", "matmul_efficiency", "memory_efficiency"):
@@ -74,8 +84,11 @@ class Device:
         return self.hbm_bytes - self.reserved_bytes
 
     def gemm_efficiency(self, m: float, n: float, k: float) -> float:
-        """Fraction of peak a GEMM of ``m x k`` by ``k x n`` reaches (saturating in its smallest dim)."""
-        d = max(min(m, n, k), 1.0)
+        """Fraction of peak a GEMM of ``m x k`` by ``k x n`` reaches. It saturates with the GEMM's
+        arithmetic intensity, written as the side ``d = 3mnk / (mk + kn + mn)`` of the square GEMM
+        of equal intensity (FLOPs per element moved): ``matmul_efficiency * d / (d + half)``. A
+        thin GEMM (tensor parallelism's ``n/tp`` or ``k/tp``) has a small ``d``."""
+        d = _square_side(max(m, 1.0), max(n, 1.0), max(k, 1.0))
         return self.matmul_efficiency * d / (d + self.half_efficiency_dim)
 
     def matmul_seconds(self, flops: float, m: float, n: float, k: float, nbytes: float = 0.0) -> float:
@@ -86,12 +99,22 @@ class Device:
         compute = flops / (self.peak_flops * self.gemm_efficiency(m, n, k))
         return self.op_overhead_s + max(self.kernel_floor_s, compute, self._traffic(nbytes))
 
-    def memory_seconds(self, nbytes: float) -> float:
-        """A bandwidth-bound kernel (elementwise, norm, softmax) moving ``nbytes``; views and
-        shape queries (0 bytes) launch no kernel and cost only the host overhead."""
+    def memory_seconds(self, nbytes: float, kind: str | None = None, backward: bool = False) -> float:
+        """A bandwidth-bound kernel (elementwise, norm, softmax) moving ``nbytes`` (its forward's
+        inputs and outputs), forward or backward; views and shape queries (0 bytes) launch no
+        kernel and cost only the host overhead. ``kind`` (see :data:`OP_CLASSES`) picks a
+        calibrated rate where the device has one (:attr:`op_rates`, e.g. a CPU, where a tanh or
+        a dropout's random numbers are compute-bound); otherwise the op moves its bytes at the
+        memory bandwidth, and its backward takes ``memory_backward_factor`` x as long."""
         if nbytes <= 0:
             return self.op_overhead_s
-        return self.op_overhead_s + max(self.kernel_floor_s, self._traffic(nbytes))
+        rates = dict((c, (f, b)) for c, f, b in self.op_rates)
+        if rates:
+            fwd, bwd = rates.get(kind or "", rates.get("arith", (self.hbm_bytes_per_s, self.hbm_bytes_per_s)))
+            t = nbytes / (bwd if backward else fwd)
+        else:
+            t = self._traffic(nbytes) * (self.memory_backward_factor if backward else 1.0)
+        return self.op_overhead_s + max(self.kernel_floor_s, t)
 
     def _traffic(self, nbytes: float) -> float:
         return nbytes / (self.hbm_bytes_per_s * self.memory_efficiency)
@@ -242,7 +265,9 @@ def parse_bytes(text: str | float | int) -> float:
 
 # ---- calibration ----------------------------------------------------------------------------------
 
-def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats: int, inner: int) -> float:
+def _best_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats: int, inner: int) -> float:
+    """Fastest of ``repeats`` timings (each the mean of ``inner`` calls): on a shared machine the
+    minimum is the run least disturbed by other jobs, i.e. the device's own speed."""
     fn()
     sync()
     samples = []
@@ -252,7 +277,7 @@ def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats:
             fn()
         sync()
         samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def _memory_total_bytes() -> float:
@@ -270,56 +295,123 @@ class Calibration:
     """What :func:`calibrate_device` measured (kept so reports can show the fit beside the data)."""
 
     device: Device
-    gemm: tuple[tuple[int, float], ...]  # (size, seconds) of square GEMMs
-    copy_bytes_per_s: float
+    rows: int  # rows of the timed linear layers
+    gemm: tuple[tuple[int, float], ...]  # (d, seconds) of a d -> d linear layer over ``rows`` rows
+    elementwise_bytes_per_s: tuple[tuple[str, float], ...]  # forward rate per op class
     op_seconds: float
+
+
+#: Classes of bandwidth-bound ops with their own calibrated rate, and the op names (fx targets,
+#: or module class names in lower case) in each; anything else counts as ``arith``.
+OP_CLASSES: dict[str, frozenset[str]] = {
+    "transcendental": frozenset({"tanh", "exp", "pow", "sqrt", "rsqrt", "log", "erf", "sigmoid", "gelu", "silu",
+                                 "newgeluactivation", "geluactivation", "gelutanh", "siluactivation",
+                                 "pytorchgelutanh", "sin", "cos"}),
+    "softmax": frozenset({"softmax", "log_softmax", "cross_entropy", "nll_loss"}),
+    "norm": frozenset({"layer_norm", "layernorm", "rms_norm", "llamarmsnorm", "t5layernorm", "group_norm"}),
+    "dropout": frozenset({"dropout", "feature_alpha_dropout", "alpha_dropout"}),
+}
+
+
+def op_class(name: str) -> str:
+    """The :data:`OP_CLASSES` class of an op name (``arith`` for the rest)."""
+    key = name.lower()
+    for cls, names in OP_CLASSES.items():
+        if key in names:
+            return cls
+    return "arith"
+
+
+def _class_ops(torch: Any, x: Any) -> dict[str, list[Callable[[Any], Any]]]:
+    """Representative ops of each class, applied to an activation-sized ``x``."""
+    f = torch.nn.functional
+    w = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
+    return {
+        "arith": [lambda t: t + t, lambda t: t * 0.5],
+        "transcendental": [torch.tanh, lambda t: torch.pow(t, 3.0), lambda t: f.gelu(t, approximate="tanh")],
+        "softmax": [lambda t: t.softmax(-1)],
+        "norm": [lambda t: f.layer_norm(t, t.shape[-1:], w, w)],
+        "dropout": [lambda t: f.dropout(t, 0.1)],
+    }
 
 
 def calibrate_device(name: str = "this-cpu", device: str = "cpu", dtype: str = "float32",
                      sizes: Sequence[int] = (32, 64, 128, 256, 512, 1024), repeats: int = 5) -> Calibration:
-    """Fit a :class:`Device` to this machine by timing square GEMMs of ``sizes``, a large
-    elementwise add and a tiny op, on ``device`` (``"cpu"`` - use one thread, as the
-    benchmarks do - or ``"cuda"``) at ``dtype``.
+    """Fit a :class:`Device` to this machine on ``device`` (``"cpu"`` - use one thread, as the
+    benchmarks do - or ``"cuda"``) at ``dtype``:
 
-    The GEMM fit is least squares of ``1/throughput = a + b/d``, i.e. the curve
-    ``peak * d / (d + half)`` with ``peak = 1/a`` and ``half = b/a`` (so ``matmul_efficiency``
-    is 1 against the fitted peak). The add gives the memory bandwidth; the tiny op the
-    per-op host overhead (CPU) or the kernel floor (GPU, where launches are asynchronous).
+    * linear layers ``d -> d`` over 512 rows (a CPU micro-batch's tokens; 8192 on a GPU) for
+      ``d`` in ``sizes``: least squares of ``1/throughput = a + b/d_eff`` (``d_eff`` the
+      intensity side of :meth:`Device.gemm_efficiency`), i.e. the curve ``peak * d / (d + half)``
+      with ``peak = 1/a`` and ``half = b/a`` (``matmul_efficiency`` is 1 against the fitted peak),
+      and their backward (input and weight gradients) over their forward: the matmul backward
+      factor (median over sizes);
+    * per op class (:data:`OP_CLASSES`: arithmetic, transcendental, softmax, norm, dropout),
+      representative ops on an activation-sized tensor, forward and backward: the rate they
+      reach in bytes (in and out) per second - on a CPU a tanh or a dropout is compute-bound and
+      runs 10-50x slower than an add, which one bandwidth could not say;
+    * a 1-element op: the per-op host overhead (CPU) or the kernel floor (GPU, where launches
+      are asynchronous).
     """
     import torch
 
     dev = torch.device(device)
     dt = getattr(torch, dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    gemm: list[tuple[int, float]] = []
+    rows = 512 if dev.type == "cpu" else 8192
     with torch.no_grad():
-        for d in sizes:
-            a = torch.randn(d, d, device=dev, dtype=dt)
-            b = torch.randn(d, d, device=dev, dtype=dt)
-            inner = max(1, int(2e8 / (2 * d**3)))
-            gemm.append((d, _median_seconds(lambda: torch.mm(a, b), sync, repeats, inner)))
-        n = 1 << 22 if dev.type == "cpu" else 1 << 26
-        x = torch.randn(n, device=dev, dtype=dt)
-        y = torch.randn(n, device=dev, dtype=dt)
-        z = torch.empty_like(x)
-        add_s = _median_seconds(lambda: torch.add(x, y, out=z), sync, repeats, 4)
         tiny = torch.ones(1, device=dev, dtype=dt)
-        op_s = _median_seconds(lambda: tiny.add_(1.0), sync, repeats, 200)
-    host = op_s if dev.type == "cpu" else 0.0  # a CPU pays the dispatch on top of the GEMM
-    # (1/d, seconds per FLOP); GEMMs within 3x of the dispatch time say nothing about the rate
-    points = [(1.0 / d, (t - host) / (2.0 * d**3)) for d, t in gemm if t > 3 * host] or \
-        [(1.0 / d, t / (2.0 * d**3)) for d, t in gemm]
+        op_s = _best_seconds(lambda: tiny.add_(1.0), sync, repeats, 200)
+    gemm: list[tuple[int, float]] = []
+    backward_ratios = []
+    for d in sizes:
+        layer = torch.nn.Linear(d, d, device=dev, dtype=dt)
+        x = torch.randn(rows, d, device=dev, dtype=dt, requires_grad=True)
+        inner = max(1, int(2e8 / (2 * rows * d * d)))
+        with torch.no_grad():
+            gemm.append((d, _best_seconds(lambda: layer(x), sync, repeats, inner)))
+        back = _backward_seconds(torch, layer(x), [x, *layer.parameters()], torch.ones(rows, d, device=dev, dtype=dt),
+                                 sync, repeats)
+        backward_ratios.append(back / gemm[-1][1])
+    width = 512 if dev.type == "cpu" else 4096
+    x = torch.randn(rows, width, device=dev, dtype=dt, requires_grad=True)
+    grad = torch.ones_like(x)
+    moved = 2 * x.numel() * x.element_size()  # one tensor in, one out
+    host = op_s if dev.type == "cpu" else 0.0
+    rates = []
+    for cls, ops in _class_ops(torch, x).items():
+        with torch.no_grad():
+            fwd = statistics.fmean(_best_seconds(lambda op=op: op(x), sync, repeats, 5) for op in ops)
+        bwd = statistics.fmean(_backward_seconds(torch, op(x), [x], grad, sync, repeats) for op in ops)
+        rates.append((cls, moved / max(fwd - host, 1e-9), moved / max(bwd - host, 1e-9)))
+    arith_fwd, arith_bwd = rates[0][1], rates[0][2]
+    # (1/d_eff, seconds per FLOP); GEMMs within 3x of the dispatch time say nothing about the rate
+    d_eff = {d: _square_side(rows, d, d) for d, _ in gemm}
+    points = [(1.0 / d_eff[d], (t - host) / (2.0 * rows * d * d)) for d, t in gemm if t > 3 * host] or \
+        [(1.0 / d_eff[d], t / (2.0 * rows * d * d)) for d, t in gemm]
     intercept, slope = _relative_fit(points)
-    bandwidth = 3 * n * x.element_size() / add_s
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         capacity, floor, overhead, reserved = float(props.total_memory), op_s, 0.0, 2 * GiB
     else:
         capacity, floor, overhead, reserved = _memory_total_bytes(), 0.0, op_s, 0.0
-    fitted = Device(name, peak_flops=1.0 / intercept, hbm_bytes=capacity, hbm_bytes_per_s=bandwidth,
+    fitted = Device(name, peak_flops=1.0 / intercept, hbm_bytes=capacity, hbm_bytes_per_s=arith_fwd,
                     matmul_efficiency=1.0, half_efficiency_dim=slope / intercept, memory_efficiency=1.0,
-                    kernel_floor_s=floor, op_overhead_s=overhead, reserved_bytes=reserved)
-    return Calibration(fitted, tuple(gemm), bandwidth, op_s)
+                    kernel_floor_s=floor, op_overhead_s=overhead, reserved_bytes=reserved,
+                    matmul_backward_factor=max(statistics.median(backward_ratios), 1.0),
+                    memory_backward_factor=arith_fwd / arith_bwd, op_rates=tuple(rates))
+    return Calibration(fitted, rows, tuple(gemm), tuple((c, f) for c, f, _ in rates), op_s)
+
+
+def _backward_seconds(torch: Any, y: Any, inputs: list[Any], grad: Any, sync: Callable[[], None],
+                      repeats: int) -> float:
+    """The backward of one op alone (its graph kept and re-run), not forward + backward."""
+    return _best_seconds(lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True), sync, repeats, 5)
+
+
+def _square_side(m: float, n: float, k: float) -> float:
+    """Side of the square GEMM with the arithmetic intensity of an ``m x k`` by ``k x n`` one."""
+    return 3.0 * m * n * k / (m * k + k * n + m * n)
 
 
 def _relative_fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:

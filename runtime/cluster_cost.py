@@ -15,12 +15,13 @@ bytes do not) and to the training precision (``byte_scale``), then, per node:
   ``m`` = the rest, ``k`` = FLOPs / 2mn); a column-parallel layer has ``n/tp``, a row-parallel one
   ``k/tp``, other sharded nodes (attention over heads) ``m/tp``; time from
   :meth:`Device.matmul_seconds` - smaller GEMMs run at lower efficiency;
-* other nodes are bandwidth-bound (:meth:`Device.memory_seconds`), divided by tp when sharded;
-* backward: a layer with weights runs one GEMM for the input gradient (B) and one for the weight
-  gradient (W), each as long as the forward; other matmuls (attention) cost ``backward_factor``
-  (2) x forward and bandwidth-bound nodes ``memory_backward_factor`` (1.5: they read the output
-  gradient and a saved tensor and write the input gradient, three tensors where the forward
-  moved two), all input gradient; nodes whose output needs no gradient cost nothing;
+* other nodes are bandwidth-bound (:meth:`Device.memory_seconds`, at the rate of their op class
+  where the device was calibrated per class), divided by tp when sharded;
+* backward (factors from the :class:`Device`): a layer with weights runs one GEMM for the input
+  gradient (B) and one for the weight gradient (W), half of ``matmul_backward_factor`` x its
+  forward each; other matmuls (attention) cost that factor x forward, all input gradient;
+  bandwidth-bound nodes their backward rate (split B/W evenly when they hold weights, e.g.
+  norms); nodes whose output needs no gradient cost nothing;
 * a pipeline cut costs its activation and gradient bytes over ``link_bytes_per_s`` (the slowest
   link between neighbouring stages of the layout), so the sharder avoids cutting through
   attention, where several large tensors would cross.
@@ -45,11 +46,11 @@ from typing import Any
 
 from merak.partitioner.cost_model import CostModel, NodeCost
 from merak.partitioner.proxy_graph import ProxyGraph, ProxyNode, TensorMeta
-from merak.runtime.cluster import Device, Link, ring_allreduce_seconds
+from merak.runtime.cluster import Device, Link, op_class, ring_allreduce_seconds
 from merak.runtime.tp_overlap import Link as OverlapLink
 from merak.runtime.tp_overlap import Segment, layer_segments, simulate_overlap
 
-__all__ = ["NodeTimes", "RankCostModel", "tp_layer_factors", "tp_boundary_extras", "is_sharded",
+__all__ = ["NodeTimes", "RankCostModel", "tp_layer_factors", "tp_boundary_extras", "is_sharded", "op_kinds",
            "TRACE_BYTES_PER_ELEMENT"]
 
 #: The partitioner traces in fp32; byte counts in the graph are per fp32 element.
@@ -74,17 +75,35 @@ def is_sharded(node: ProxyNode, tp_plan: Any) -> bool:
 
 
 def _gemm_dims(node: ProxyNode) -> tuple[float, float, float]:
-    """(m, n, k) of the GEMM(s) a matmul-like node runs, read off its output shape."""
+    """(m, n, k) of one GEMM a matmul-like node runs, read off its output shape: a layer with
+    weights multiplies all its rows by one weight (``m`` = every dim but the last); a batched
+    matmul (attention) runs one GEMM per leading index (``m`` = the second-to-last dim)."""
     meta = node.meta
     if isinstance(meta, TensorMeta) and meta.shape:
         n = float(meta.shape[-1])
         numel = float(math.prod(meta.shape))
+        batched = not node.params and len(meta.shape) >= 3
+        m = float(meta.shape[-2]) if batched else numel / max(n, 1.0)
     else:
         numel = max(node.output_bytes / TRACE_BYTES_PER_ELEMENT, 1.0)
-        n = math.sqrt(numel)
-    n = max(n, 1.0)
+        n = m = math.sqrt(numel)
     numel = max(numel, 1.0)
-    return numel / n, n, node.flops / (2.0 * numel)
+    return max(m, 1.0), max(n, 1.0), node.flops / (2.0 * numel)
+
+
+def op_kinds(graph: ProxyGraph) -> dict[str, str]:
+    """Node name -> op class (:func:`merak.runtime.cluster.op_class`) of every compute node: the
+    function or method name, or the module's class name."""
+    out = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            name = type(graph.model.get_submodule(node.target)).__name__
+        elif node.op in ("call_function", "call_method"):
+            name = node.target.split(".")[-1]
+        else:
+            continue
+        out[node.name] = op_class(name)
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -94,7 +113,8 @@ class RankCostModel(CostModel):
     ``batch_scale`` = micro-batch / traced batch; ``byte_scale`` = training bytes per element /
     traced bytes per element (0.5 for bf16 over an fp32 trace); ``layer_factors`` = per repeated
     layer, (forward, backward) multipliers for TP communication (:func:`tp_layer_factors`);
-    ``extras`` = per node name, (forward, backward) seconds added (TP collectives outside layers).
+    ``extras`` = per node name, (forward, backward) seconds added (TP collectives outside layers);
+    ``op_kinds`` = node name -> op class, for devices with calibrated per-class rates (:func:`op_kinds`).
     """
 
     device: Device
@@ -102,9 +122,8 @@ class RankCostModel(CostModel):
     byte_scale: float = 0.5
     tp: int = 1
     tp_plan: Any = None
-    backward_factor: float = 2.0
-    memory_backward_factor: float = 1.5
     link_bytes_per_s: float | None = None
+    op_kinds: Mapping[str, str] = dataclasses.field(default_factory=dict)
     layer_factors: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     extras: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
@@ -113,12 +132,17 @@ class RankCostModel(CostModel):
     def sharded(self, node: ProxyNode) -> bool:
         return self.tp > 1 and is_sharded(node, self.tp_plan)
 
+    def _moved(self, node: ProxyNode) -> float:
+        """Bytes the node reads and writes on this rank at the micro-batch and precision."""
+        tp = self.tp if self.sharded(node) else 1
+        return ((node.memory_bytes - node.param_bytes) * self.batch_scale + node.param_bytes) * self.byte_scale / tp
+
     def forward_seconds(self, node: ProxyNode) -> float:
         """Forward time of ``node`` on this rank, without TP communication."""
         tp = self.tp if self.sharded(node) else 1
-        moved = ((node.memory_bytes - node.param_bytes) * self.batch_scale + node.param_bytes) * self.byte_scale / tp
+        moved = self._moved(node)
         if node.flops <= 0:
-            return self.device.memory_seconds(moved)
+            return self.device.memory_seconds(moved, self.op_kinds.get(node.name))
         m, n, k = _gemm_dims(node)
         m *= self.batch_scale
         if tp > 1:
@@ -135,11 +159,12 @@ class RankCostModel(CostModel):
         """Forward, input-gradient and weight-gradient seconds, TP communication included."""
         forward = self.forward_seconds(node)
         if not node.requires_grad:
-            bi = bw = 0.0
-        elif node.params:
-            bi = bw = forward
+            back = 0.0
+        elif node.flops > 0:
+            back = self.device.matmul_backward_factor * forward
         else:
-            bi, bw = (self.backward_factor if node.flops > 0 else self.memory_backward_factor) * forward, 0.0
+            back = self.device.memory_seconds(self._moved(node), self.op_kinds.get(node.name), backward=True)
+        bi, bw = (back / 2, back / 2) if node.params else (back, 0.0)
         f_factor, b_factor = self.layer_factors.get(node.layer, (1.0, 1.0)) if node.layer else (1.0, 1.0)
         f_extra, b_extra = self.extras.get(node.name, (0.0, 0.0))
         return NodeTimes(forward * f_factor + f_extra, bi * b_factor + b_extra, bw * b_factor)

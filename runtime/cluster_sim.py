@@ -36,7 +36,7 @@ from merak.partitioner.configs import build_model, default_seq_len, example_inpu
 from merak.partitioner.proxy_graph import ProxyGraph, trace
 from merak.partitioner.sharding import PartitionPlan, shard
 from merak.runtime.cluster import Cluster
-from merak.runtime.cluster_cost import NodeTimes, RankCostModel, tp_boundary_extras, tp_layer_factors
+from merak.runtime.cluster_cost import NodeTimes, RankCostModel, op_kinds, tp_boundary_extras, tp_layer_factors
 from merak.runtime.cluster_memory import (Precision, StageMemory, attention_core_nodes, stage_footprints,
                                           stage_memory)
 from merak.runtime.instructions import Instruction, Op
@@ -69,6 +69,7 @@ class TracedModel:
     _tp_plans: dict[int, Any] = dataclasses.field(default_factory=dict, repr=False)
     _shards: dict[Any, PartitionPlan] = dataclasses.field(default_factory=dict, repr=False)
     _cores: frozenset[str] | None = dataclasses.field(default=None, repr=False)
+    _kinds: dict[str, str] | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, spec: Sequence[str] | str, seq_len: int | None = None, label: str | None = None,
@@ -101,6 +102,13 @@ class TracedModel:
         if self._cores is None:
             self._cores = attention_core_nodes(self.graph)
         return self._cores
+
+    @property
+    def op_kinds(self) -> dict[str, str]:
+        """Node name -> op class (for devices calibrated per op class)."""
+        if self._kinds is None:
+            self._kinds = op_kinds(self.graph)
+        return self._kinds
 
     def tp_plan(self, tp: int) -> Any:
         """The automatic TP plan for ``tp`` ranks (``None`` for tp=1); raises TPError naming the
@@ -293,7 +301,7 @@ def _cost_model(model: TracedModel, strategy: Strategy, cluster: Cluster) -> Ran
     tp_plan = model.tp_plan(strategy.tp)
     base = RankCostModel(cluster.device, batch_scale=strategy.micro_batch / model.trace_batch,
                          byte_scale=strategy.precision.byte_scale, tp=strategy.tp, tp_plan=tp_plan,
-                         link_bytes_per_s=_pipeline_link(strategy, cluster).bytes_per_s)
+                         link_bytes_per_s=_pipeline_link(strategy, cluster).bytes_per_s, op_kinds=model.op_kinds)
     if strategy.tp <= 1:
         return base
     factors = tp_layer_factors(model.graph, base, strategy.tp_sub_microbatches, cluster.intra)
