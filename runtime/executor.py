@@ -264,6 +264,10 @@ class PipelineExecutor:
         mb.input_grads = {n: (v.grad if _needs_grad(v) else None) for n, v in mb.received.items()}
         mb.outputs = mb.output_grads = None
         mb.received = {}
+        if mb.loss is not None:
+            # Keep the value for the step's mean, not the graph: the graph pins this micro-batch's
+            # received inputs and their gradients until the end of the step.
+            mb.loss = mb.loss.detach()
         self.activations.release(ins.microbatch)
 
     def _backward_input(self, ins: Instruction) -> None:
