@@ -321,8 +321,9 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, stage: nn.Module, path: Path) -> None:
-    # Parameter names are stored beside the index-based state so that a resume with another
-    # parameter order fails loudly instead of giving Adam moments to the wrong tensors. The
+    # Parameter names are stored beside the index-based state so that a resume whose optimizer
+    # holds other parameters (ZeRO-1 on or off, another order) matches states by name instead
+    # of giving Adam moments to the wrong tensors, or fails naming the missing ones. The
     # hyper-parameters are the optimizer's own: under ZeRO-1 the shard's local optimizer sees the
     # learning rate only at its next step, the wrapper holds what the scheduler set since.
     local = local_optimizer(optimizer)
@@ -332,23 +333,26 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, stage: nn.Module, path: Pa
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, stage: nn.Module, paths: list[Path]) -> None:
     """Restore the state of the parameters this rank's optimizer holds from ``paths`` (the
-    stage's one ``optimizer.pt``, or all its DP ranks' ZeRO-1 shards)."""
+    stage's one ``optimizer.pt``, or its DP ranks' ZeRO-1 shards, this rank's own first). Files
+    are read until one holds exactly this optimizer's parameters, so a ZeRO-1 resume under the
+    same layout reads only its own shard; otherwise every file is read and merged by name."""
     missing_files = [p for p in paths if not p.exists()]
     if missing_files:
         raise CheckpointError(f"{missing_files[0]} is missing: the checkpoint was saved without optimizer state; "
                               "load it with optimizer=None (weights only) or from a checkpoint that has it")
     local = local_optimizer(optimizer)
     current = _optimizer_param_names(local, stage)
-    saved = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
-    own = next((s for s in saved if s["param_names"] == current), None)
-    if own is not None:
-        local.load_state_dict(own["state"])
+    saved: list[dict[str, Any]] = []
+    for path in paths:
+        saved.append(torch.load(path, map_location="cpu", weights_only=True))
+        if saved[-1]["param_names"] == current:
+            local.load_state_dict(saved[-1]["state"])
+            break
     else:
         local.load_state_dict(_merged_state(saved, current, paths))
-    for group, values in zip(optimizer.param_groups, saved[0].get("hyperparameters", [])):
-        group.update(values)
-    if local is not optimizer:
-        for group, values in zip(local.param_groups, saved[0].get("hyperparameters", [])):
+    hyperparameters = saved[0].get("hyperparameters", [])
+    for groups in {id(g): g for g in (optimizer.param_groups, local.param_groups)}.values():
+        for group, values in zip(groups, hyperparameters):
             group.update(values)
 
 
@@ -535,6 +539,7 @@ def load_checkpoint(
         _load_stage(stage, shard / WEIGHTS_FILE)
         if optimizer is not None:
             dp_ranks = range(grid.dims.dp) if layout.get("optimizer_sharded") else [0]
+            dp_ranks = sorted(dp_ranks, key=lambda dp: dp != coord.dp)  # this rank's own shard first
             _load_optimizer(optimizer, stage, [directory / rank_dir_name(Coord(pp=coord.pp, dp=dp, tp=coord.tp))
                                                / OPTIMIZER_FILE for dp in dp_ranks])
         if lr_scheduler is not None:
