@@ -11,6 +11,7 @@ Usage (from the repository root)::
     python benchmarks/run_all.py                      # full runs -> benchmarks/results/*, benchmarks/RESULTS.md
     python benchmarks/run_all.py --quick --out-dir /tmp/bench    # CI-sized, RESULTS.md in /tmp/bench
     python benchmarks/run_all.py --only schedule_bubbles,memory  # a subset
+    python benchmarks/run_all.py --collect            # re-write RESULTS.md from the reports already there
     python benchmarks/run_all.py --list
 
 Exit status is non-zero if any selected benchmark failed or timed out.
@@ -116,7 +117,7 @@ def _embedded(report: Path, image_prefix: str) -> str:
 
 def write_results(outcomes: list[Outcome], out_dir: Path, results_md: Path, quick: bool,
                   argv: list[str]) -> None:
-    rows = [[f"`{o.benchmark.name}`", o.benchmark.what, o.status, f"{o.seconds:.0f}",
+    rows = [[f"`{o.benchmark.name}`", o.benchmark.what, o.status, f"{o.seconds:.0f}" if o.seconds else "-",
              f"[{o.benchmark.report}]({_relative(out_dir / o.benchmark.report, results_md.parent)})"
              if (out_dir / o.benchmark.report).exists() else "-"] for o in outcomes]
     prefix = _relative(out_dir, results_md.parent)
@@ -146,6 +147,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where reports and plots go (default: benchmarks/results, or a temporary "
                         "directory with --quick)")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: gather the reports already in --out-dir into RESULTS.md (each keeps "
+                        "the date and command it was taken with)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     return p.parse_args(argv)
 
@@ -170,9 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="merak-bench-")) if args.quick else DEFAULT_OUT)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_md = HERE / "RESULTS.md" if out_dir.resolve() == DEFAULT_OUT.resolve() else out_dir / "RESULTS.md"
-    log_dir = out_dir / "logs"
-    log_dir.mkdir(exist_ok=True)
-    outcomes = [run_one(b, out_dir, args.quick, log_dir) for b in chosen]
+    log_dir = out_dir / "logs"  # git ignores benchmarks/results/logs
+    if args.collect:
+        outcomes = [Outcome(b, "ok" if (out_dir / b.report).exists() else "missing", 0.0, None) for b in chosen]
+    else:
+        log_dir.mkdir(exist_ok=True)
+        outcomes = [run_one(b, out_dir, args.quick, log_dir) for b in chosen]
     write_results(outcomes, out_dir, results_md, args.quick, argv)
     bad = [o for o in outcomes if o.status != "ok"]
     print(f"[run_all] wrote {results_md}; {len(outcomes) - len(bad)}/{len(outcomes)} benchmarks ok"
