@@ -16,10 +16,11 @@ micro-batch and the TP degree:
   layer and the layers' inputs) or only its attention core is (``selective``, the cores
   delimited as the executor delimits them, :func:`merak.runtime.layer_graph.attention_cores`),
   and the values it receives; values of TP-sharded nodes count ``1/tp``;
-* the schedule decides how many micro-batches hold what (:func:`stage_memory`): walking a
-  stage's instruction list (``schedules.memory.activation_profile`` at fractions 0 and 1), each
-  point of the list has ``a - b`` micro-batches holding their reduced set and ``b`` holding their
-  materialized set. Merak's runtime re-materializes a stage's recomputed part at once
+* the schedule decides how many micro-batches hold what (:func:`holder_profile`, the accounting
+  of ``merak.runtime.schedules.memory``): at each instruction of a stage's list, how many
+  recomputed micro-batches hold their reduced set (forward done, RECOMPUTE not yet), how many
+  hold their materialized set (from RECOMPUTE to the end of their backward), and how many
+  others keep everything. Merak's runtime re-materializes a stage's recomputed part at once
   (``stage``); per-layer checkpointing (DeepSpeed, Megatron-LM) only one layer at a time
   (``layer``, ``selective``).
 """
@@ -35,9 +36,15 @@ import numpy as np
 from merak.partitioner.sharding import PartitionPlan
 from merak.runtime.activation_memory import profile_saved_tensors
 from merak.runtime.cluster_cost import TRACE_BYTES_PER_ELEMENT, is_sharded
+from merak.runtime.instructions import Instruction, Op
 from merak.runtime.layer_graph import attention_cores
+from merak.runtime.schedules.memory import FREEING_OPS
 
-__all__ = ["Precision", "StageFootprint", "StageMemory", "attention_core_nodes", "stage_footprints", "stage_memory"]
+__all__ = ["Precision", "StageFootprint", "StageMemory", "attention_core_nodes", "holder_profile", "stage_footprints",
+           "stage_memory"]
+
+#: Instructions during which a recomputed micro-batch's activations are all present.
+_MATERIALIZING = frozenset({Op.RECOMPUTE, Op.BACKWARD, Op.BACKWARD_INPUT})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +179,35 @@ def stage_footprints(plan: PartitionPlan, precision: Precision, tp_plan: Any = N
     return out
 
 
+def holder_profile(ops: Sequence[Instruction], recomputed: Collection[int] | None = None) -> np.ndarray:
+    """Per instruction of a stage's list, ``(reduced, materialized, kept)`` micro-batch counts
+    (rows; see the module docstring). ``recomputed`` defaults to the micro-batches with a
+    RECOMPUTE in ``ops``; passing every micro-batch prices a plan on its schedule without
+    recomputation (a recomputed micro-batch is then materialized from its backward)."""
+    if recomputed is None:
+        recomputed = {i.microbatch for i in ops if i.op is Op.RECOMPUTE}
+    state: dict[int, int] = {}  # micro-batch -> 0 reduced, 1 materialized, 2 kept
+    rows = []
+    for ins in ops:
+        mb = ins.microbatch
+        if ins.op is Op.FORWARD:
+            state[mb] = 0 if mb in recomputed else 2
+        elif ins.op in _MATERIALIZING and state.get(mb) == 0:
+            state[mb] = 1
+        counts = [0, 0, 0]
+        for v in state.values():
+            counts[v] += 1
+        rows.append(counts)
+        if ins.op in FREEING_OPS:
+            state.pop(mb, None)
+    return np.array(rows, dtype=np.float64).reshape(-1, 3)
+
+
 def stage_memory(
     footprint: StageFootprint,
     *,
     fraction: float,
-    profiles: tuple[np.ndarray, np.ndarray],
+    holders: np.ndarray,
     batch_scale: float,
     precision: Precision,
     mode: str = "stage",
@@ -185,9 +216,8 @@ def stage_memory(
 ) -> StageMemory:
     """Peak memory of one device of a stage.
 
-    ``profiles`` = the stage's ``activation_profile(ops, 0)`` and ``activation_profile(ops, 1)``
-    (micro-batches alive, and materialized, at each instruction); ``fraction`` of its layers is
-    recomputed; ``mode`` is ``stage``, ``layer`` or ``selective`` (see the module docstring).
+    ``holders`` = :func:`holder_profile` of the stage's instruction list; ``fraction`` of its
+    layers is recomputed; ``mode`` is ``stage``, ``layer`` or ``selective`` (see the module docstring).
     """
     if mode not in ("stage", "layer", "selective"):
         raise ValueError(f"unknown recomputation granularity {mode!r}")
@@ -202,8 +232,8 @@ def stage_memory(
         dropped = fraction * (kept - footprint.recompute_bytes * batch_scale)
         reduced = kept - dropped
         materialized = kept if mode == "stage" else reduced + dropped / layers
-    alive, materializing = profiles
-    activations = float(np.max((alive - materializing) * reduced + materializing * materialized)) if len(alive) else 0.0
+    weights = np.array([reduced, materialized, kept])
+    activations = float(np.max(holders @ weights)) if len(holders) else 0.0
     params = footprint.params
     return StageMemory(
         params_bytes=params * precision.weight_bytes,

@@ -37,12 +37,11 @@ from merak.partitioner.proxy_graph import ProxyGraph, trace
 from merak.partitioner.sharding import PartitionPlan, shard
 from merak.runtime.cluster import Cluster
 from merak.runtime.cluster_cost import NodeTimes, RankCostModel, op_kinds, tp_boundary_extras, tp_layer_factors
-from merak.runtime.cluster_memory import (Precision, StageMemory, attention_core_nodes, stage_footprints,
-                                          stage_memory)
+from merak.runtime.cluster_memory import (Precision, StageMemory, attention_core_nodes, holder_profile,
+                                          stage_footprints, stage_memory)
 from merak.runtime.instructions import Instruction, Op
 from merak.runtime.recompute_plan import RecomputePlan
 from merak.runtime.schedule import SCHEDULES, build_all
-from merak.runtime.schedules.memory import activation_profile
 from merak.runtime.simulate import Costs, SimulationResult, simulate
 
 __all__ = ["TracedModel", "Strategy", "Prediction", "StageCosts", "StepPlan", "RECOMPUTE_CHOICES", "lower_bound",
@@ -252,28 +251,22 @@ class _Schedule:
     """A built schedule and the per-stage counts memory needs (computed once per schedule)."""
 
     ops: tuple[tuple[Instruction, ...], ...]
-    #: per stage, micro-batches alive and micro-batches materialized at each instruction
-    profiles: tuple[tuple[np.ndarray, np.ndarray], ...]
-
-
-def _profiles(ops: Sequence[Instruction], recomputed: frozenset[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Alive micro-batches (profile at fraction 0) and materialized ones (at fraction 1: a
-    recomputed micro-batch counts only from its RECOMPUTE or backward on)."""
-    return (np.array(activation_profile(ops, 0.0, recomputed)), np.array(activation_profile(ops, 1.0, recomputed)))
+    #: per stage, :func:`~merak.runtime.cluster_memory.holder_profile` of its list
+    holders: tuple[np.ndarray, ...]
 
 
 @functools.lru_cache(maxsize=512)
 def _schedule(name: str, p: int, m: int, plan: RecomputePlan) -> _Schedule:
     ops = tuple(tuple(stage) for stage in build_all(name, p, m, plan))
-    return _Schedule(ops, tuple(_profiles(o) for o in ops))
+    return _Schedule(ops, tuple(holder_profile(o) for o in ops))
 
 
 @functools.lru_cache(maxsize=128)
-def _all_recomputed_profiles(name: str, p: int, m: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """Per stage, the profiles of the schedule without recomputation as if every micro-batch
+def _all_recomputed_holders(name: str, p: int, m: int) -> tuple[np.ndarray, ...]:
+    """Per stage, the holders of the schedule without recomputation as if every micro-batch
     were recomputed (pricing a plan before building its schedule)."""
     everything = frozenset(range(m))
-    return tuple(_profiles(o, everything) for o in _schedule(name, p, m, RecomputePlan.none(p)).ops)
+    return tuple(holder_profile(o, everything) for o in _schedule(name, p, m, RecomputePlan.none(p)).ops)
 
 
 def simulate_pipeline(schedule: str, num_stages: int, num_microbatches: int, costs: StageCosts | Costs,
@@ -366,17 +359,17 @@ def _stage_costs(plan: PartitionPlan, cost_model: RankCostModel, strategy: Strat
     return StageCosts(tuple(fwd), tuple(bi), tuple(bw), tuple(rec), tuple(p2p))
 
 
-def _stage_memory(fp: Any, strategy: Strategy, fraction: float, profiles: tuple[np.ndarray, np.ndarray],
+def _stage_memory(fp: Any, strategy: Strategy, fraction: float, holders: np.ndarray,
                   batch_scale: float) -> StageMemory:
     mode = "selective" if strategy.recompute == "selective" else strategy.recompute_granularity
-    return stage_memory(fp, fraction=fraction, profiles=profiles, batch_scale=batch_scale,
+    return stage_memory(fp, fraction=fraction, holders=holders, batch_scale=batch_scale,
                         precision=strategy.precision, mode=mode, dp=strategy.dp, zero1=strategy.zero1)
 
 
 def _memory(footprints: Sequence[Any], schedule: _Schedule, fractions: Sequence[float], strategy: Strategy,
             batch_scale: float) -> list[StageMemory]:
-    return [_stage_memory(fp, strategy, f, prof, batch_scale)
-            for fp, f, prof in zip(footprints, fractions, schedule.profiles)]
+    return [_stage_memory(fp, strategy, f, holders, batch_scale)
+            for fp, f, holders in zip(footprints, fractions, schedule.holders)]
 
 
 def _fit_fractions(footprints: Sequence[Any], strategy: Strategy, m: int, batch_scale: float,
@@ -388,10 +381,10 @@ def _fit_fractions(footprints: Sequence[Any], strategy: Strategy, m: int, batch_
     cool-down micro-batches depend on it), one more layer where a stage still does not fit."""
     p = strategy.pp
     steps = [max(fp.layers, 1) for fp in footprints]
-    profiles = _all_recomputed_profiles(strategy.schedule, p, m)
+    holders = _all_recomputed_holders(strategy.schedule, p, m)
 
     def fits(s: int, level: int) -> bool:
-        mem = _stage_memory(footprints[s], strategy, level / steps[s], profiles[s], batch_scale)
+        mem = _stage_memory(footprints[s], strategy, level / steps[s], holders[s], batch_scale)
         return mem.total_bytes <= usable
 
     level = []
