@@ -100,9 +100,12 @@ DISCUSSION = """Why the predicted speedups are smaller than the paper's (1.42x, 
 * **Fast data parallelism for small models.** With 8 x 200 Gb/s NICs per node the DP all-reduce
   of a 1.5B model is cheap, so pure data parallelism (no pipeline, no bubble) wins for every
   system at 1.5B-2.5B and pipeline-schedule improvements have little to act on.
-* **This runtime's precision.** Merak here keeps fp32 master weights as the parameters and
-  autocasts (16 bytes per parameter, fp32 gradients all-reduced, a mix of fp32 and bf16 saved
-  activations), while the baselines run 16-bit models; the last ablation row shows what that costs.
+* **This runtime's memory habits.** Merak here keeps fp32 master weights as the parameters and
+  autocasts (fp32 gradients all-reduced, a mix of fp32 and bf16 saved activations) while the
+  baselines run 16-bit models, and its RECOMPUTE re-materializes all of a stage's recomputed
+  layers at once, where per-layer checkpointing holds one layer: with few, deep stages full
+  recomputation needs far more memory here (the second ablation row; for 8.3B at pp=4 it no
+  longer fits), so Merak needs more tensor or pipeline parallelism than the baselines.
 * **What is modelled.** Per-node costs from FLOPs and bytes on an A100 model (efficiency curve,
   bandwidth, kernel floor), ring collectives with an achievable bus bandwidth, no contention
   between concurrent DP and pipeline traffic, no stragglers, no framework overheads beyond the
@@ -428,9 +431,14 @@ def run_calibration(quick: bool) -> tuple[Calibration, list[CalibrationRow], str
     measured_link = Cluster(device, 1, 2, Link(bw, latency), Link(bw, latency))
     p = predict(model, strategy, b * m, measured_link)
     ratio = ", ".join(f"{statistics.median(r):.2f}" for r in cpu_ratio)
+    share = statistics.fmean(statistics.median(r) for r in cpu_ratio)
+    contended = p.step_seconds * (1.0 - p.bubble_ratio) / share
     rows.append(CalibrationRow(f"{label}, pp=2", "2-stage 1F1B (gloo)", p.step_seconds, step, None,
                                f"b={b}, M={m}, cut before `{cut_node}`, p2p {bw / 1e9:.2f} GB/s + "
-                               f"{latency * 1e6:.0f} us measured, CPU/wall per rank {ratio}"))
+                               f"{latency * 1e6:.0f} us measured, CPU/wall per rank {ratio}; on an idle machine "
+                               f"a rank would compute {1 - p.bubble_ratio:.2f} of the step (predicted bubble), "
+                               f"so the ranks had about {share / (1 - p.bubble_ratio):.2f} of a core each: the "
+                               f"prediction at that share is {contended:.2f} s"))
     print(f"calibration {label} pp=2: predicted {p.step_seconds:.3f} s, measured {statistics.median(step):.3f} s",
           flush=True)
     load = f"1-min load average (2 cores) before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f}"

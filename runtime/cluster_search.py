@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import logging
 from collections.abc import Iterator, Sequence
 
 from merak.runtime.cluster import Cluster
 from merak.runtime.cluster_sim import Prediction, Strategy, TracedModel, lower_bound, plan_step, predict
 
 __all__ = ["SearchSpace", "SearchResult", "layouts", "search"]
-
-logger = logging.getLogger("merak")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,8 +45,6 @@ from merak.runtime.simulate import Costs, SimulationResult, simulate
 
 __all__ = ["TracedModel", "Strategy", "Prediction", "StageCosts", "StepPlan", "RECOMPUTE_CHOICES", "lower_bound",
            "plan_step", "predict", "simulate_pipeline"]
-
-logger = logging.getLogger("merak")
 
 #: Recomputation choices of a strategy: none; every layer (``full``); Megatron's attention-core
 #: recomputation (``selective``); per stage the fewest layers that fit the device (``stage_aware``).
