@@ -32,6 +32,7 @@ def test_unknown_benchmark_names_are_refused() -> None:
         b.name for b in run_all.BENCHMARKS if b.name != "memory"]
 
 
+@pytest.mark.timeout(1500)  # seven benchmarks, each starting its own (multi-process) jobs
 def test_quick_run_of_every_benchmark_writes_results(tmp_path: Path) -> None:
     """The CI run: every benchmark's --quick mode, each report and plot referenced from RESULTS.md."""
     proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--out-dir", str(tmp_path)],
