@@ -32,7 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import bar_chart, markdown_table, write_markdown_report  # noqa: E402
+from benchmarks.common import bar_chart, markdown_table, ping_pong, write_markdown_report  # noqa: E402
 from merak.runtime.cluster import Calibration, Cluster, Link, calibrate_device, cluster_preset  # noqa: E402
 from merak.runtime.cluster_memory import Precision  # noqa: E402
 from merak.runtime.cluster_search import SearchResult, SearchSpace, search  # noqa: E402
@@ -331,7 +331,7 @@ def _pipeline_rank(spec: str, b: int, m: int, seq: int, steps: int, cut: str) ->
     stage = build_stage(plan, grid.stage_id)
     executor = PipelineExecutor(stage, grid, torch.optim.AdamW(stage.parameters(), lr=1e-4))
     instructions = build("1f1b", 2, m, grid.stage_id, RecomputePlan.none(2))
-    link = _ping_pong(dist.get_rank(), plan.stages[0].send_bytes)
+    link = ping_pong(dist.get_rank(), plan.stages[0].send_bytes)
     times, cpu = [], []
     for micro in batches:
         dist.barrier()
@@ -340,31 +340,6 @@ def _pipeline_rank(spec: str, b: int, m: int, seq: int, steps: int, cut: str) ->
         times.append(time.perf_counter() - wall)
         cpu.append(time.process_time() - proc)
     return {"times": times[1:], "cpu": cpu[1:], "link": link}
-
-
-def _ping_pong(rank: int, nbytes: int, rounds: int = 20) -> tuple[float, float]:
-    """(bytes/s, latency s) of gloo p2p between the two ranks, from round trips of a 1-element
-    and an ``nbytes`` tensor."""
-    import torch
-    import torch.distributed as dist
-
-    def one_way(numel: int) -> float:
-        t = torch.zeros(numel)
-        samples = []
-        for _ in range(rounds):
-            dist.barrier()
-            start = time.perf_counter()
-            if rank == 0:
-                dist.send(t, 1)
-                dist.recv(t, 1)
-            else:
-                dist.recv(t, 0)
-                dist.send(t, 0)
-            samples.append((time.perf_counter() - start) / 2)
-        return statistics.median(samples)
-
-    small, big = one_way(1), one_way(max(nbytes // 4, 1))
-    return nbytes / max(big - small, 1e-9), small
 
 
 def measure_pipeline(spec: str, b: int, m: int, seq: int, steps: int, cut: str) -> tuple[list[float], list[list[float]], tuple[float, float]]:

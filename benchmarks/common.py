@@ -189,7 +189,39 @@ def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float], title:
     ax.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def save_figure(fig: "object", path: Path, dpi: int = 120) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def ping_pong(rank: int, nbytes: int, rounds: int = 20) -> tuple[float, float]:
+    """(bytes/s, latency s) of p2p between ranks 0 and 1 of the default process group, from the
+    median round trip of a 1-element and an ``nbytes`` float tensor (the other ranks idle)."""
+    import torch
+    import torch.distributed as dist
+
+    def one_way(numel: int) -> float:
+        t = torch.zeros(numel)
+        samples = []
+        for _ in range(rounds):
+            dist.barrier()
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(t, 1)
+                dist.recv(t, 1)
+            elif rank == 1:
+                dist.recv(t, 0)
+                dist.send(t, 0)
+            samples.append((time.perf_counter() - start) / 2)
+        return statistics.median(samples)
+
+    small, big = one_way(1), one_way(max(nbytes // 4, 1))
+    return nbytes / max(big - small, 1e-9), small

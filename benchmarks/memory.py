@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, write_markdown_report  # noqa: E402
+from common import markdown_table, save_figure, write_markdown_report  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODES = ("none", "full", "selective", "stage_aware")
@@ -404,10 +404,7 @@ def plot(path: Path, est, ranks: list[dict], stages: int) -> None:
     axes[0].set_ylabel("MiB per device (static + activation peak)")
     axes[0].legend(fontsize=8)
     fig.suptitle("Per-stage memory, 4-stage GPT-2 on CPU: estimate vs measurement", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import markdown_table, write_markdown_report  # noqa: E402
+from benchmarks.common import markdown_table, save_figure, write_markdown_report  # noqa: E402
 
 REPORT_NAME = "partition_balance"
 
@@ -139,10 +139,7 @@ def plot(results: list[dict], stages: list[int], path: Path) -> None:
     ax.set_ylim(bottom=0.95)
     ax.set_title("Partition balance per method (lower is better, 1.0 = perfect)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import markdown_table, write_markdown_report  # noqa: E402
+from benchmarks.common import markdown_table, ping_pong, save_figure, write_markdown_report  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -125,32 +125,14 @@ def measure(layout: Layout, steps: int, warmup: int, timeout: float) -> float:
 
 
 def link_worker() -> None:
-    """Runs on 2 gloo ranks: time p2p round trips of a tiny and a 4 MiB message; rank 0 prints
-    the fitted latency and bandwidth (what the planner's CPU 'cluster' uses for p2p and all-reduce)."""
-    import torch
+    """Runs on 2 gloo ranks: rank 0 prints the p2p latency and bandwidth (what the planner's CPU
+    'cluster' uses for p2p and all-reduce), from round trips of a tiny and a 4 MiB message."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    timings = {}
-    for numel in (1, 1 << 20):
-        x = torch.ones(numel)
-        samples = []
-        for i in range(12):
-            start = time.perf_counter()
-            if rank == 0:
-                dist.send(x, 1)
-                dist.recv(x, 1)
-            else:
-                dist.recv(x, 0)
-                dist.send(x, 0)
-            if i >= 2:
-                samples.append((time.perf_counter() - start) / 2)
-        timings[numel * 4] = statistics.median(samples)
-    if rank == 0:
-        small, big = timings[4], timings[4 << 20]
-        print("RESULT " + json.dumps({"latency_s": small, "bytes_per_s": (4 << 20) / max(big - small, 1e-9)}),
-              flush=True)
+    bytes_per_s, latency = ping_pong(dist.get_rank(), 4 << 20)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"latency_s": latency, "bytes_per_s": bytes_per_s}), flush=True)
     dist.destroy_process_group()
 
 
@@ -219,10 +201,7 @@ def plot(layouts: list[Layout], predicted: list[float], measured: list[float], p
     ax.set_ylabel("measured step time (s)")
     ax.set_title(f"Planner vs measurement, {WORLD} gloo ranks on this CPU", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
