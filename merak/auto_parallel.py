@@ -34,6 +34,9 @@ __all__ = ["LayoutChoice", "local_cluster", "choose_layout", "decide_on_rank0"]
 #: A gloo loopback link on one machine, as measured by benchmarks/planner_validation.py on the
 #: development machine (order of magnitude; only matters for ranking layouts on CPU).
 CPU_LINK = Link(1.0e9, 1.0e-4)
+#: A Linux CFS time slice (order of magnitude): what a message to a rank that is waiting for a
+#: core costs on top of the link's own latency.
+OS_TIME_SLICE_S = 1.0e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +80,16 @@ def local_cluster(world_size: int, local_world_size: int, memory_bytes: float | 
                    else cluster_preset("a100-80gb", nodes, per_node, device=calibrate_device(name, "cuda").device))
     else:
         device = calibrate_device("this-cpu").device
-        share = min(1.0, (os.cpu_count() or 1) / per_node)
+        cores = os.cpu_count() or 1
+        share = min(1.0, cores / per_node)
         device = dataclasses.replace(device, peak_flops=device.peak_flops * share,
                                      hbm_bytes_per_s=device.hbm_bytes_per_s * share,
                                      op_overhead_s=device.op_overhead_s / share)
-        cluster = Cluster(device, nodes, per_node, cpu_link, cpu_link)
+        # With more ranks than cores, a message waits until the OS schedules its receiver: each
+        # hop pays about a scheduler time slice per extra rank sharing a core.
+        wait = max(0.0, per_node / cores - 1.0) * OS_TIME_SLICE_S
+        link = dataclasses.replace(cpu_link, latency_s=cpu_link.latency_s + wait)
+        cluster = Cluster(device, nodes, per_node, link, link)
     if memory_bytes is not None:
         cluster = dataclasses.replace(cluster, device=dataclasses.replace(
             cluster.device, hbm_bytes=memory_bytes + cluster.device.reserved_bytes))
