@@ -96,7 +96,7 @@ def local_cluster(world_size: int, local_world_size: int, memory_bytes: float | 
     return cluster
 
 
-def _micro_batch_choices(global_batch: int, world_size: int) -> tuple[int, ...]:
+def _micro_batch_choices(global_batch: int) -> tuple[int, ...]:
     return tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= global_batch and global_batch % b == 0)
 
 
@@ -108,7 +108,7 @@ def choose_layout(graph: Any, seq_len: int, trace_batch: int, global_batch: int,
     from merak.runtime.cluster_sim import TracedModel
 
     model = TracedModel(type(graph.model).__name__, graph, seq_len, trace_batch=trace_batch)
-    space = SearchSpace(micro_batches=_micro_batch_choices(global_batch, cluster.num_devices))
+    space = SearchSpace(micro_batches=_micro_batch_choices(global_batch))
     result = search(model, cluster, global_batch, space, keep=keep)
     if not result.best:
         raise ValueError(
