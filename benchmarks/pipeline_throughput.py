@@ -5,8 +5,8 @@ on the same model and data — GPT-2-like, 8 blocks, hidden 256, seq 128, micro-
 8 micro-batches per step, fp32, AdamW — each as its own job with one OpenMP thread per rank,
 and writes a markdown table and a bar chart to ``benchmarks/results/``::
 
-    python benchmarks/pipeline_throughput.py                 # all runners, 10 timed steps
-    python benchmarks/pipeline_throughput.py --quick         # 1 warm-up + 2 timed steps
+    python benchmarks/pipeline_throughput.py                 # all runners, 3 rounds of 10 timed steps
+    python benchmarks/pipeline_throughput.py --quick         # 1 round, 1 warm-up + 2 timed steps
     python benchmarks/pipeline_throughput.py --only single-process,deepspeed-pipe --steps 20
     python benchmarks/pipeline_throughput.py --set vocab_size=8192   # any BenchConfig field
     python benchmarks/pipeline_throughput.py --list                  # runners, and why any skip
@@ -14,6 +14,11 @@ and writes a markdown table and a bar chart to ``benchmarks/results/``::
 Why separate jobs, one after the other: on a 2-core machine a pipeline of 2 ranks owns the
 whole CPU, so runners must not overlap, and each framework gets a fresh interpreter (DeepSpeed
 and torch pipelining both keep global process-group state).
+
+Rounds: this 2-core VM's speed drifts by ±10 % over minutes (other guests share the host), more
+than the differences being measured. So the runner list is run ``--rounds`` times (default 3),
+rotated by one runner per round, and each runner's timed steps are pooled: every runner then
+samples the same slow and fast periods.
 
 Reported per runner: median samples/s over the timed steps (a step's time is the slowest
 rank's), the slowest–fastest step range, the ratio to the fastest peer and to the physical
@@ -37,7 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
@@ -105,18 +110,37 @@ class JobResult:
 
 @dataclass
 class Outcome:
-    """One runner's row: a merged result, or why there is none."""
+    """One runner's row: its results (one per round), or why there is none."""
 
     runner: Runner
-    result: JobResult | None = None
+    rounds: list[JobResult] = field(default_factory=list)
     skipped: str | None = None
     failed: str | None = None
     command: str = ""
+
+    @property
+    def result(self) -> JobResult | None:
+        """All rounds pooled: every timed step of every round (losses: the first round's)."""
+        if self.failed or not self.rounds:
+            return None
+        first = self.rounds[0]
+        return JobResult([t for r in self.rounds for t in r.step_times], first.losses,
+                         [sum(u) / len(self.rounds) for u in zip(*(r.cpu_per_wall for r in self.rounds))])
+
+    def absorb(self, other: "Outcome") -> None:
+        """Add another round's outcome of the same runner."""
+        self.command = self.command or other.command
+        self.skipped = self.skipped or other.skipped
+        self.failed = self.failed or other.failed
+        self.rounds.extend(other.rounds)
 
     def samples_per_s(self, cfg: BenchConfig) -> Throughput | None:
         if self.result is None:
             return None
         return Throughput.from_step_times(self.result.step_times, cfg.samples_per_step)
+
+    def round_medians(self, cfg: BenchConfig) -> list[float]:
+        return [Throughput.from_step_times(r.step_times, cfg.samples_per_step).median for r in self.rounds]
 
 
 def _free_port() -> int:
@@ -170,7 +194,7 @@ def run_runner(runner: Runner, cfg: BenchConfig, timeout: float, log_dir: Path) 
         return Outcome(runner, failed=f"ranks ran with {threads} threads, not 1", command=shown)
     fields = ("step_times", "losses", "cpu_times")
     result = JobResult.merge([RankResult(**{k: p[k] for k in fields}) for p in payloads])
-    outcome = Outcome(runner, result=result, command=shown)
+    outcome = Outcome(runner, rounds=[result], command=shown)
     print(f"[bench] {runner.name}: {outcome.samples_per_s(cfg).median:.2f} samples/s", flush=True)
     return outcome
 
@@ -184,15 +208,18 @@ def loss_check(outcome: Outcome, reference: JobResult | None) -> str:
 
     The first-step loss (before any update) checks the weights, data, cut and loss; the largest
     step-loss difference over the run checks gradients and updates (tied-weight reduction,
-    gradient scaling, clipping).
+    gradient scaling, clipping). Every round must pass.
     """
     if outcome.result is None or reference is None or outcome.result.losses[0] is None:
         return "n/a"
-    first, ref = outcome.result.losses[0], reference.losses[0]
-    if not math.isclose(first, ref, rel_tol=FIRST_LOSS_RTOL):
-        return f"MISMATCH: first loss {first - ref:+.2e}"
-    drift = max_loss_drift(outcome.result, reference)
-    return f"MISMATCH: loss drifts {drift:.1e}" if drift is not None and drift > LOSS_DRIFT_ATOL else "ok"
+    for result in outcome.rounds:
+        first, ref = result.losses[0], reference.losses[0]
+        if first is None or not math.isclose(first, ref, rel_tol=FIRST_LOSS_RTOL):
+            return f"MISMATCH: first loss {(first or math.nan) - ref:+.2e}"
+        drift = max_loss_drift(result, reference)
+        if drift is not None and drift > LOSS_DRIFT_ATOL:
+            return f"MISMATCH: loss drifts {drift:.1e}"
+    return "ok"
 
 
 def max_loss_drift(result: JobResult, reference: JobResult) -> float | None:
@@ -207,6 +234,7 @@ class Report:
 
     cfg: BenchConfig
     outcomes: list[Outcome]
+    rounds: int = 1
 
     @property
     def baseline(self) -> Outcome | None:
@@ -238,6 +266,7 @@ class Report:
         drift = max_loss_drift(o.result, self.reference) if o.result and self.reference else None
         return [f"`{o.runner.name}`", o.runner.group,
                 _fmt(tp and tp.median), f"{tp.low:.2f}–{tp.high:.2f}" if tp else "",
+                ", ".join(f"{m:.2f}" for m in o.round_medians(self.cfg)) if o.result else "",
                 _fmt(tp and fastest and tp.median / fastest, ".3f"),
                 _fmt(tp and limit and tp.median / limit, ".3f"),
                 ", ".join(f"{u:.2f}" for u in o.result.cpu_per_wall) if o.result else "",
@@ -246,7 +275,7 @@ class Report:
     def markdown(self, quick: bool) -> str:
         cfg, refs = self.cfg, self.reference_lines()
         b = cfg.blocks_per_stage
-        table = markdown_table(["runner", "group", "samples/s (median)", "min–max", "× fastest peer",
+        table = markdown_table(["runner", "group", "samples/s (median)", "min–max", "per-round medians", "× fastest peer",
                                 "× physical limit", "CPU/wall per rank", "first loss", "max |Δloss|",
                                 "check / status"], [self.row(o) for o in self.outcomes])
         notes = [
@@ -254,10 +283,14 @@ class Report:
             f"seq {cfg.seq_len}, vocab {cfg.vocab_size}, dropout 0, fp32, tied LM head; AdamW lr {cfg.lr}, "
             f"no clipping. Micro-batch {cfg.micro_batch}, M = {cfg.num_microbatches} micro-batches "
             f"({cfg.samples_per_step} samples) per step, pp = {cfg.num_stages}, one OpenMP thread per rank; "
-            f"{cfg.warmup_steps} warm-up step(s) excluded, {cfg.steps} timed steps"
-            + (" (**`--quick` run: too few steps to quote**)." if quick else "."),
-            f"Stage cut (every pipelined runner): stage 0 = embeddings + blocks 0–{b - 1}; "
-            f"stage 1 = blocks {b}–{2 * b - 1} + `ln_f` + tied LM head.",
+            f"{cfg.warmup_steps} warm-up step(s) excluded, {cfg.steps} timed steps per round, "
+            f"{self.rounds} round(s)" + (" (**`--quick` run: too few steps to quote**)." if quick else "."),
+            "Rounds: the whole runner list is run once per round, rotated by one runner each round, so "
+            "slow drifts of a shared machine hit every runner alike; samples/s pools the timed steps of "
+            "all rounds, and each round's own median is listed beside it.",
+            f"Stage cut of the peers (by hand, at a block boundary): stage 0 = embeddings + blocks 0–{b - 1}; "
+            f"stage 1 = blocks {b}–{2 * b - 1} + `ln_f` + tied LM head. Merak cuts the same HF model "
+            "itself (automatic, below layer granularity; its plan table is in the runner's log).",
             f"Physical limit = 2 × single-process = {_fmt(refs.get('physical limit'))} samples/s; the 1F1B "
             f"bound with equal stages is limit × M/(M+P−1) = {_fmt(refs.get('1F1B bound'))}. "
             "A step lasts as long as its slowest rank; "
@@ -332,6 +365,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 warm-up + 2 timed steps (smoke run)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per runner (default 10)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per runner (default 2)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="run the runner list this many times, rotated, and pool the steps (default 3; "
+                        "--quick runs 1)")
     p.add_argument("--only", default="", help="comma-separated runner names (default: all)")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="override BenchConfig fields, e.g. --set vocab_size=8192 n_layer=4")
@@ -366,7 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_overrides(args.set, steps=steps, warmup_steps=warmup)
 
     log_dir = Path(tempfile.mkdtemp(prefix="pipeline_throughput-logs-"))
-    report = Report(cfg, [run_runner(registry[n], cfg, args.timeout, log_dir) for n in names])
+    rounds = 1 if args.quick else args.rounds
+    outcomes = {n: Outcome(registry[n]) for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if outcomes[name].failed or outcomes[name].skipped:
+                continue
+            if rounds > 1:
+                print(f"[bench] round {r + 1}/{rounds}", end=": ", flush=True)
+            outcomes[name].absorb(run_runner(registry[name], cfg, args.timeout, log_dir))
+    report = Report(cfg, [outcomes[n] for n in names], rounds)
     md, png = args.out_dir / f"{REPORT_NAME}.md", args.out_dir / f"{REPORT_NAME}.png"
     body = report.markdown(args.quick)
     if report.chart(png):

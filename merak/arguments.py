@@ -77,6 +77,13 @@ class MerakArguments(TrainingArguments):
                           "when norms, softmax and the loss cost more than their FLOPs say).",
                   "choices": COST_MODEL_CHOICES},
     )
+    partition_calibration_rounds: int = field(
+        default=0,
+        metadata={"help": "With partition_method=cost: after cutting, time the stages themselves (forward and "
+                          "backward of one micro-batch, every stage on every rank, averaged) and correct the cut "
+                          "up to this many times; 0 = off. Fixes cost models whose node costs do not add up per "
+                          "stage; each round costs about 9 micro-batch steps of the whole model."},
+    )
     partition_cuts: list[str] = field(
         default_factory=list,
         metadata={"help": "With partition_method=manual: the module names that start stages 1..P-1, "
@@ -155,6 +162,12 @@ class MerakArguments(TrainingArguments):
         elif self.activation_offload:
             raise ValueError("activation_offload=True is decided against a memory budget; set "
                              "max_memory_per_device (e.g. '80GB') as well")
+        if self.partition_calibration_rounds < 0:
+            raise ValueError(f"partition_calibration_rounds={self.partition_calibration_rounds} must be >= 0 "
+                             f"(0 = no calibration)")
+        if self.partition_calibration_rounds and self.partition_method != "cost":
+            raise ValueError(f"partition_calibration_rounds re-balances cost-based cuts, but partition_method="
+                             f"{self.partition_method!r}; use partition_method='cost' or set the rounds to 0")
         if self.partition_method == "manual" and not self.partition_cuts:
             raise ValueError("partition_method='manual' needs partition_cuts (module names that "
                              "start stages 1..P-1)")

@@ -94,6 +94,11 @@ class MerakTrainer(Trainer):
         self.plan = shard(graph, self.grid.num_stages, method=args.partition_method,
                           manual_cuts=args.partition_cuts or None,
                           cost_model=_partition_cost_model(args, graph, example))
+        if args.partition_calibration_rounds and self.grid.num_stages > 1:
+            calibration = _calibrate(self.plan, self.grid, args, example, loss_fn)
+            self.plan = calibration.plan
+            if self.grid.rank == 0:
+                logger.info("%s", calibration.table())
         stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed)
         if args.load_weights_from:
             from merak.checkpoint import load_pretrained_weights
@@ -383,6 +388,19 @@ def _partition_cost_model(args: MerakArguments, graph: Any, example: Mapping[str
 
     measured = profile_costs(graph, example, device=merak.get_device())
     return measured.averaged(timeout_s=args.p2p_timeout)
+
+
+def _calibrate(plan: Any, grid: Any, args: MerakArguments, example: Mapping[str, Any],
+               loss_fn: LossFn | None) -> Any:
+    """``plan`` re-cut on its stage times measured in dry 1F1B steps of the pipeline
+    (:mod:`merak.runtime.pipeline_calibration`; M copies of the example micro-batch); the times
+    are gathered on every rank, so all ranks keep the same cut."""
+    from merak.runtime.pipeline_calibration import calibrate_in_pipeline
+
+    microbatches = [example] * max(args.gradient_accumulation_steps, grid.num_stages)
+    return calibrate_in_pipeline(plan, grid, microbatches, rounds=args.partition_calibration_rounds,
+                                 device=merak.get_device(), loss_fn=loss_fn, seed=args.seed,
+                                 timeout_s=args.p2p_timeout)
 
 
 def _budget_activation_plan(args: MerakArguments, grid: Any, plan: Any, tp_plan: Any) -> ActivationPlan:

@@ -37,7 +37,7 @@ from .cost_model import CostModel, NodeCost
 from .proxy_graph import COMPUTE, REPLICATED, ProxyGraph, ProxyNode
 from .tracer import resolve_path
 
-__all__ = ["ProfiledCostModel", "profile_costs"]
+__all__ = ["DeviceTimer", "ProfiledCostModel", "mean_over_ranks", "profile_costs"]
 
 _PROFILED_ROLES = (COMPUTE, REPLICATED)
 
@@ -75,20 +75,11 @@ class ProfiledCostModel(CostModel):
     def averaged(self, group: Any = None, timeout_s: float = 300.0) -> "ProfiledCostModel":
         """The mean of every rank's measurements over ``group`` (all ranks must call this with
         the same graph), so all pipeline stages shard identically. A no-op without a process group."""
-        import torch.distributed as dist
-
-        if not dist.is_initialized() or dist.get_world_size(group) == 1:
-            return self
-        from merak.runtime.p2p import wait_with_timeout
-
         names = sorted(self.times)
         values = torch.tensor([[self.times[n].forward, self.times[n].backward] for n in names],
                               dtype=torch.float64)
-        if dist.get_backend(group) == "nccl":
-            values = values.cuda()
-        work = dist.all_reduce(values, group=group, async_op=True)
-        wait_with_timeout(work, timeout_s, "the all-reduce of profiled node costs (every rank must profile)")
-        values = (values / dist.get_world_size(group)).cpu().tolist()
+        values = mean_over_ranks(values, group, timeout_s,
+                                 "the all-reduce of profiled node costs (every rank must profile)").tolist()
         times = {n: NodeCost(f, b) for n, (f, b) in zip(names, values)}
         return dataclasses.replace(self, times=times)
 
@@ -114,7 +105,7 @@ def profile_costs(
         raise ValueError("profile_costs needs real example inputs (one collated micro-batch), not meta "
                          "tensors: the point is to time the device")
     dev = torch.device(device) if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
-    timer = _Timer(dev)
+    timer = DeviceTimer(dev)
     timer.backward_overhead = _backward_launch_seconds(timer, dev, repeats)
     runner = _NodeRunner(graph, example_inputs, dev)
     times: dict[str, NodeCost] = {}
@@ -134,8 +125,26 @@ def profile_costs(
                              link_bytes_per_second=link_bytes_per_second)
 
 
+def mean_over_ranks(values: torch.Tensor, group: Any, timeout_s: float, what: str) -> torch.Tensor:
+    """The element-wise mean of ``values`` over ``group`` (a CPU tensor back; every rank must call).
+
+    Timings differ slightly between ranks, but every rank must derive the same partition from
+    them, so measurements are averaged before any decision is taken. A no-op without a process group.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return values
+    from merak.runtime.p2p import wait_with_timeout
+
+    values = values.cuda() if dist.get_backend(group) == "nccl" else values.clone()
+    work = dist.all_reduce(values, group=group, async_op=True)
+    wait_with_timeout(work, timeout_s, what)
+    return (values / dist.get_world_size(group)).cpu()
+
+
 def _measure(call: Callable[[Any], Any], runner: "_NodeRunner", fx_node: fx.Node, record: ProxyNode,
-             timer: "_Timer", repeats: int) -> NodeCost:
+             timer: "DeviceTimer", repeats: int) -> NodeCost:
     """Median forward and backward seconds of one node, each run on fresh leaf inputs."""
     call(runner.arguments(fx_node, leaves=True))  # warm-up: lazy initialisation, allocator
     forward = []
@@ -167,7 +176,7 @@ def _run_for_value(call: Callable[[Any], Any], runner: "_NodeRunner", fx_node: f
     return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), out)
 
 
-def _backward_launch_seconds(timer: "_Timer", device: torch.device, repeats: int) -> float:
+def _backward_launch_seconds(timer: "DeviceTimer", device: torch.device, repeats: int) -> float:
     """What starting a backward costs by itself (engine set-up, not the node's work).
 
     A training step pays it once per micro-batch, but the isolated per-node backwards pay it once
@@ -182,7 +191,7 @@ def _backward_launch_seconds(timer: "_Timer", device: torch.device, repeats: int
     return statistics.median(samples)
 
 
-class _Timer:
+class DeviceTimer:
     """Wall-clock seconds of a callable, synchronising the device around it."""
 
     backward_overhead: float = 0.0

@@ -303,6 +303,12 @@ class PartitionPlan:
                 holders.setdefault(p, []).append(s)
         return {p: tuple(v) for p, v in holders.items() if len(v) > 1}
 
+    def repriced(self, cost_model: CostModel) -> "PartitionPlan":
+        """The same cut with its statistics (cost, imbalance) under ``cost_model``."""
+        seq = _Sequence(self.graph, cost_model)
+        stages = [_stage_stats(seq, a, b, self.graph) for a, b in zip(self.bounds, self.bounds[1:])]
+        return dataclasses.replace(self, cost_model=cost_model, stages=stages, _seq=seq)
+
     def _sequence(self) -> _Sequence:
         if self._seq is None:
             self._seq = _Sequence(self.graph, self.cost_model)

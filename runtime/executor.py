@@ -46,6 +46,9 @@ from merak.runtime.weight_grad_store import WeightGradStore, defer_weight_gradie
 
 LossFn = Callable[[Mapping[str, Any], Mapping[str, Any]], torch.Tensor]
 
+_FORWARD_OPS = frozenset({Op.FORWARD, Op.RECOMPUTE})
+_BACKWARD_OPS = frozenset({Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT})
+
 
 class Stage(Protocol):
     """What the executor needs from a stage module (see ``merak.partitioner.StageModule``)."""
@@ -78,6 +81,11 @@ class StepResult:
     num_microbatches: int
     seconds: float
     skipped: bool = False  # optimizer step skipped (e.g. fp16 overflow)
+    #: wall seconds this rank spent computing: forward passes (recomputation included) and
+    #: backward passes (input and weight gradients) - the rest of ``seconds`` is waiting,
+    #: communication and the optimizer. What pipeline calibration balances.
+    forward_seconds: float = 0.0
+    backward_seconds: float = 0.0
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -175,20 +183,31 @@ class PipelineExecutor:
         backward_ops = (Op.BACKWARD, Op.BACKWARD_INPUT)
         last_backward = max((n for n, i in enumerate(instructions) if i.op in backward_ops), default=-1)
         self._skipped = False
+        busy = {_FORWARD_OPS: 0.0, _BACKWARD_OPS: 0.0}
         for n, instruction in enumerate(instructions):
             if n == last_backward:
                 self.reducer.arm()
+            began = time.perf_counter()
             try:
                 self._handlers[instruction.op](instruction)
             except Exception as exc:
                 exc.add_note(f"while executing instruction {instruction} on rank {self.grid.rank}")
                 raise
+            for ops in busy:
+                if instruction.op in ops:
+                    busy[ops] += time.perf_counter() - began
         self.p2p.wait_sends()
         losses = [m.loss for m in self._mb.values() if m.loss is not None]
         loss = float(torch.stack(losses).detach().mean()) if losses else None
         self._mb.clear()
         self.activations.release_all()
-        return StepResult(loss, self._num_mb, time.perf_counter() - start, self._skipped)
+        return StepResult(loss, self._num_mb, time.perf_counter() - start, self._skipped,
+                          busy[_FORWARD_OPS], busy[_BACKWARD_OPS])
+
+    def close(self) -> None:
+        """Detach this executor from the stage's parameters (its gradient hooks), for an executor
+        that is dropped while the model lives on (e.g. after a calibration run)."""
+        self.reducer.close()
 
     # ---- handlers ----------------------------------------------------------------------
     def _load(self, ins: Instruction) -> None:

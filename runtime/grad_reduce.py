@@ -62,9 +62,13 @@ class DataParallelReducer:
         self._armed = False
         self._ready: list[int] = [0] * len(self.buckets)
         self._inflight: dict[int, tuple[dist.Work, torch.Tensor]] = {}
-        if self.enabled:
-            for p in early:
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in early] if self.enabled else []
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the parameters may outlive this reducer)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     @property
     def enabled(self) -> bool:

@@ -78,7 +78,7 @@ def test_single_process_runner_in_process() -> None:
 def _outcome(name: str, losses: list[float | None]) -> bench.Outcome:
     runner = runners()[name]
     result = bench.JobResult.merge([RankResult([1.0, 2.0, 3.0], losses, [0.9, 1.8, 2.7])])
-    return bench.Outcome(runner, result=result, command="cmd")
+    return bench.Outcome(runner, rounds=[result], command="cmd")
 
 
 def test_report_flags_a_runner_that_trains_something_else() -> None:
@@ -94,6 +94,21 @@ def test_report_flags_a_runner_that_trains_something_else() -> None:
     assert report.physical_limit == pytest.approx(2 * TINY.samples_per_step / 2.0)
     text = report.markdown(quick=True)
     assert "| `merak-1f1b` | merak |" in text and "skipped: not available yet" in text
+
+
+def test_rounds_pool_steps_and_every_round_must_match() -> None:
+    """Rounds pool their timed steps; a round that trains something else fails the row."""
+    single = _outcome("single-process", [5.0, 4.9, 4.8])
+    runner = runners()["torch-pipelining-1f1b"]
+    good = bench.JobResult([1.0, 1.0, 1.0], [5.0, 4.9, 4.8], [0.9])
+    pooled = bench.Outcome(runner, rounds=[good, bench.JobResult([2.0, 2.0, 2.0], [5.0, 4.9, 4.8], [0.7])])
+    assert pooled.result.step_times == [1.0] * 3 + [2.0] * 3
+    assert pooled.result.cpu_per_wall == [pytest.approx(0.8)]
+    assert pooled.round_medians(TINY) == [TINY.samples_per_step / 1.0, TINY.samples_per_step / 2.0]
+    bad = bench.Outcome(runner, rounds=[good, bench.JobResult([1.0] * 3, [5.0, 4.9, 4.5], [0.9])])
+    report = bench.Report(TINY, [single, pooled, bad], rounds=2)
+    assert report.status(pooled) == "ok" and report.status(bad).startswith("MISMATCH")
+    assert "2 round(s)" in report.markdown(quick=False)
 
 
 def test_job_result_takes_slowest_rank_and_any_known_loss() -> None:

@@ -4,7 +4,8 @@ Each entry runs in the 2 ranks started by ``torchrun`` (gloo, one OpenMP thread 
 the same seeded HF model and data as the peers. Unlike the peers, which are cut by hand at the
 block boundary, Merak partitions the model itself (``cost`` method, sub-layer granularity, node
 costs *profiled* on this CPU and averaged over the two ranks - ``partition_cost_model="profile"``
-in ``MerakArguments``): that automatic balancing is part of what is being measured. The FLOP
+in ``MerakArguments`` - then the cut corrected on the stage times measured in dry pipeline steps -
+``partition_calibration_rounds``): that automatic balancing is part of what is being measured. The FLOP
 roofline would cut after block 4's attention, which on this CPU leaves stage 0 ~8 % slower than
 stage 1 (attention's softmax and reshapes cost more time than their FLOPs say). ``step(batch)`` runs one whole
 schedule (all micro-batches, tied-gradient reduction, optimizer step).
@@ -22,6 +23,10 @@ from benchmarks.peers.registry import BenchContext, RankResult, register_runner
 
 #: Merak's executor is wired in below.
 WIRED = True
+
+#: Calibration of the profiled cut (``MerakArguments(partition_calibration_rounds=...)``): the
+#: stages are timed inside dry 1F1B steps of the pipeline and the cut corrected until it stops moving.
+CALIBRATION_ROUNDS, CALIBRATION_STEPS = 3, 2
 
 #: Which recomputation each Merak entry runs with. The shifted critical-path schedule exists to
 #: make recomputation cheap, so it is measured with it (and 1F1B with full recompute beside it,
@@ -49,6 +54,7 @@ def run_merak(ctx: BenchContext, entry: str) -> RankResult:
     from merak.partitioner import build_stage, shard, trace
     from merak.partitioner.profiler import profile_costs
     from merak.runtime.executor import PipelineExecutor
+    from merak.runtime.pipeline_calibration import calibrate_in_pipeline
     from merak.runtime.recompute_plan import RecomputePlan
     from merak.runtime.schedule import build
 
@@ -60,7 +66,11 @@ def run_merak(ctx: BenchContext, entry: str) -> RankResult:
     example = {"input_ids": ids, "labels": ids}
     graph = trace(model, example)
     plan = shard(graph, grid.num_stages, cost_model=profile_costs(graph, example).averaged())
+    probe = [{"input_ids": m, "labels": m} for m in ctx.microbatches(ctx.batches()[0])]
+    calibration = calibrate_in_pipeline(plan, grid, probe, rounds=CALIBRATION_ROUNDS, steps=CALIBRATION_STEPS)
+    plan = calibration.plan
     if ctx.rank == 0:
+        print(calibration.table(), flush=True)
         print(plan.table(), flush=True)
     stage = build_stage(plan, grid.stage_id)
     executor = PipelineExecutor(stage, grid, make_optimizer(stage.parameters(), cfg),
