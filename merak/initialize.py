@@ -16,6 +16,7 @@ import torch.distributed as dist
 from merak.launch.env import read_launch_env
 from merak.logs import configure as configure_logging
 from merak.runtime.grid import Grid, GridError, ParallelDims
+from merak.runtime.host_allocator import keep_freed_host_memory
 
 logger = logging.getLogger("merak")
 
@@ -76,6 +77,8 @@ def join_job(*, backend: str | None = None, timeout_s: float | None = None) -> t
     before it knows the layout. Returns the device and the collective timeout."""
     env = read_launch_env()
     default_backend, device = _pick_backend_and_device(env.local_rank)
+    if device.type == "cpu":
+        keep_freed_host_memory()  # CPU training: reuse freed activation memory (no page faults)
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
     if not dist.is_initialized():
         if env.world_size == 1:
