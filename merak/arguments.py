@@ -84,6 +84,11 @@ class MerakArguments(TrainingArguments):
                           "up to this many times; 0 = off. Fixes cost models whose node costs do not add up per "
                           "stage; each round costs about 9 micro-batch steps of the whole model."},
     )
+    fuse_ops: bool = field(
+        default=True,
+        metadata={"help": "Replace traced op chains that PyTorch has as one kernel (e.g. GPT-2's tanh GELU, 8 "
+                          "element-wise ops) by that kernel in every stage; equal up to float rounding."},
+    )
     partition_cuts: list[str] = field(
         default_factory=list,
         metadata={"help": "With partition_method=manual: the module names that start stages 1..P-1, "

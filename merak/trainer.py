@@ -99,7 +99,8 @@ class MerakTrainer(Trainer):
             self.plan = calibration.plan
             if self.grid.rank == 0:
                 logger.info("%s", calibration.table())
-        stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed)
+        stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed,
+                            fuse=args.fuse_ops)
         if args.load_weights_from:
             from merak.checkpoint import load_pretrained_weights
 
@@ -400,7 +401,7 @@ def _calibrate(plan: Any, grid: Any, args: MerakArguments, example: Mapping[str,
     microbatches = [example] * max(args.gradient_accumulation_steps, grid.num_stages)
     return calibrate_in_pipeline(plan, grid, microbatches, rounds=args.partition_calibration_rounds,
                                  device=merak.get_device(), loss_fn=loss_fn, seed=args.seed,
-                                 timeout_s=args.p2p_timeout)
+                                 fuse=args.fuse_ops, timeout_s=args.p2p_timeout)
 
 
 def _budget_activation_plan(args: MerakArguments, grid: Any, plan: Any, tp_plan: Any) -> ActivationPlan:

@@ -386,6 +386,9 @@ def _human(count: int) -> str:
 def _check_num_stages(seq: _Sequence, k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"num_stages must be a positive integer, got {k!r}")
+    if seq.n == 0:
+        raise ValueError(f"the traced graph of {type(seq.graph.model).__name__} has no compute nodes (no "
+                         "parameterised or costly ops), so there is nothing to place on pipeline stages")
     cuttable = int(seq.valid[1:seq.n].sum())
     if k - 1 > cuttable:
         raise ValueError(

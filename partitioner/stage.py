@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .fusion import fuse as fuse_chains
 from .meta import canonical_parameter_names, first_device, is_meta_module, materialize, mirror
 from .proxy_graph import COMPUTE, INPUT, OUTPUT, REPLICATED, ProxyGraph, mutators_of
 from .sharding import PartitionPlan
@@ -46,8 +47,9 @@ class StageModule(fx.GraphModule):
     keys read), ``recv_inputs`` / ``send_outputs`` (value names from the previous / to the next
     stage; ``send_outputs`` of stage s equals ``recv_inputs`` of stage s+1), ``output_keys`` (the
     model's outputs, last stage only), ``tied_parameters`` (canonical name -> local name of every
-    parameter another stage also holds; their gradients must be summed), ``flavour`` and
-    ``dynamic_shapes`` (whether batch size / sequence length may differ from the trace).
+    parameter another stage also holds; their gradients must be summed), ``flavour``,
+    ``dynamic_shapes`` (whether batch size / sequence length may differ from the trace) and
+    ``fusions`` (op chains replaced by one kernel, by rule).
     """
 
     stage_id: int
@@ -59,9 +61,10 @@ class StageModule(fx.GraphModule):
     tied_parameters: dict[str, str]
     flavour: str
     dynamic_shapes: bool
+    fusions: dict[str, int]
 
     _STAGE_ATTRIBUTES = ("stage_id", "num_stages", "data_inputs", "recv_inputs", "send_outputs", "output_keys",
-                         "tied_parameters", "flavour", "dynamic_shapes")
+                         "tied_parameters", "flavour", "dynamic_shapes", "fusions")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "StageModule":
         # GraphModule's deepcopy rebuilds the module from its graph, dropping plain attributes and
@@ -220,6 +223,7 @@ def build_stage(
     stage_id: int,
     device: torch.device | str | None = "cpu",
     seed: int = 1234,
+    fuse: bool = True,
 ) -> StageModule:
     """Build the :class:`StageModule` of ``stage_id``.
 
@@ -227,7 +231,9 @@ def build_stage(
     ``device`` if that differs (``device=None`` leaves it where it is - note moving a shared
     ``Parameter`` moves it for the model too). Meta model: only this stage's tensors are created,
     on ``device`` (CPU when ``None``), initialized by the model's init with seeds derived from
-    ``seed`` and each parameter's canonical name.
+    ``seed`` and each parameter's canonical name. ``fuse`` replaces op chains that have a native
+    kernel (the tanh GELU) by that kernel (:mod:`merak.partitioner.fusion`); ``stage.fusions``
+    counts what was fused.
     """
     graph = plan.graph
     model = graph.model
@@ -258,6 +264,7 @@ def build_stage(
         raise RuntimeError(f"the trace created tensor constants {stale} on the meta device; their values are "
                            "unknown. Trace with real example inputs or mark the module creating them as a leaf")
     stage = StageModule(root, g, class_name=f"Stage{stage_id}")
+    stage.fusions = fuse_chains(stage) if fuse else {}
     _restore_buffer_persistence(stage, model, [*attrs, DEVICE_ANCHOR], constants)
     if device is not None:
         if meta:  # only trace constants can still be elsewhere

@@ -47,6 +47,7 @@ def pipeline_stage_times(
     device: torch.device | str = "cpu",
     loss_fn: LossFn | None = None,
     seed: int = 1234,
+    fuse: bool = True,
     timeout_s: float = 300.0,
 ) -> list[NodeCost]:
     """Every stage's forward and backward seconds per micro-batch, measured in ``steps`` dry
@@ -55,7 +56,7 @@ def pipeline_stage_times(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if plan.num_stages != grid.num_stages:
         raise ValueError(f"the plan has {plan.num_stages} stages but the grid {grid.num_stages}")
-    stage = build_stage(plan, grid.stage_id, device=device, seed=seed)
+    stage = build_stage(plan, grid.stage_id, device=device, seed=seed, fuse=fuse)
     instructions = build("1f1b", grid.num_stages, len(microbatches), grid.stage_id,
                          RecomputePlan.from_mode("none", grid.num_stages))
     forward = backward = 0.0
@@ -117,12 +118,13 @@ def calibrate_in_pipeline(
     device: torch.device | str = "cpu",
     loss_fn: LossFn | None = None,
     seed: int = 1234,
+    fuse: bool = True,
     timeout_s: float = 300.0,
 ) -> Calibration:
     """:func:`~merak.partitioner.calibration.calibrate` with stage times measured in the pipeline."""
 
     def measure(candidate: PartitionPlan) -> list[NodeCost]:
         return pipeline_stage_times(candidate, grid, microbatches, steps=steps, device=device, loss_fn=loss_fn,
-                                    seed=seed, timeout_s=timeout_s)
+                                    seed=seed, fuse=fuse, timeout_s=timeout_s)
 
     return calibrate(plan, rounds=rounds, measure=measure, timeout_s=timeout_s)

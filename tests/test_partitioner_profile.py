@@ -61,7 +61,9 @@ def test_profile_moves_the_cut_toward_a_slow_op_that_flops_ignore() -> None:
 
 def test_profile_measures_forward_and_backward_of_every_compute_node() -> None:
     model, make_batch = tiny_model("gpt2")
-    batch = make_batch(batch_size=2, seq_len=16)
+    # Big enough that a matmul's backward clearly exceeds the subtracted launch overhead even on a
+    # busy machine (at batch 2 x 16 tokens the two are within timer noise of each other).
+    batch = make_batch(batch_size=8, seq_len=64)
     graph = trace(model, batch)
     profiled = profile_costs(graph, batch, repeats=2)
     compute = [n for n in graph.compute_nodes]

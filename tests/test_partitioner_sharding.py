@@ -194,3 +194,17 @@ def test_cli_errors_are_reported(capsys: pytest.CaptureFixture[str]) -> None:
     assert "key=value" in capsys.readouterr().err
     assert main(["--config", "no_such_model_type", "--stages", "2"]) == 2
     assert "unknown model_type" in capsys.readouterr().err
+
+
+def test_a_graph_without_compute_nodes_gets_a_clear_error() -> None:
+    import torch
+    from torch import nn
+
+    from merak.partitioner import shard, trace
+
+    class Parameterless(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x * 2.0).sum()
+
+    with pytest.raises(ValueError, match="no compute nodes"):
+        shard(trace(Parameterless(), {"x": torch.randn(2, 2)}), 1)

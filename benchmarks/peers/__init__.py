@@ -5,10 +5,12 @@ runners of one framework. Framework imports (DeepSpeed, Merak's runtime) happen 
 runner functions, so listing runners never needs those frameworks installed.
 """
 
-# Import order is registration order, which is the order of the table: baseline, peers, Merak.
+# Import order is registration order, which is the order of the table: baseline, peers, Merak,
+# references.
 from benchmarks.peers import single_process  # noqa: F401  isort: skip
 from benchmarks.peers import deepspeed_pipe, torch_pipelining  # noqa: F401  isort: skip
 from benchmarks.peers import merak_runners  # noqa: F401  isort: skip
+from benchmarks.peers import references  # noqa: F401  isort: skip
 from benchmarks.peers.registry import BenchContext, RankResult, Runner, register_runner, runners
 
 __all__ = ["BenchContext", "RankResult", "Runner", "register_runner", "runners"]

@@ -44,9 +44,10 @@ def merak_unavailable() -> str | None:
     return None if found else "not available: merak.runtime.executor cannot be imported"
 
 
-def run_merak(ctx: BenchContext, entry: str) -> RankResult:
+def run_merak(ctx: BenchContext, entry: str, fuse: bool = True) -> RankResult:
     """Train with Merak: automatic (cost-balanced) partition of the same HF model, Merak's
-    executor and schedule, the benchmark's optimizer; the HF model computes its own loss."""
+    executor and schedule, the benchmark's optimizer; the HF model computes its own loss.
+    ``fuse=False`` keeps traced op chains unfused (``MerakArguments(fuse_ops=False)``)."""
     import torch
 
     import merak
@@ -67,12 +68,15 @@ def run_merak(ctx: BenchContext, entry: str) -> RankResult:
     graph = trace(model, example)
     plan = shard(graph, grid.num_stages, cost_model=profile_costs(graph, example).averaged())
     probe = [{"input_ids": m, "labels": m} for m in ctx.microbatches(ctx.batches()[0])]
-    calibration = calibrate_in_pipeline(plan, grid, probe, rounds=CALIBRATION_ROUNDS, steps=CALIBRATION_STEPS)
+    calibration = calibrate_in_pipeline(plan, grid, probe, rounds=CALIBRATION_ROUNDS, steps=CALIBRATION_STEPS,
+                                        fuse=fuse)
     plan = calibration.plan
     if ctx.rank == 0:
         print(calibration.table(), flush=True)
         print(plan.table(), flush=True)
-    stage = build_stage(plan, grid.stage_id)
+    stage = build_stage(plan, grid.stage_id, fuse=fuse)
+    if ctx.rank == 0:
+        print(f"fused op chains on stage 0: {stage.fusions or 'none'}", flush=True)
     executor = PipelineExecutor(stage, grid, make_optimizer(stage.parameters(), cfg),
                                 zero_bubble=schedule == "zero_bubble")
     recompute = RecomputePlan.from_mode(RECOMPUTE[entry], grid.num_stages)

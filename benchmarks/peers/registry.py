@@ -34,7 +34,7 @@ import torch.distributed as dist
 from benchmarks.bench_model import BenchConfig, build_model, make_batches, microbatches
 from benchmarks.common import time_calls
 
-Group = Literal["baseline", "peer", "merak"]
+Group = Literal["baseline", "peer", "merak", "reference"]
 Launcher = Literal["python", "torchrun", "deepspeed"]
 
 
