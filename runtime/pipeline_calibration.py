@@ -20,6 +20,7 @@ corrects the cost model and cuts again.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -114,17 +115,12 @@ def calibrate_in_pipeline(
     microbatches: Sequence[Mapping[str, Any]],
     *,
     rounds: int = 3,
-    steps: int = 2,
-    device: torch.device | str = "cpu",
-    loss_fn: LossFn | None = None,
-    seed: int = 1234,
-    fuse: bool = True,
     timeout_s: float = 300.0,
+    **measure_options: Any,
 ) -> Calibration:
-    """:func:`~merak.partitioner.calibration.calibrate` with stage times measured in the pipeline."""
-
-    def measure(candidate: PartitionPlan) -> list[NodeCost]:
-        return pipeline_stage_times(candidate, grid, microbatches, steps=steps, device=device, loss_fn=loss_fn,
-                                    seed=seed, fuse=fuse, timeout_s=timeout_s)
-
+    """:func:`~merak.partitioner.calibration.calibrate` with stage times measured in the pipeline;
+    ``measure_options`` go to :func:`pipeline_stage_times` (``steps``, ``device``, ``loss_fn``,
+    ``seed``, ``fuse``)."""
+    measure = functools.partial(pipeline_stage_times, grid=grid, microbatches=microbatches, timeout_s=timeout_s,
+                                **measure_options)
     return calibrate(plan, rounds=rounds, measure=measure, timeout_s=timeout_s)
