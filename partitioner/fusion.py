@@ -9,8 +9,10 @@ rounding, ~2e-7). A stage is an fx graph Merak owns, so it can swap the chain fo
 without touching the user's model.
 
 Each rule matches a chain by its ops and constants and only when its intermediate values have
-no other users, and the fused node inherits the chain output's metadata (module path, traced
-value), so layer detection, recomputation and tensor parallelism see the same graph shape.
+no other users, and the chain's output node becomes the kernel call - same name, metadata
+(module path, traced value) and users - so layer detection, recomputation, tensor parallelism
+and the memory estimator (which profiles :func:`fused_copy` of the traced graph) see the same
+graph shape.
 ``build_stage(..., fuse=False)`` / ``MerakArguments(fuse_ops=False)`` turns it off.
 """
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-__all__ = ["FUSIONS", "fuse"]
+__all__ = ["FUSIONS", "fuse", "fused_copy"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -90,11 +92,11 @@ def _fuse_tanh_gelu(graph: fx.Graph) -> int:
         x, chain = match
         if any(len(n.users) != 1 for n in chain[:-1]):
             continue  # an intermediate value is used elsewhere: fusing would not remove it
-        with graph.inserting_after(out):
-            gelu = graph.call_function(F.gelu, (x,), {"approximate": "tanh"})
-        gelu.meta = dict(out.meta)
-        out.replace_all_uses_with(gelu)
-        for node in reversed(chain):
+        # The chain's last node becomes the kernel call: it keeps its name, metadata (module path,
+        # traced value) and users, so per-node bookkeeping keyed by name (stage membership, the
+        # memory estimator's saved-tensor profile) still finds it.
+        out.target, out.args, out.kwargs = F.gelu, (x,), {"approximate": "tanh"}
+        for node in reversed(chain[:-1]):
             graph.erase_node(node)
         fused += 1
     return fused
@@ -102,6 +104,18 @@ def _fuse_tanh_gelu(graph: fx.Graph) -> int:
 
 #: name -> rule; a rule rewrites every match in the graph and returns how many it fused.
 FUSIONS: dict[str, Callable[[fx.Graph], int]] = {"tanh-gelu": _fuse_tanh_gelu}
+
+
+def fused_copy(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` (same node names and metadata) with every rule applied: what the
+    stages built from it will run, for estimators that walk the whole traced graph."""
+    copy = fx.Graph()
+    output = copy.graph_copy(graph, {})
+    if output is not None:
+        copy.output(output)
+    for rule in FUSIONS.values():
+        rule(copy)
+    return copy
 
 
 def fuse(module: fx.GraphModule) -> dict[str, int]:

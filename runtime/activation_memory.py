@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from merak.partitioner.fusion import fused_copy
 from merak.partitioner.meta import meta_like
 from merak.partitioner.proxy_graph import PARAM, ProxyGraph
 from merak.partitioner.tracer import resolve_path, run_module_on_meta
@@ -204,8 +205,12 @@ Cuts = Mapping[str, tuple[int, tuple[str, ...]]]
 _PROFILES: "weakref.WeakKeyDictionary[ProxyGraph, dict[Any, SavedTensorProfile]]" = weakref.WeakKeyDictionary()
 
 
-def profile_saved_tensors(graph: ProxyGraph, precision: str = "fp32", cuts: Cuts | None = None) -> SavedTensorProfile:
+def profile_saved_tensors(graph: ProxyGraph, precision: str = "fp32", cuts: Cuts | None = None,
+                          fuse: bool = True) -> SavedTensorProfile:
     """Run ``graph`` forward on meta tensors and record what autograd saves per node.
+
+    ``fuse`` profiles the graph as stages run it by default, with op chains fused
+    (:mod:`merak.partitioner.fusion`; a fused GELU saves its input, not eight intermediates).
 
     With ``cuts`` (see :func:`pipeline_cuts`), each stage starts from fresh copies of the values
     it receives, as in the pipeline: two received values never share storage even where the
@@ -213,11 +218,11 @@ def profile_saved_tensors(graph: ProxyGraph, precision: str = "fp32", cuts: Cuts
     LLaMA-2-7B at sequence 4096 takes seconds).
     """
     cuts = dict(cuts or {})
-    key = (precision, tuple(sorted(cuts.items())))
+    key = (precision, tuple(sorted(cuts.items())), fuse)
     cached = _PROFILES.setdefault(graph, {})
     if key not in cached:
         with _precision_mode(precision):
-            cached[key] = _MetaRun(graph, precision, cuts).run()
+            cached[key] = _MetaRun(graph, precision, cuts, fuse).run()
     return cached[key]
 
 
@@ -230,8 +235,9 @@ def pipeline_cuts(plan: Any) -> dict[str, tuple[int, tuple[str, ...]]]:
 class _MetaRun:
     """One forward of a traced graph on meta tensors, recording saved storages per node."""
 
-    def __init__(self, graph: ProxyGraph, precision: str, cuts: Cuts) -> None:
+    def __init__(self, graph: ProxyGraph, precision: str, cuts: Cuts, fuse: bool = True) -> None:
         self.graph = graph
+        self.nodes = list((fused_copy(graph.traced.graph) if fuse else graph.traced.graph).nodes)
         self.precision = precision
         self.cuts = cuts
         self.storages = _Storages()
@@ -253,7 +259,7 @@ class _MetaRun:
         trace_devices = {torch.device(d) for d in traced.trace_devices}
         meta = torch.device("meta")
         env: dict[fx.Node, Any] = {}
-        by_name = {n.name: n for n in traced.graph.nodes}
+        by_name = {n.name: n for n in self.nodes}
 
         def lookup(a: Any) -> Any:
             if isinstance(a, fx.Node):
@@ -261,7 +267,7 @@ class _MetaRun:
             return meta if isinstance(a, torch.device) and a in trace_devices else a
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-            for node in traced.graph.nodes:
+            for node in self.nodes:
                 if node.op == "output":
                     continue
                 if node.name in self.cuts:
