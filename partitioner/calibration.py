@@ -26,7 +26,6 @@ ranks keep the same plan.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .cost_model import CostModel, NodeCost
-from .profiler import DeviceTimer, mean_over_ranks
+from .profiler import DeviceTimer, example_on_device, mean_over_ranks
 from .proxy_graph import ProxyNode
 from .sharding import PartitionPlan, shard
 from .stage import StageModule, build_stage
@@ -155,9 +154,7 @@ def time_stages(
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    tensors = [v for v in pytree.tree_leaves(dict(example_inputs)) if isinstance(v, torch.Tensor)]
-    dev = torch.device(device) if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
-    data = pytree.tree_map_only(torch.Tensor, lambda t: t.to(dev), dict(example_inputs))
+    dev, data = example_on_device(example_inputs, device, "time_stages")
     timer = DeviceTimer(dev)
     home = _parameter_device(plan)
     probes: list[_StageProbe] = []
@@ -261,12 +258,12 @@ def calibrate(
 ) -> Calibration:
     """Re-cut ``plan`` (a ``method="cost"`` plan) on measured stage times; see the module docstring.
 
-    ``measure(plan)`` returns every stage's seconds per micro-batch; by default each stage is
-    timed on its own with :func:`time_stages` on ``example_inputs``
-    (:func:`merak.runtime.pipeline_calibration.pipeline_stage_times` times them inside the
-    running pipeline instead). Runs at most ``rounds`` corrections (so ``rounds + 1`` measured
-    plans), stopping early when a cut repeats. Every rank of ``group`` (default: all) must call
-    it with the same plan; measurements are averaged over them.
+    ``measure(plan)`` returns every stage's seconds per micro-batch, the same on every rank (as
+    :func:`merak.runtime.pipeline_calibration.pipeline_stage_times`, which times the stages inside
+    the running pipeline, does). By default each stage is timed on its own with
+    :func:`time_stages` on ``example_inputs`` by every rank of ``group`` (default: all), and the
+    ranks' times are averaged so all keep the same cut. Runs at most ``rounds`` corrections (so
+    ``rounds + 1`` measured plans), stopping early when a cut repeats.
     """
     if plan.method != "cost":
         raise ValueError(f"calibration re-balances cost-based plans; this plan was cut with method={plan.method!r}")
@@ -275,18 +272,22 @@ def calibrate(
     if measure is None:
         if example_inputs is None:
             raise ValueError("calibrate needs example_inputs (one micro-batch) to time the stages, or a measure function")
-        measure = functools.partial(time_stages, example_inputs=example_inputs, device=device, repeats=repeats,
-                                    loss_fn=loss_fn)
+
+        def each_stage_alone(candidate: PartitionPlan) -> tuple[NodeCost, ...]:
+            times = time_stages(candidate, example_inputs, device=device, repeats=repeats, loss_fn=loss_fn)
+            return _averaged(times, group, timeout_s)
+
+        measure = each_stage_alone
     model = plan.cost_model if isinstance(plan.cost_model, CalibratedCostModel) else \
         CalibratedCostModel(plan.cost_model, {}, {})
     history: list[CalibrationRound] = []
     plans: list[PartitionPlan] = []
     current = plan
-    for _ in range(rounds + 1):
-        measured = _averaged(list(measure(current)), group, timeout_s)
+    for round_ in range(rounds + 1):
+        measured = tuple(measure(current))
         history.append(CalibrationRound(current.bounds, tuple(s.first_node for s in current.stages), measured))
         plans.append(current)
-        if len(history) > rounds:
+        if round_ == rounds:
             break
         model = model.corrected(current, measured)
         current = shard(plan.graph, plan.num_stages, cost_model=model, tolerance=tolerance)

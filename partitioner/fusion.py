@@ -113,15 +113,19 @@ def fused_copy(graph: fx.Graph) -> fx.Graph:
     output = copy.graph_copy(graph, {})
     if output is not None:
         copy.output(output)
-    for rule in FUSIONS.values():
-        rule(copy)
+    _apply_rules(copy)
     return copy
+
+
+def _apply_rules(graph: fx.Graph) -> dict[str, int]:
+    """Every rule of :data:`FUSIONS` applied to ``graph`` in place; the non-zero counts."""
+    counts = {name: rule(graph) for name, rule in FUSIONS.items()}
+    return {name: n for name, n in counts.items() if n}
 
 
 def fuse(module: fx.GraphModule) -> dict[str, int]:
     """Apply every rule of :data:`FUSIONS` to ``module`` in place; returns the non-zero counts."""
-    counts = {name: rule(module.graph) for name, rule in FUSIONS.items()}
-    counts = {name: n for name, n in counts.items() if n}
+    counts = _apply_rules(module.graph)
     if counts:
         module.graph.lint()
         module.recompile()

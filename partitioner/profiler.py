@@ -37,7 +37,7 @@ from .cost_model import CostModel, NodeCost
 from .proxy_graph import COMPUTE, REPLICATED, ProxyGraph, ProxyNode
 from .tracer import resolve_path
 
-__all__ = ["DeviceTimer", "ProfiledCostModel", "mean_over_ranks", "profile_costs"]
+__all__ = ["DeviceTimer", "ProfiledCostModel", "example_on_device", "mean_over_ranks", "profile_costs"]
 
 _PROFILED_ROLES = (COMPUTE, REPLICATED)
 
@@ -100,11 +100,7 @@ def profile_costs(
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    tensors = [v for v in pytree.tree_leaves(dict(example_inputs)) if isinstance(v, torch.Tensor)]
-    if any(t.device.type == "meta" for t in tensors):
-        raise ValueError("profile_costs needs real example inputs (one collated micro-batch), not meta "
-                         "tensors: the point is to time the device")
-    dev = torch.device(device) if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
+    dev, example_inputs = example_on_device(example_inputs, device, "profile_costs")
     timer = DeviceTimer(dev)
     timer.backward_overhead = _backward_launch_seconds(timer, dev, repeats)
     runner = _NodeRunner(graph, example_inputs, dev)
@@ -123,6 +119,18 @@ def profile_costs(
             p.grad = None
     return ProfiledCostModel(times=times, device=str(dev), repeats=repeats,
                              link_bytes_per_second=link_bytes_per_second)
+
+
+def example_on_device(example_inputs: Mapping[str, Any], device: torch.device | str | None,
+                      who: str) -> tuple[torch.device, dict[str, Any]]:
+    """The device to time on (``device``, else that of the first example tensor, else CPU) and
+    the example micro-batch moved there. Meta example tensors are refused: timing needs values."""
+    tensors = [v for v in pytree.tree_leaves(dict(example_inputs)) if isinstance(v, torch.Tensor)]
+    if any(t.device.type == "meta" for t in tensors):
+        raise ValueError(f"{who} needs real example inputs (one collated micro-batch), not meta "
+                         "tensors: the point is to time the device")
+    dev = torch.device(device) if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
+    return dev, pytree.tree_map_only(torch.Tensor, lambda t: t.to(dev), dict(example_inputs))
 
 
 def mean_over_ranks(values: torch.Tensor, group: Any, timeout_s: float, what: str) -> torch.Tensor:
@@ -213,7 +221,7 @@ class _NodeRunner:
     def __init__(self, graph: ProxyGraph, example_inputs: Mapping[str, Any], device: torch.device) -> None:
         self.graph, self.device = graph, device
         self.model = graph.model
-        self.inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), dict(example_inputs))
+        self.inputs = dict(example_inputs)  # already on ``device`` (see example_on_device)
         self.trace_devices = {torch.device(d) for d in graph.traced.trace_devices}
         self.env: dict[fx.Node, Any] = {}
         order = {n: i for i, n in enumerate(graph.graph.nodes)}

@@ -46,8 +46,8 @@ from merak.runtime.weight_grad_store import WeightGradStore, defer_weight_gradie
 
 LossFn = Callable[[Mapping[str, Any], Mapping[str, Any]], torch.Tensor]
 
-_FORWARD_OPS = frozenset({Op.FORWARD, Op.RECOMPUTE})
-_BACKWARD_OPS = frozenset({Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT})
+#: Which busy-time total (0: forward, 1: backward) an instruction's seconds count toward.
+_COMPUTE_KIND = {Op.FORWARD: 0, Op.RECOMPUTE: 0, Op.BACKWARD: 1, Op.BACKWARD_INPUT: 1, Op.BACKWARD_WEIGHT: 1}
 
 
 class Stage(Protocol):
@@ -183,7 +183,7 @@ class PipelineExecutor:
         backward_ops = (Op.BACKWARD, Op.BACKWARD_INPUT)
         last_backward = max((n for n, i in enumerate(instructions) if i.op in backward_ops), default=-1)
         self._skipped = False
-        busy = {_FORWARD_OPS: 0.0, _BACKWARD_OPS: 0.0}
+        busy = [0.0, 0.0]  # forward, backward seconds
         for n, instruction in enumerate(instructions):
             if n == last_backward:
                 self.reducer.arm()
@@ -193,16 +193,15 @@ class PipelineExecutor:
             except Exception as exc:
                 exc.add_note(f"while executing instruction {instruction} on rank {self.grid.rank}")
                 raise
-            for ops in busy:
-                if instruction.op in ops:
-                    busy[ops] += time.perf_counter() - began
+            kind = _COMPUTE_KIND.get(instruction.op)
+            if kind is not None:
+                busy[kind] += time.perf_counter() - began
         self.p2p.wait_sends()
         losses = [m.loss for m in self._mb.values() if m.loss is not None]
         loss = float(torch.stack(losses).detach().mean()) if losses else None
         self._mb.clear()
         self.activations.release_all()
-        return StepResult(loss, self._num_mb, time.perf_counter() - start, self._skipped,
-                          busy[_FORWARD_OPS], busy[_BACKWARD_OPS])
+        return StepResult(loss, self._num_mb, time.perf_counter() - start, self._skipped, *busy)
 
     def close(self) -> None:
         """Detach this executor from the stage's parameters (its gradient hooks), for an executor

@@ -25,14 +25,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from merak.partitioner import NodeCost, PartitionPlan, build_stage
 from merak.partitioner.calibration import Calibration, calibrate
+from merak.partitioner.profiler import mean_over_ranks
 from merak.runtime.executor import LossFn, PipelineExecutor
 from merak.runtime.grid import Grid
-from merak.runtime.p2p import wait_with_timeout
 from merak.runtime.recompute_plan import RecomputePlan
 from merak.runtime.schedule import build
 
@@ -96,16 +95,12 @@ def _unchanged(stage: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _gathered(local: NodeCost, grid: Grid, timeout_s: float) -> list[NodeCost]:
-    """Every stage's cost from every rank's own: summed per stage, divided by its replicas."""
+    """Every stage's cost from every rank's own: each rank fills its stage's row and a count of 1;
+    averaged over all ranks, a row's times over its count are the mean over that stage's replicas."""
     table = torch.zeros(grid.num_stages, 3, dtype=torch.float64)
     table[grid.stage_id] = torch.tensor([local.forward, local.backward, 1.0], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            table = table.cuda()
-        work = dist.all_reduce(table, async_op=True)
-        wait_with_timeout(work, timeout_s, "the all-reduce of measured pipeline stage times (every rank must "
-                                           "calibrate the partition)")
-        table = table.cpu()
+    table = mean_over_ranks(table, None, timeout_s, "the all-reduce of measured pipeline stage times (every rank "
+                                                   "must calibrate the partition)")
     return [NodeCost(f / n, b / n) for f, b, n in table.tolist()]
 
 
@@ -123,4 +118,4 @@ def calibrate_in_pipeline(
     ``seed``, ``fuse``)."""
     measure = functools.partial(pipeline_stage_times, grid=grid, microbatches=microbatches, timeout_s=timeout_s,
                                 **measure_options)
-    return calibrate(plan, rounds=rounds, measure=measure, timeout_s=timeout_s)
+    return calibrate(plan, rounds=rounds, measure=measure)
