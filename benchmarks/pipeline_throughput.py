@@ -297,9 +297,11 @@ class Report:
             "samples/s is the median over timed steps, min–max the slowest and fastest step.",
             "Merak's runners run with Merak's defaults, two of which the peers do not have: on CPU "
             "`merak.init` keeps freed host memory for reuse (`runtime/host_allocator.py`), and stages run "
-            "one fused kernel for traced op chains (GPT-2's tanh GELU: `partitioner/fusion.py`, equal to "
-            "~2e-7). The `reference` rows (not counted as peers) separate them: DeepSpeed with the "
-            "allocator setting, and Merak 1F1B without fusion.",
+            "traced op chains as the kernels an eager model calls (`partitioner/fusion.py`): GPT-2's tanh "
+            "GELU as one kernel (equal to ~2e-7), and the causal mask the trace builds as SDPA's "
+            "`is_causal=True` - which the peers' blocks, called without a mask, get anyway. The "
+            "`reference` rows (not counted as peers) separate them: DeepSpeed with the allocator setting, "
+            "and Merak 1F1B without these graph rewrites.",
             "CPU/wall: each rank's CPU seconds over wall seconds in the timed steps — about 1.0 for the "
             "single process on an idle core; lower means waiting (pipeline bubble, or other jobs on the "
             "machine).",

@@ -13,7 +13,12 @@ no other users, and the chain's output node becomes the kernel call - same name,
 (module path, traced value) and users - so layer detection, recomputation, tensor parallelism
 and the memory estimator (which profiles :func:`fused_copy` of the traced graph) see the same
 graph shape.
-``build_stage(..., fuse=False)`` / ``MerakArguments(fuse_ops=False)`` turns it off.
+
+The second rule, ``causal-attention`` (:mod:`.causal_attention`), gives SDPA calls whose traced
+mask is built from shapes alone a per-shape cached decision: ``is_causal=True`` when the mask is
+the causal triangle (what the eager model would have passed), the mask otherwise. On meta tensors
+(the memory estimator) the decision keeps the mask.
+``build_stage(..., fuse=False)`` / ``MerakArguments(fuse_ops=False)`` turns all rules off.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
+
+from .causal_attention import rewrite_causal_attention
 
 __all__ = ["FUSIONS", "fuse", "fused_copy"]
 
@@ -103,7 +110,10 @@ def _fuse_tanh_gelu(graph: fx.Graph) -> int:
 
 
 #: name -> rule; a rule rewrites every match in the graph and returns how many it fused.
-FUSIONS: dict[str, Callable[[fx.Graph], int]] = {"tanh-gelu": _fuse_tanh_gelu}
+FUSIONS: dict[str, Callable[[fx.Graph], int]] = {
+    "tanh-gelu": _fuse_tanh_gelu,
+    "causal-attention": rewrite_causal_attention,  # traced causal mask -> SDPA's is_causal
+}
 
 
 def fused_copy(graph: fx.Graph) -> fx.Graph:

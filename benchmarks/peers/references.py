@@ -25,8 +25,9 @@ def run_deepspeed_kept_host_memory(ctx: BenchContext) -> RankResult:
 
 
 @register_runner("merak-1f1b-unfused", group="reference", launcher="torchrun", nprocs=2,
-                 description="Merak 1F1B with fuse_ops=False (the traced GELU chain left as 8 ops)",
+                 description="Merak 1F1B with fuse_ops=False (traced GELU chain left as 8 ops, causal mask "
+                             "built and passed to SDPA)",
                  unavailable=merak_unavailable)
 def run_merak_1f1b_unfused(ctx: BenchContext) -> RankResult:
-    """``merak-1f1b`` without op-chain fusion."""
+    """``merak-1f1b`` without the graph rewrites of :mod:`merak.partitioner.fusion`."""
     return run_merak(ctx, "1f1b", fuse=False)
