@@ -278,7 +278,8 @@ class _MetaRun:
                 kwargs = fx.node.map_aggregate(node.kwargs, lookup)
                 value = self._run_node(node, args, kwargs)
                 env[node] = value
-                if self.graph.node(node.name).role == PARAM:
+                traced_node = self.graph.by_name.get(node.name)  # None: a node a fusion rule added
+                if traced_node is not None and traced_node.role == PARAM:
                     self.state_tensors.extend(t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
                     continue
                 self.values[node.name] = frozenset(

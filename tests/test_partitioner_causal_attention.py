@@ -44,7 +44,7 @@ class MaskedAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, n, 16)).square().mean()
 
 
-def _stages(model: nn.Module, inputs: dict, fuse: bool = True, flavour: str = "auto"):
+def _stage(model: nn.Module, inputs: dict, fuse: bool = True, flavour: str = "auto"):
     plan = shard(trace(model, inputs, flavour=flavour), 1)
     return build_stage(plan, 0, fuse=fuse)
 
@@ -66,7 +66,7 @@ def test_a_shape_built_causal_mask_becomes_is_causal_with_equal_values_and_grads
     torch.manual_seed(0)
     model = MaskedAttention(kind)
     x = torch.randn(3, 8, 16)
-    fused, plain = _stages(model, {"x": x}, flavour=flavour), _stages(model, {"x": x}, fuse=False, flavour=flavour)
+    fused, plain = _stage(model, {"x": x}, flavour=flavour), _stage(model, {"x": x}, fuse=False, flavour=flavour)
     assert fused.flavour == flavour
     assert fused.fusions["causal-attention"] == 1 and plain.fusions == {}
     for seq in (8, 5):  # the stage is shape-dynamic: a second length gets its own decision
@@ -86,7 +86,7 @@ def test_a_shape_built_mask_that_is_not_causal_is_still_passed_to_attention() ->
     torch.manual_seed(0)
     model = MaskedAttention("window")
     inputs = {"x": torch.randn(2, 6, 16)}
-    fused, plain = _stages(model, inputs), _stages(model, inputs, fuse=False)
+    fused, plain = _stage(model, inputs), _stage(model, inputs, fuse=False)
     for a, b in zip(_loss_and_grads(fused, model, inputs), _loss_and_grads(plain, model, inputs)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     (decider,) = _deciders(fused)
@@ -97,7 +97,7 @@ def test_a_mask_that_depends_on_the_batch_is_not_touched() -> None:
     model = MaskedAttention("bool")
     keep = torch.ones(2, 6, dtype=torch.long)
     keep[0, -2:] = 0
-    stage = _stages(model, {"x": torch.randn(2, 6, 16), "keep": keep})
+    stage = _stage(model, {"x": torch.randn(2, 6, 16), "keep": keep})
     assert "causal-attention" not in stage.fusions and not _deciders(stage)
 
 
@@ -112,7 +112,7 @@ class MutatedMask(MaskedAttention):
 
 
 def test_a_mask_sub_graph_with_an_in_place_update_is_not_touched() -> None:
-    stage = _stages(MutatedMask("bool"), {"x": torch.randn(2, 6, 16)}, flavour="fx")
+    stage = _stage(MutatedMask("bool"), {"x": torch.randn(2, 6, 16)}, flavour="fx")
     assert "causal-attention" not in stage.fusions
 
 
@@ -130,6 +130,20 @@ def test_hf_decoders_cut_in_two_run_every_attention_as_causal_and_keep_the_loss(
         loss = stages[1](batch, {k: out0[k] for k in stages[1].recv_inputs})["loss"]
         torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-6, atol=1e-6)
     assert all(causal for s in stages for d in _deciders(s) for _, causal in d._decisions.values())
+
+
+def test_the_memory_estimator_profiles_a_rewritten_decoder() -> None:
+    """The estimator runs the fused graph on meta tensors; the rewrite's new nodes (not in the traced
+    graph) must not break it, and the per-stage footprints still count every layer's activations."""
+    from merak.runtime.activation_memory import profile_saved_tensors, stage_footprints
+
+    model, make_batch = tiny_model("gpt2", attn_implementation="sdpa")
+    batch = {k: v for k, v in make_batch(batch_size=2, seq_len=12).items() if k != "attention_mask"}
+    graph = trace(model, batch)
+    fused, plain = profile_saved_tensors(graph), profile_saved_tensors(graph, fuse=False)
+    assert 0 < fused.total_saved_bytes() <= plain.total_saved_bytes()
+    footprints = stage_footprints(shard(graph, 2))
+    assert all(part.kept for footprint in footprints for part in footprint.layers)
 
 
 def test_hf_padding_masks_are_not_rewritten() -> None:
