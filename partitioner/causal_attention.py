@@ -26,7 +26,6 @@ that depends on the batch (padding) is never touched. The cache holds a few shap
 
 from __future__ import annotations
 
-import math
 import operator
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -36,19 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .proxy_graph import _is_random, _mutated_input, _target_name
+
 __all__ = ["ShapeKeyedMask", "is_causal_mask", "rewrite_causal_attention"]
 
 #: Tensor attributes that depend on a tensor's shape, device and dtype, never on its values.
 _SHAPE_ATTRIBUTES = frozenset({"shape", "device", "dtype", "ndim", "is_cuda"})
 _SHAPE_METHODS = frozenset({"size", "dim"})
-#: Substrings of op names whose result is not a function of its inputs (cannot be cached).
-_NOT_PURE = ("rand", "bernoulli", "dropout", "normal", "multinomial", "empty", "poisson", "exponential")
+#: Besides random ops: op names whose result is not a function of their inputs (uninitialized memory).
+_UNINITIALIZED = ("empty",)
 #: SDPA as fx tracing records it and as torch.export records it (same argument positions).
 _SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 _SIZE_OPS = (torch.ops.aten.sym_size.int,)  # torch.export's ``x.shape[d]``
-_OPERATOR_IN_PLACE = frozenset({operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
-                                operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
-                                operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul})
 _SDPA_MASK_POSITION, _SDPA_CAUSAL_POSITION = 3, 5
 
 
@@ -69,7 +67,7 @@ def is_causal_mask(mask: Any) -> bool:
     if not mask.is_floating_point():
         return False
     allowed = mask == 0
-    blocked = (mask == -math.inf) | (mask <= torch.finfo(mask.dtype).min)
+    blocked = mask <= torch.finfo(mask.dtype).min  # -inf or the dtype's minimum
     return bool((allowed == lower).all() and (blocked == ~lower).all())
 
 
@@ -120,28 +118,22 @@ def _is_shape_query(node: fx.Node) -> bool:
     return False
 
 
-def _op_name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-
-
 def _mutates(node: fx.Node) -> bool:
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
-    if node.target in _OPERATOR_IN_PLACE:
+    """In place: what the partitioner counts as a mutation, plus ``del x[i]`` and torch functions
+    named like in-place methods (``torch.relu_``), which it does not need to track."""
+    if _mutated_input(node) is not None or node.target is operator.delitem:
         return True
-    if getattr(node.target, "__module__", None) in ("operator", "_operator"):
+    if node.op != "call_function" or getattr(node.target, "__module__", None) in ("operator", "_operator"):
         return False  # operator.and_ / or_ are not in-place despite the underscore
-    name = _op_name(node)
-    return name.endswith("_") and not name.endswith("__")  # Tensor.add_, torch.relu_
+    name = _target_name(node)
+    return name.endswith("_") and not name.endswith("__")
 
 
 def _is_pure(node: fx.Node) -> bool:
     """Same inputs, same result: no random numbers, no uninitialized memory, no in-place update."""
-    if node.op not in ("call_function", "call_method") or _mutates(node):
+    if node.op not in ("call_function", "call_method") or _mutates(node) or _is_random(node):
         return False
-    if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
-        return False
-    return not any(word in _op_name(node).lower() for word in _NOT_PURE)
+    return not any(word in _target_name(node).lower() for word in _UNINITIALIZED)
 
 
 def _shape_only_closure(mask: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:

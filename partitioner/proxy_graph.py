@@ -36,7 +36,7 @@ __all__ = ["TensorMeta", "ProxyNode", "ProxyGraph", "trace", "INPUT", "PARAM", "
 
 INPUT, PARAM, REPLICATED, COMPUTE, OUTPUT = "input", "param", "replicated", "compute", "output"
 
-_RANDOM_MARKERS = ("dropout", "rand", "bernoulli", "normal", "multinomial")
+_RANDOM_MARKERS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "exponential")
 _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
@@ -216,6 +216,10 @@ def _mutated_input(node: fx.Node) -> str | None:
 
 
 def _is_random(node: fx.Node) -> bool:
+    """Draws random numbers: by name (fx-traced torch calls) or by ATen tag (torch.export ops)."""
+    tags = getattr(node.target, "tags", ()) if node.op == "call_function" else ()
+    if torch.Tag.nondeterministic_seeded in tags:
+        return True
     name = _target_name(node).lower()
     return any(marker in name for marker in _RANDOM_MARKERS)
 
