@@ -2,10 +2,10 @@
 error against step times measured on this CPU.
 
 Why a simulation: the paper's setting (8 nodes x 8 A100, GPT models of 1.5B-20B parameters) is
-not available here. ``merak.runtime.cluster_sim`` prices a layout with the real partitioner,
+not available here. ``merak.planner.simulator`` prices a layout with the real partitioner,
 schedules and discrete-event simulator on a hardware model; each system below gets its best
 layout from a search over (dp, tp, pp), micro-batch and its own options
-(``merak.runtime.cluster_search``), and the table compares the winners. The second part checks
+(``merak.planner.search``), and the table compares the winners. The second part checks
 the compute model where it can be checked: a device model fitted to this CPU (one thread)
 predicts single-process and 2-stage-pipeline step times that are then measured.
 
@@ -33,10 +33,10 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import bar_chart, markdown_table, ping_pong, write_markdown_report  # noqa: E402
-from merak.runtime.cluster import Calibration, Cluster, Link, calibrate_device, cluster_preset  # noqa: E402
-from merak.runtime.cluster_memory import Precision  # noqa: E402
-from merak.runtime.cluster_search import SearchResult, SearchSpace, search  # noqa: E402
-from merak.runtime.cluster_sim import Prediction, Strategy, TracedModel, plan_step, predict  # noqa: E402
+from merak.planner.cluster import Calibration, Cluster, Link, calibrate_device, cluster_preset  # noqa: E402
+from merak.planner.memory import Precision  # noqa: E402
+from merak.planner.search import SearchResult, SearchSpace, search  # noqa: E402
+from merak.planner.simulator import Prediction, Strategy, TracedModel, plan_step, predict  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -318,9 +318,9 @@ def _pipeline_rank(spec: str, b: int, m: int, seq: int, steps: int, cut: str) ->
 
     import merak
     from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.executor import PipelineExecutor
-    from merak.runtime.recompute_plan import RecomputePlan
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor
+    from merak.runtime.memory.recompute_plan import RecomputePlan
+    from merak.runtime.pipeline.schedule import build
 
     torch.set_num_threads(1)
     grid = merak.init(pp=2)

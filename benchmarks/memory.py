@@ -7,7 +7,7 @@ full recomputation step time at one budget, and the estimator's table for LLaMA-
    tracked by storage; after each instruction the bytes still alive (minus gradients) are
    sampled - the measured activation peak. Parameters, gradients (at the end of the backward)
    and AdamW states (after the step) are counted from the tensors themselves. Each number is set
-   next to the estimator's (:mod:`merak.runtime.memory`), which never ran the model.
+   next to the estimator's (:mod:`merak.runtime.memory.estimator`), which never ran the model.
    The budget is the largest at which stage 0 has to recompute *every* layer, so ``full`` fits
    and the planner keeps layers on the later stages, which hold fewer micro-batches in flight.
 2. **Step time, same run.** ``full`` and ``stage_aware`` (same budget) executors of the same
@@ -90,7 +90,7 @@ def _batches(cfg: Config, step: int) -> list[dict]:
 
 
 def _layout(cfg: Config):
-    from merak.runtime.memory import Layout
+    from merak.runtime.memory.estimator import Layout
 
     return Layout(pp=cfg.stages, micro_batch_size=cfg.micro_batch, num_microbatches=cfg.num_microbatches,
                   schedule=cfg.schedule)
@@ -98,8 +98,8 @@ def _layout(cfg: Config):
 
 def budget_and_plans(plan, memory):
     """The largest budget at which stage 0 must recompute every layer, and each mode's plan."""
-    from merak.runtime.activation_policy import ActivationPlan, LayerAction
-    from merak.runtime.memory_planner import plan_activations
+    from merak.runtime.memory.policy import ActivationPlan, LayerAction
+    from merak.runtime.memory.planner import plan_activations
 
     names = ActivationPlan.from_mode("none", plan).stage_layer_names(0)
     one_kept = ActivationPlan(tuple({n: LayerAction.RECOMPUTE for n in names[1:]} if s == 0 else {}
@@ -132,8 +132,8 @@ def _metered_step(executor, instructions, batches, stage) -> tuple[int, int]:
 
     Instrumentation only: the executor's handler table is wrapped for this one step.
     """
-    from merak.runtime.activation_memory import RetainedStorageMeter
-    from merak.runtime.instructions import Op
+    from merak.runtime.memory.activation_profile import RetainedStorageMeter
+    from merak.runtime.pipeline.instructions import Op
 
     params = list(stage.parameters())
     meter = RetainedStorageMeter(exclude=[*params, *stage.buffers()])
@@ -168,9 +168,9 @@ def _worker(rank: int, world: int, port: int, cfg: Config, queue) -> None:
     torch.set_num_threads(1)
     import merak
     from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
-    from merak.runtime.memory import MemoryModel
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.memory.estimator import MemoryModel
+    from merak.runtime.pipeline.schedule import build
 
     grid = merak.init(pp=world)
     model = _model(cfg)
@@ -239,7 +239,7 @@ def measure(cfg: Config, timeout: float = 3600) -> list[dict]:
 def estimates(cfg: Config):
     """(budget, plans, {mode: [StageMemory]}) from the estimator alone (meta profile, no run)."""
     from merak.partitioner import shard, trace
-    from merak.runtime.memory import MemoryModel
+    from merak.runtime.memory.estimator import MemoryModel
 
     model = _model(cfg)
     plan = shard(trace(model, _batches(cfg, 0)[0]), cfg.stages, method="uniform")
@@ -333,9 +333,9 @@ def llama_section() -> str:
     from merak.partitioner.configs import build_model, example_inputs, load_config
     from merak.partitioner.proxy_graph import trace
     from merak.partitioner.sharding import shard
-    from merak.runtime.activation_policy import ActivationPlan
-    from merak.runtime.memory import Layout, MemoryModel, format_bytes, memory_table, parse_bytes
-    from merak.runtime.memory_planner import plan_activations
+    from merak.runtime.memory.policy import ActivationPlan
+    from merak.runtime.memory.estimator import Layout, MemoryModel, format_bytes, memory_table, parse_bytes
+    from merak.runtime.memory.planner import plan_activations
 
     start = time.perf_counter()
     cpu = time.process_time()
@@ -361,7 +361,7 @@ def llama_section() -> str:
     return "\n".join([
         "## Estimated: LLaMA-2-7B on 8 x 80 GB (dp=1, tp=2, pp=4)",
         "",
-        f"`python -m merak.runtime.memory --config {' '.join(spec)} --tp 2 --pp 4 --microbatches 32 "
+        f"`python -m merak.runtime.memory.estimator --config {' '.join(spec)} --tp 2 --pp 4 --microbatches 32 "
         f"--micro-batch-size {LLAMA_MICRO_BATCH} --seq 4096 --schedule 1f1b --precision bf16 --recompute stage_aware "
         "--budget 80GB`",
         "",

@@ -296,7 +296,7 @@ class Report:
             "A step lasts as long as its slowest rank; "
             "samples/s is the median over timed steps, min–max the slowest and fastest step.",
             "Merak's runners run with Merak's defaults, two of which the peers do not have: on CPU "
-            "`merak.init` keeps freed host memory for reuse (`runtime/host_allocator.py`), and stages run "
+            "`merak.init` keeps freed host memory for reuse (`runtime/memory/host_allocator.py`), and stages run "
             "traced op chains as the kernels an eager model calls (`partitioner/fusion.py`): GPT-2's tanh "
             "GELU as one kernel (equal to ~2e-7), and the causal mask the trace builds as SDPA's "
             "`is_causal=True` - which the peers' blocks, called without a mask, get anyway. The "

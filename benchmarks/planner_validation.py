@@ -1,6 +1,6 @@
 """Does the planner rank layouts the way they really run? Spearman correlation on this CPU.
 
-Why: the planner (``python -m merak.plan``) is only useful if its predicted step times order
+Why: the planner (``python -m merak.planner``) is only useful if its predicted step times order
 layouts as measured ones do - absolute error matters less than picking the right layout. This
 benchmark trains a small GPT-2 with ``MerakTrainer`` on 4 gloo ranks (torchrun, one OpenMP thread
 per rank) in at least five (dp, tp, pp) layouts with the same global batch, measures the median
@@ -152,7 +152,7 @@ def _torchrun(nprocs: int, args: list[str], timeout: float) -> dict:
 # ---- predicting ---------------------------------------------------------------------------------
 
 def predict_all(layouts: list[Layout], cluster) -> list[float]:
-    from merak.runtime.cluster_sim import Strategy, TracedModel, predict
+    from merak.planner.simulator import Strategy, TracedModel, predict
 
     spec = ["gpt2", *(f"{k}={v}" for k, v in MODEL.items())]
     model = TracedModel.from_config(spec, seq_len=SEQ, label="gpt2-small-validation")
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     layouts = list(LAYOUTS[:5] if args.quick else LAYOUTS)
     link = _torchrun(2, ["--link-worker"], args.timeout)
     from merak.auto_parallel import local_cluster
-    from merak.runtime.cluster import Link
+    from merak.planner.cluster import Link
 
     # The same description of this machine that MerakArguments(auto_parallel=True) plans with,
     # with the gloo link measured just now.
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Small GPT-2 ({', '.join(f'{k}={v}' for k, v in MODEL.items())}, seq {SEQ}) trained with `MerakTrainer` "
         f"on {WORLD} gloo ranks (torchrun, one OpenMP thread per rank, {os.cpu_count()} cores: ranks share "
         f"cores), global batch {GLOBAL_BATCH} sequences per step, AdamW; median of {steps} timed steps after "
-        f"{warmup} warm-up. Predicted by `merak.runtime.cluster_sim.predict` on this machine as a one-node "
+        f"{warmup} warm-up. Predicted by `merak.planner.simulator.predict` on this machine as a one-node "
         f"cluster: GEMM curve, memory bandwidth and per-op overhead calibrated here "
         f"(`calibrate_device`), each rank given {min(1.0, (os.cpu_count() or 1) / WORLD):.2f} of a core, "
         f"gloo link measured here: latency {link['latency_s'] * 1e6:.0f} us, "

@@ -1,7 +1,7 @@
 """Simulated bubbles of every pipeline schedule: makespan, bubble ratio, peak memory.
 
 Why simulate: the schedules are pure data, so their step time under given per-micro-batch
-costs follows from the discrete-event simulator alone (``merak.runtime.simulate``), with no
+costs follows from the discrete-event simulator alone (``merak.runtime.pipeline.simulate``), with no
 model, no processes and no noise from this shared 2-core machine. This is the table to read
 before choosing a schedule; the measured throughput lives in ``pipeline_throughput.py``.
 
@@ -26,9 +26,9 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import markdown_table, write_markdown_report  # noqa: E402
-from merak.runtime.recompute_plan import RecomputePlan  # noqa: E402
-from merak.runtime.schedule import build_all  # noqa: E402
-from merak.runtime.simulate import Costs, SimulationResult, simulate  # noqa: E402
+from merak.runtime.memory.recompute_plan import RecomputePlan  # noqa: E402
+from merak.runtime.pipeline.schedule import build_all  # noqa: E402
+from merak.runtime.pipeline.simulate import Costs, SimulationResult, simulate  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"

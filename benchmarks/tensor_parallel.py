@@ -6,7 +6,7 @@
    load. Each k must give the same losses (it computes the same thing); the table reports the
    median step time, its spread, the speedup over k=1 and each rank's CPU/wall. A single
    process (tp=1, one thread) of the same model is timed first as the reference.
-2. **Modelled, 8 GPUs with NVLink.** :mod:`merak.runtime.tp_overlap` cuts one GPT-2 XL layer
+2. **Modelled, 8 GPUs with NVLink.** :mod:`merak.runtime.tensor_parallel.overlap` cuts one GPT-2 XL layer
    (traced on the meta device in bf16, planned for tp=8) into the runner's segments and simulates
    the compute and all-reduce of each sub-micro-batch on an A100-class GPU and NVLink bus,
    predicting the per-layer forward/backward time and speedup for k = 1, 2, 4.
@@ -130,7 +130,7 @@ def runner_overhead(cfg: CpuConfig, repeats: int = 5) -> tuple[float, float]:
     import merak
     from merak.partitioner import build_stage, shard, trace
     from merak.runtime.tensor_parallel import plan_tensor_parallel
-    from merak.runtime.tp_interleave import SubMicrobatchRunner
+    from merak.runtime.tensor_parallel.interleave import SubMicrobatchRunner
 
     torch.set_num_threads(1)
     merak.init()
@@ -166,8 +166,8 @@ def _worker(rank: int, world: int, port: int, cfg: CpuConfig, queue) -> None:
     torch.set_num_threads(1)
     import merak
     from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.pipeline.schedule import build
     from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 
     grid = merak.init(tp=world)
@@ -263,7 +263,7 @@ def modelled_section(gpu: GpuModel) -> str:
     from merak.partitioner import FlopCostModel, trace
     from merak.partitioner.configs import build_model, example_inputs, load_config
     from merak.runtime.tensor_parallel import TPError, plan_tensor_parallel
-    from merak.runtime.tp_overlap import Link, layer_segments, simulate_overlap
+    from merak.runtime.tensor_parallel.overlap import Link, layer_segments, simulate_overlap
 
     stock_error = ""
     try:
@@ -302,7 +302,7 @@ def modelled_section(gpu: GpuModel) -> str:
     return "\n".join([
         f"## Modelled: one GPT-2 XL layer, tp={gpu.tp} on an 8-GPU NVLink node",
         "",
-        "**No GPU was lent in this task**: these figures come from `merak.runtime.tp_overlap` (the runner's "
+        "**No GPU was lent in this task**: these figures come from `merak.runtime.tensor_parallel.overlap` (the runner's "
         "segment order simulated with one compute and one communication stream), not from a measurement.",
         "",
         f"Stock GPT-2 XL (25 heads, vocabulary 50257) cannot be split over {gpu.tp} ranks; the planner says:",

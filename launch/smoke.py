@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import merak
-from merak.runtime.p2p import P2P
+from merak.runtime.distributed.p2p import P2P
 
 
 def main(argv: list[str] | None = None) -> None:

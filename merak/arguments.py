@@ -121,7 +121,7 @@ class MerakArguments(TrainingArguments):
         default=False,
         metadata={"help": "Choose dp, tp, pp, the micro-batch, schedule, recomputation and "
                           "tp_sub_microbatches at start-up with Merak's cluster simulator (as "
-                          "`python -m merak.plan` would) for the launched world size, keeping the global "
+                          "`python -m merak.planner` would) for the launched world size, keeping the global "
                           "batch per_device_train_batch_size x gradient_accumulation_steps x world size. "
                           "Do not call merak.init yourself then."},
     )
@@ -161,7 +161,7 @@ class MerakArguments(TrainingArguments):
         if self.tp_sub_microbatches < 1:
             raise ValueError(f"tp_sub_microbatches={self.tp_sub_microbatches} must be >= 1 (1 = off)")
         if self.max_memory_per_device is not None:
-            from merak.runtime.memory import parse_bytes
+            from merak.runtime.memory.estimator import parse_bytes
 
             parse_bytes(self.max_memory_per_device)  # a clear error now rather than at the first step
         elif self.activation_offload:

@@ -1,11 +1,11 @@
 """``MerakArguments(auto_parallel=True)``: choose dp, tp, pp and the rest with the simulator.
 
 Why at start-up: the best layout depends on the model, the global batch and the machine, and a
-user who did not run ``python -m merak.plan`` first should still get a sensible one. The trainer
+user who did not run ``python -m merak.planner`` first should still get a sensible one. The trainer
 traces the model (on meta, as always), this module describes the machine it runs on as a
-:class:`~merak.runtime.cluster.Cluster` (GPU presets by name, or a calibration of this device),
+:class:`~merak.planner.cluster.Cluster` (GPU presets by name, or a calibration of this device),
 searches (dp, tp, pp, micro-batch, schedule, recompute, tp_sub_microbatches) with
-:func:`merak.runtime.cluster_search.search`, and the trainer then calls ``merak.init`` with the
+:func:`merak.planner.search.search`, and the trainer then calls ``merak.init`` with the
 winner and trains it.
 
 Rank 0 decides and broadcasts: calibrations differ slightly between ranks, and every rank must
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from merak.runtime.cluster import DEVICE_PRESETS, Cluster, Link, calibrate_device, cluster_preset, parse_bytes
+from merak.planner.cluster import DEVICE_PRESETS, Cluster, Link, calibrate_device, cluster_preset, parse_bytes
 
 logger = logging.getLogger("merak")
 
@@ -104,8 +104,8 @@ def choose_layout(graph: Any, seq_len: int, trace_batch: int, global_batch: int,
                   keep: int = 5) -> LayoutChoice:
     """Search the layouts of ``cluster`` for ``graph`` (traced at ``trace_batch`` sequences of
     ``seq_len``) training ``global_batch`` sequences per step; the fastest one that fits."""
-    from merak.runtime.cluster_search import SearchSpace, search
-    from merak.runtime.cluster_sim import TracedModel
+    from merak.planner.search import SearchSpace, search
+    from merak.planner.simulator import TracedModel
 
     model = TracedModel(type(graph.model).__name__, graph, seq_len, trace_batch=trace_batch)
     space = SearchSpace(micro_batches=_micro_batch_choices(global_batch))

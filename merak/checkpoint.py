@@ -27,7 +27,7 @@ Decisions worth knowing:
 * **Only dp-rank 0 writes weights and optimizer state.** Data-parallel replicas of a stage hold
   bitwise-identical weights and optimizer states (gradients are averaged before every step), so
   writing them once per stage is enough; every DP replica reads that one copy back. Under ZeRO-1
-  (:mod:`merak.runtime.zero`) each DP rank holds a different shard of the optimizer state, so
+  (:mod:`merak.runtime.memory.zero`) each DP rank holds a different shard of the optimizer state, so
   each writes and reads its own ``optimizer.pt`` (``layout.json``: ``"optimizer_sharded": true``).
 * **Optimizer state is matched by parameter name.** Each ``optimizer.pt`` records the names of
   the parameters its states belong to and the parameter groups' hyper-parameters (learning rate
@@ -76,9 +76,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from merak.runtime.grid import Coord, Grid
-from merak.runtime.p2p import P2P, wait_with_timeout
-from merak.runtime.zero import is_sharded, local_optimizer
+from merak.runtime.distributed.grid import Coord, Grid
+from merak.runtime.distributed.p2p import P2P, wait_with_timeout
+from merak.runtime.memory.zero import is_sharded, local_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -621,7 +621,7 @@ def export_pretrained(directory: str | os.PathLike, *, stage: nn.Module, grid: G
     if grid.dims.tp > 1:
         # Tensor-parallel shards are reassembled on tp-rank 0 of each stage (only the TP code
         # knows how fused blocks were split); from there on the export is the tp=1 one.
-        from merak.runtime.tp_export import FullStateView, gather_full_state_dict
+        from merak.runtime.tensor_parallel.export import FullStateView, gather_full_state_dict
 
         full = _run_phase("gathering tensor-parallel shards for export", lambda: gather_full_state_dict(stage))
         stage = FullStateView(stage, full)

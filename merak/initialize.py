@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from merak.launch.env import read_launch_env
 from merak.logs import configure as configure_logging
-from merak.runtime.grid import Grid, GridError, ParallelDims
-from merak.runtime.host_allocator import keep_freed_host_memory
+from merak.runtime.distributed.grid import Grid, GridError, ParallelDims
+from merak.runtime.memory.host_allocator import keep_freed_host_memory
 
 logger = logging.getLogger("merak")
 

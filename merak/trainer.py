@@ -37,14 +37,14 @@ from merak.data import StepBatches, eval_microbatches
 from merak.launch.env import read_launch_env
 from merak.partitioner import build_stage, shard, trace
 from merak.partitioner.meta import meta_like
-from merak.runtime.executor import LossFn, PipelineExecutor, all_reduce_mean_loss
+from merak.runtime.pipeline.executor import LossFn, PipelineExecutor, all_reduce_mean_loss
 from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel, tp_grad_norm_squared
-from merak.runtime.p2p import wait_with_timeout
-from merak.runtime.precision import MixedPrecision
-from merak.runtime.zero import shard_optimizer_states
-from merak.runtime.activation_policy import ActivationPlan
-from merak.runtime.schedule import build as build_schedule
-from merak.runtime.schedules import forward_only
+from merak.runtime.distributed.p2p import wait_with_timeout
+from merak.runtime.memory.precision import MixedPrecision
+from merak.runtime.memory.zero import shard_optimizer_states
+from merak.runtime.memory.policy import ActivationPlan
+from merak.runtime.pipeline.schedule import build as build_schedule
+from merak.runtime.pipeline.schedules import forward_only
 
 logger = logging.getLogger("merak")
 
@@ -394,9 +394,9 @@ def _partition_cost_model(args: MerakArguments, graph: Any, example: Mapping[str
 def _calibrate(plan: Any, grid: Any, args: MerakArguments, example: Mapping[str, Any],
                loss_fn: LossFn | None) -> Any:
     """``plan`` re-cut on its stage times measured in dry 1F1B steps of the pipeline
-    (:mod:`merak.runtime.pipeline_calibration`; M copies of the example micro-batch); the times
+    (:mod:`merak.runtime.pipeline.calibration`; M copies of the example micro-batch); the times
     are gathered on every rank, so all ranks keep the same cut."""
-    from merak.runtime.pipeline_calibration import calibrate_in_pipeline
+    from merak.runtime.pipeline.calibration import calibrate_in_pipeline
 
     microbatches = [example] * max(args.gradient_accumulation_steps, grid.num_stages)
     return calibrate_in_pipeline(plan, grid, microbatches, rounds=args.partition_calibration_rounds,
@@ -406,10 +406,10 @@ def _calibrate(plan: Any, grid: Any, args: MerakArguments, example: Mapping[str,
 
 def _budget_activation_plan(args: MerakArguments, grid: Any, plan: Any, tp_plan: Any) -> ActivationPlan:
     """The per-layer plan that fits ``max_memory_per_device`` on every stage (the estimator and
-    planner of :mod:`merak.runtime.memory_planner`; deterministic, so every rank computes the same
+    planner of :mod:`merak.runtime.memory.planner`; deterministic, so every rank computes the same
     plan, or raises the same ``MemoryBudgetError``). Rank 0 logs the per-stage estimate."""
-    from merak.runtime.memory import Layout, MemoryModel, memory_table, parse_bytes
-    from merak.runtime.memory_planner import plan_activations
+    from merak.runtime.memory.estimator import Layout, MemoryModel, memory_table, parse_bytes
+    from merak.runtime.memory.planner import plan_activations
 
     budget = parse_bytes(args.max_memory_per_device)
     memory = MemoryModel(plan, Layout.from_training_args(args, grid.dims.dp, grid.dims.tp, grid.dims.pp), tp_plan)

@@ -259,7 +259,7 @@ def calibrate(
     """Re-cut ``plan`` (a ``method="cost"`` plan) on measured stage times; see the module docstring.
 
     ``measure(plan)`` returns every stage's seconds per micro-batch, the same on every rank (as
-    :func:`merak.runtime.pipeline_calibration.pipeline_stage_times`, which times the stages inside
+    :func:`merak.runtime.pipeline.calibration.pipeline_stage_times`, which times the stages inside
     the running pipeline, does). By default each stage is timed on its own with
     :func:`time_stages` on ``example_inputs`` by every rank of ``group`` (default: all), and the
     ranks' times are averaged so all keep the same cut. Runs at most ``rounds`` corrections (so

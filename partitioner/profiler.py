@@ -143,7 +143,7 @@ def mean_over_ranks(values: torch.Tensor, group: Any, timeout_s: float, what: st
 
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return values
-    from merak.runtime.p2p import wait_with_timeout
+    from merak.runtime.distributed.p2p import wait_with_timeout
 
     values = values.cuda() if dist.get_backend(group) == "nccl" else values.clone()
     work = dist.all_reduce(values, group=group, async_op=True)

@@ -1,1 +1,2 @@
-"""Merak's 3D runtime: process grid, point-to-point layer, pipeline schedules and executor."""
+"""Merak's 3D runtime, one sub-package per concern: ``distributed`` (grid, p2p), ``pipeline``
+(schedules, validator, simulator, executor), ``tensor_parallel`` and ``memory``."""

@@ -74,7 +74,7 @@ def _one_stage(kind: str, seq: int = 8, **overrides):
 
 def _run(stage, actions, batch, eager: bool, seed: int = 3):
     """Forward with ``actions`` applied, optional RECOMPUTE, backward: (loss, grads, runner)."""
-    from merak.runtime.stage_activations import StageActivations
+    from merak.runtime.memory.stage_activations import StageActivations
 
     runner = StageActivations(stage, actions)
     stage.zero_grad(set_to_none=True)
@@ -89,7 +89,7 @@ def _run(stage, actions, batch, eager: bool, seed: int = 3):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_every_action_reproduces_the_plain_stage(kind):
-    from merak.runtime.activation_policy import ActivationPlan
+    from merak.runtime.memory.policy import ActivationPlan
 
     stage, plan, batch = _one_stage(kind)
     ref_loss, ref_grads, _ = _run(stage, {}, batch, eager=False)
@@ -112,8 +112,8 @@ def test_every_action_reproduces_the_plain_stage(kind):
 
 
 def test_recompute_happens_at_the_instruction_and_backward_does_not_repeat_it():
-    from merak.runtime.activation_policy import ActivationPlan
-    from merak.runtime.stage_activations import StageActivations
+    from merak.runtime.memory.policy import ActivationPlan
+    from merak.runtime.memory.stage_activations import StageActivations
 
     stage, plan, batch = _one_stage("gpt2")
     calls = []
@@ -146,8 +146,8 @@ def test_recompute_happens_at_the_instruction_and_backward_does_not_repeat_it():
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_activation_memory_drops_keep_selective_recompute(kind):
-    from merak.runtime.activation_policy import ActivationPlan
-    from merak.runtime.stage_activations import StageActivations
+    from merak.runtime.memory.policy import ActivationPlan
+    from merak.runtime.memory.stage_activations import StageActivations
 
     stage, plan, batch = _one_stage(kind, seq=64)
     layers = ActivationPlan.from_mode("none", plan).layers
@@ -167,8 +167,8 @@ def test_activation_memory_drops_keep_selective_recompute(kind):
 
 def test_modes_become_layer_counts_and_schedule_fractions():
     from merak.partitioner import shard, trace
-    from merak.runtime.activation_policy import WHOLE_STAGE, ActivationPlan, LayerAction, stage_layers
-    from merak.runtime.recompute_plan import RecomputePlan
+    from merak.runtime.memory.policy import WHOLE_STAGE, ActivationPlan, LayerAction, stage_layers
+    from merak.runtime.memory.recompute_plan import RecomputePlan
 
     model, make_batch = tiny_model("gpt2", n_layer=8)
     plan = shard(trace(model, make_batch()), 4, method="uniform")
@@ -212,9 +212,9 @@ class Flat(nn.Module):
 
 def test_whole_stage_unit_and_refused_combinations():
     from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.activation_policy import ActivationPlan
-    from merak.runtime.layer_checkpoint import RecomputeFrame
-    from merak.runtime.stage_activations import StageActivations
+    from merak.runtime.memory.policy import ActivationPlan
+    from merak.runtime.memory.layer_checkpoint import RecomputeFrame
+    from merak.runtime.memory.stage_activations import StageActivations
 
     batch = {"x": torch.randn(2, 8), "labels": torch.randint(0, 3, (2,))}
     plan = shard(trace(Flat(), batch), 1)
@@ -262,7 +262,7 @@ def _batches(make_batch, num: int, step: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _activation_plan(mode: str, sharding_plan):
-    from merak.runtime.activation_policy import ActivationPlan, stage_layers
+    from merak.runtime.memory.policy import ActivationPlan, stage_layers
 
     if mode == "offload":
         return ActivationPlan.uniform(stage_layers(sharding_plan), "offload")
@@ -277,10 +277,10 @@ def _first_linear(stage: nn.Module, layer: str) -> nn.Module:
 def _pipeline(kind: str, dp: int, pp: int, m: int, configs) -> dict:
     import merak
     from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.activation_policy import stage_layers
-    from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
-    from merak.runtime.instructions import Op
-    from merak.runtime.schedule import build
+    from merak.runtime.memory.policy import stage_layers
+    from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.pipeline.instructions import Op
+    from merak.runtime.pipeline.schedule import build
 
     grid = merak.init(dp=dp, pp=pp)
     out = {}
@@ -361,8 +361,8 @@ TP_CONFIGS = [(1, "1f1b", "full"), (1, "shifted_critical_path", "selective"), (1
 def _tp_pipeline(kind: str, tp: int, pp: int) -> dict:
     import merak
     from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.pipeline.schedule import build
     from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
     from test_tensor_parallel import LR, M, MICRO, SEQ, _steps
 

@@ -7,7 +7,7 @@ import torch
 
 from merak.auto_parallel import choose_layout
 from merak.partitioner import trace
-from merak.runtime.cluster import Cluster, Device, Link
+from merak.planner.cluster import Cluster, Device, Link
 from tiny_models import tiny_model
 
 

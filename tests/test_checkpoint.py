@@ -66,9 +66,9 @@ def _train(kind: str, dp: int, pp: int, root: str, resume: bool) -> dict[str, An
     import merak
     from merak.checkpoint import export_pretrained, load_checkpoint, load_pretrained_weights, save_checkpoint
     from merak.partitioner import build_stage
-    from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
-    from merak.runtime.recompute_plan import RecomputePlan
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.memory.recompute_plan import RecomputePlan
+    from merak.runtime.pipeline.schedule import build
 
     grid = merak.init(dp=dp, pp=pp)
     model, make_batch, plan = _plan(kind, pp, meta=True)
@@ -260,7 +260,7 @@ def test_export_loads_with_from_pretrained(job):
 
 def test_load_under_another_layout_raises(job):
     from merak.checkpoint import CheckpointError, load_checkpoint
-    from merak.runtime.grid import Grid, ParallelDims
+    from merak.runtime.distributed.grid import Grid, ParallelDims
 
     other = Grid(ParallelDims(dp=job.dp + 1, tp=1, pp=job.pp), rank=0)
     with pytest.raises(CheckpointError) as err:
@@ -272,7 +272,7 @@ def test_load_under_another_layout_raises(job):
 
 # ---- single-process tests (a one-rank grid needs no process group) ---------------------------
 def _one_rank_grid() -> Any:
-    from merak.runtime.grid import Grid, ParallelDims
+    from merak.runtime.distributed.grid import Grid, ParallelDims
 
     return Grid(ParallelDims(), rank=0)
 

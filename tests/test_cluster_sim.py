@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from merak.runtime.cluster import Cluster, Device, Link, calibrate_device, cluster_preset, parse_bytes
-from merak.runtime.cluster_cost import RankCostModel, tp_layer_factors
-from merak.runtime.cluster_memory import Precision
-from merak.runtime.cluster_search import SearchSpace, layouts, search
-from merak.runtime.cluster_sim import StageCosts, Strategy, TracedModel, plan_step, predict, simulate_pipeline
-from merak.runtime.recompute_plan import RecomputePlan
+from merak.planner.cluster import Cluster, Device, Link, calibrate_device, cluster_preset, parse_bytes
+from merak.planner.cost import RankCostModel, tp_layer_factors
+from merak.planner.memory import Precision
+from merak.planner.search import SearchSpace, layouts, search
+from merak.planner.simulator import StageCosts, Strategy, TracedModel, plan_step, predict, simulate_pipeline
+from merak.runtime.memory.recompute_plan import RecomputePlan
 
 GiB = 2**30
 #: A device with a flat efficiency curve, no kernel floor and no host overhead: times are pure
@@ -116,8 +116,8 @@ def test_layout_over_memory_is_flagged_and_refused(gpt2: TracedModel) -> None:
 @pytest.mark.parametrize("schedule,mode", [("1f1b", "none"), ("1f1b", "full"), ("zero_bubble", "none"),
                                            ("shifted_critical_path", "full")])
 def test_memory_agrees_with_the_runtime_estimator(gpt2: TracedModel, schedule: str, mode: str) -> None:
-    from merak.runtime.activation_policy import ActivationPlan
-    from merak.runtime.memory import Layout, estimate_memory
+    from merak.runtime.memory.policy import ActivationPlan
+    from merak.runtime.memory.estimator import Layout, estimate_memory
 
     s = Strategy(pp=4, micro_batch=1, schedule=schedule, recompute=mode, precision=Precision(4, 4, 8, 4))
     sp = plan_step(gpt2, s, 8, cluster(per_node=4))

@@ -88,9 +88,9 @@ def reference(dp: int) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 def _pipeline(dp: int) -> dict:
     import merak
-    from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
-    from merak.runtime.recompute_plan import RecomputePlan
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.memory.recompute_plan import RecomputePlan
+    from merak.runtime.pipeline.schedule import build
 
     grid = merak.init(dp=dp, pp=2)
     results = {}
@@ -129,8 +129,8 @@ def test_every_schedule_matches_single_process(dist_run, dp):
 
 def _one_stage_dies() -> None:
     import merak
-    from merak.runtime.executor import PipelineExecutor
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor
+    from merak.runtime.pipeline.schedule import build
 
     grid = merak.init(pp=2, timeout_s=60)
     ex = PipelineExecutor(HandStage(Full(), grid.stage_id), grid, timeout_s=10)

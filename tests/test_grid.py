@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from merak.launch.env import first_slurm_host, read_launch_env
-from merak.runtime.grid import Grid, GridError, GridLayout, ParallelDims
+from merak.runtime.distributed.grid import Grid, GridError, GridLayout, ParallelDims
 
 
 def factorizations(world: int) -> list[ParallelDims]:

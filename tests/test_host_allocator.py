@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from merak.runtime import host_allocator
+from merak.runtime.memory import host_allocator
 
 #: Allocate 160 MiB in 4 MiB tensors, free them all, again and again: glibc's defaults trim the
 #: freed heap top each time, so every round faults the pages back in; kept memory is reused.
 _CHURN = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from merak.runtime.host_allocator import keep_freed_host_memory
+    from merak.runtime.memory.host_allocator import keep_freed_host_memory
     assert keep_freed_host_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

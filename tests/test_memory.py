@@ -19,12 +19,12 @@ from tiny_models import tiny_model
 
 from merak.partitioner import build_stage, shard, trace
 from merak.partitioner.meta import meta_like
-from merak.runtime.activation_memory import (RetainedStorageMeter, SavedTensorCounter, profile_saved_tensors,
+from merak.runtime.memory.activation_profile import (RetainedStorageMeter, SavedTensorCounter, profile_saved_tensors,
                                              stage_footprints)
-from merak.runtime.activation_policy import ActivationPlan, LayerAction
-from merak.runtime.memory import Layout, MemoryModel, estimate_memory, main, parse_bytes
-from merak.runtime.memory_planner import MemoryBudgetError, plan_activations
-from merak.runtime.stage_activations import StageActivations
+from merak.runtime.memory.policy import ActivationPlan, LayerAction
+from merak.runtime.memory.estimator import Layout, MemoryModel, estimate_memory, main, parse_bytes
+from merak.runtime.memory.planner import MemoryBudgetError, plan_activations
+from merak.runtime.memory.stage_activations import StageActivations
 
 MICRO, SEQ = 2, 16
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import RankFailed
-from merak.runtime.p2p import P2P, flatten, unflatten
+from merak.runtime.distributed.p2p import P2P, flatten, unflatten
 
 
 def messages() -> list:
@@ -118,7 +118,7 @@ def test_timeout_names_rank_peer_and_what(dist_run):
 
 
 def _wait_for_dead_peer() -> str:
-    from merak.runtime.p2p import P2PTimeoutError
+    from merak.runtime.distributed.p2p import P2PTimeoutError
 
     dist.init_process_group("gloo")
     p2p = P2P(timeout_s=20)

@@ -105,7 +105,7 @@ def test_arguments_reject_calibrating_a_fixed_cut() -> None:
 def _pipeline_times() -> dict[str, object]:
     import merak
     from merak.partitioner import trace
-    from merak.runtime.pipeline_calibration import calibrate_in_pipeline, pipeline_stage_times
+    from merak.runtime.pipeline.calibration import calibrate_in_pipeline, pipeline_stage_times
 
     grid = merak.init(pp=2)
     torch.manual_seed(0)

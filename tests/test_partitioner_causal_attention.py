@@ -135,7 +135,7 @@ def test_hf_decoders_cut_in_two_run_every_attention_as_causal_and_keep_the_loss(
 def test_the_memory_estimator_profiles_a_rewritten_decoder() -> None:
     """The estimator runs the fused graph on meta tensors; the rewrite's new nodes (not in the traced
     graph) must not break it, and the per-stage footprints still count every layer's activations."""
-    from merak.runtime.activation_memory import profile_saved_tensors, stage_footprints
+    from merak.runtime.memory.activation_profile import profile_saved_tensors, stage_footprints
 
     model, make_batch = tiny_model("gpt2", attn_implementation="sdpa")
     batch = {k: v for k, v in make_batch(batch_size=2, seq_len=12).items() if k != "attention_mask"}

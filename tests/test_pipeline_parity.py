@@ -33,9 +33,9 @@ def reference(kind: str, num_microbatches: int) -> tuple[list[float], dict[str, 
 def _pipeline(kind: str, dp: int, pp: int, m: int) -> dict:
     import merak
     from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
-    from merak.runtime.recompute_plan import RecomputePlan
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.memory.recompute_plan import RecomputePlan
+    from merak.runtime.pipeline.schedule import build
 
     grid = merak.init(dp=dp, pp=pp)
     out = {}

@@ -1,4 +1,4 @@
-"""python -m merak.plan: the planner's ranking, its memory guarantee and its errors."""
+"""python -m merak.planner: the planner's ranking, its memory guarantee and its errors."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from merak.plan import build_cluster, main, plan
-from merak.runtime.cluster_search import SearchSpace
-from merak.runtime.cluster_sim import TracedModel
+from merak.planner.cli import build_cluster, main, plan
+from merak.planner.search import SearchSpace
+from merak.planner.simulator import TracedModel
 
 CONFIG = ["gpt2", "n_layer=8", "n_embd=256", "n_head=8", "vocab_size=8192"]
 SPACE = SearchSpace(micro_batches=(1, 2, 4), tp_sub_microbatches=(1, 2))

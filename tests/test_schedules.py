@@ -7,12 +7,12 @@ import functools
 
 import pytest
 
-from merak.runtime.instructions import Instruction, Op, format_schedule, parse_schedule
-from merak.runtime.recompute_plan import RECOMPUTE_MODES, RecomputePlan
-from merak.runtime.schedule import SCHEDULES, build, build_all
-from merak.runtime.schedules.common import STEP_END_OPS
-from merak.runtime.schedules.memory import peak_activations, peak_inflight
-from merak.runtime.validate import ScheduleError, validate
+from merak.runtime.pipeline.instructions import Instruction, Op, format_schedule, parse_schedule
+from merak.runtime.memory.recompute_plan import RECOMPUTE_MODES, RecomputePlan
+from merak.runtime.pipeline.schedule import SCHEDULES, build, build_all
+from merak.runtime.pipeline.schedules.common import STEP_END_OPS
+from merak.runtime.pipeline.schedules.memory import peak_activations, peak_inflight
+from merak.runtime.pipeline.validate import ScheduleError, validate
 
 # Dense where schedules change shape (M around P, M < P), sparse up to the P ≤ 16, M ≤ 64 limit.
 GRID = sorted(

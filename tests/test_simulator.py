@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from merak.runtime.instructions import COMPUTE_OPS, parse_schedule
-from merak.runtime.recompute_plan import RecomputePlan
-from merak.runtime.schedule import SCHEDULES, build_all, main
-from merak.runtime.simulate import Costs, SimulationResult, simulate
-from merak.runtime.timeline import draw
-from merak.runtime.validate import ScheduleError
+from merak.runtime.pipeline.instructions import COMPUTE_OPS, parse_schedule
+from merak.runtime.memory.recompute_plan import RecomputePlan
+from merak.runtime.pipeline.schedule import SCHEDULES, build_all, main
+from merak.runtime.pipeline.simulate import Costs, SimulationResult, simulate
+from merak.runtime.pipeline.timeline import draw
+from merak.runtime.pipeline.validate import ScheduleError
 
 UNIFORM = Costs(1, 1, 1, 0, 0)  # F = B = W, no recompute, no latency
 REFERENCE = Costs(1, 1, 1, 1, 0)  # F:(B+W):R = 1:2:1 (DESIGN.md's reference figures)
@@ -175,7 +175,7 @@ CLI = ["--schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--costs", 
 
 def test_cli_json_contract() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "merak.runtime.schedule", *CLI, "--json"],
+        [sys.executable, "-m", "merak.runtime.pipeline.schedule", *CLI, "--json"],
         check=True, capture_output=True, text=True, timeout=60,
     ).stdout
     data = json.loads(out)

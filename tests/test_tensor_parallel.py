@@ -191,9 +191,9 @@ def _check_cross_entropy(grid) -> float:
 def _tp_stage_run(kind: str, grid, k: int, schedule: str = "1f1b", recompute: str = "none") -> dict:
     """Build this rank's tp stage of ``kind``, run STEPS steps of ``schedule``; losses and first gradients."""
     from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.executor import PipelineExecutor, all_reduce_mean_loss
-    from merak.runtime.recompute_plan import RecomputePlan
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.memory.recompute_plan import RecomputePlan
+    from merak.runtime.pipeline.schedule import build
     from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 
     model, make_batch = tiny_model(kind)
@@ -277,7 +277,7 @@ def test_tensor_parallel_matches_single_process(dist_run, tp, pp, kinds, ks):
 
 
 def test_overlap_model_hides_communication_and_charges_slicing():
-    from merak.runtime.tp_overlap import Link, Segment, simulate_overlap
+    from merak.runtime.tensor_parallel.overlap import Link, Segment, simulate_overlap
 
     link = Link(ranks=2, bus_bytes_per_s=1e9, latency_s=0.0)  # 1 MB all-reduce over 2 ranks: 1 ms
     layer = [Segment("attn", 2e-3, 10, 10**6), Segment("mlp", 2e-3, 10, 10**6)]

@@ -43,7 +43,7 @@ def _logged(trainer, *keys: str) -> list:
 
 # ---- ZeRO-1 ----------------------------------------------------------------------------------
 def _zero_run(dp: int, pp: int) -> dict:
-    from merak.runtime.zero import is_sharded, local_optimizer
+    from merak.runtime.memory.zero import is_sharded, local_optimizer
 
     trainer = _trainer(dp, pp, zero_stage=1)
     trainer.train()
@@ -188,9 +188,9 @@ def _overflow_on_one_rank() -> list[dict]:
     stage's gradients stay finite); every rank must skip step 1 and halve the scale."""
     import merak
     from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.executor import PipelineExecutor
-    from merak.runtime.precision import MixedPrecision
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor
+    from merak.runtime.memory.precision import MixedPrecision
+    from merak.runtime.pipeline.schedule import build
 
     grid = merak.init(pp=2)
     model, make_batch = tiny_model("gpt2")
@@ -224,7 +224,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(dist_run):
 
 # ---- units: scaler, flags, arguments -------------------------------------------------------------
 def test_loss_scaler_backs_off_grows_and_round_trips():
-    from merak.runtime.precision import DynamicLossScaler
+    from merak.runtime.memory.precision import DynamicLossScaler
 
     scaler = DynamicLossScaler(scale=8.0, growth_interval=2, min_scale=2.0)
     for overflow in (True, False, False, True, True, True):
@@ -243,12 +243,12 @@ def test_loss_scaler_backs_off_grows_and_round_trips():
 def test_precision_flags_and_zero_arguments():
     import merak
     from merak.arguments import DeepSpeedConfigError
-    from merak.runtime.precision import MixedPrecision
+    from merak.runtime.memory.precision import MixedPrecision
 
     with pytest.raises(ValueError, match="exclusive"):
         MixedPrecision.from_flags(bf16=True, fp16=True)
     with pytest.raises(ValueError, match="only meaningful with fp16"):
-        from merak.runtime.precision import DynamicLossScaler
+        from merak.runtime.memory.precision import DynamicLossScaler
 
         MixedPrecision(torch.bfloat16, DynamicLossScaler())
     assert MixedPrecision().scale_loss(t := torch.ones(())) is t  # fp32: the loss itself, no multiply
@@ -268,7 +268,7 @@ def test_zero_bubble_deferred_weight_gradients_under_autocast():
     """The patched Linear behaves as autocast's own: bf16 output, fp32 weight gradient."""
     import copy
 
-    from merak.runtime.weight_grad_store import WeightGradStore, defer_weight_gradients
+    from merak.runtime.pipeline.weight_grad_store import WeightGradStore, defer_weight_gradients
 
     torch.manual_seed(0)
     reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))

@@ -38,10 +38,10 @@ RECOMPUTE = {"1f1b": "none", "1f1b+recompute": "full", "shifted_critical_path": 
 def merak_unavailable() -> str | None:
     """Why Merak's runners cannot run, or ``None`` when they can."""
     try:
-        found = importlib.util.find_spec("merak.runtime.executor") is not None
+        found = importlib.util.find_spec("merak.runtime.pipeline.executor") is not None
     except ImportError:
         found = False
-    return None if found else "not available: merak.runtime.executor cannot be imported"
+    return None if found else "not available: merak.runtime.pipeline.executor cannot be imported"
 
 
 def run_merak(ctx: BenchContext, entry: str, fuse: bool = True) -> RankResult:
@@ -54,10 +54,10 @@ def run_merak(ctx: BenchContext, entry: str, fuse: bool = True) -> RankResult:
     from benchmarks.bench_model import make_optimizer
     from merak.partitioner import build_stage, shard, trace
     from merak.partitioner.profiler import profile_costs
-    from merak.runtime.executor import PipelineExecutor
-    from merak.runtime.pipeline_calibration import calibrate_in_pipeline
-    from merak.runtime.recompute_plan import RecomputePlan
-    from merak.runtime.schedule import build
+    from merak.runtime.pipeline.executor import PipelineExecutor
+    from merak.runtime.pipeline.calibration import calibrate_in_pipeline
+    from merak.runtime.memory.recompute_plan import RecomputePlan
+    from merak.runtime.pipeline.schedule import build
 
     schedule = entry.split("+")[0]
     cfg = ctx.cfg

@@ -2,7 +2,7 @@
 
 Not peers (the "× fastest peer" ratio ignores them): users run the peers with their defaults.
 They are here so the table separates what Merak gains from its defaults - on CPU,
-:func:`merak.init` keeps freed host memory for reuse (:mod:`merak.runtime.host_allocator`), and
+:func:`merak.init` keeps freed host memory for reuse (:mod:`merak.runtime.memory.host_allocator`), and
 stages run fused kernels for traced op chains (:mod:`merak.partitioner.fusion`) - from what it
 gains by its schedule and partition: a peer given the allocator setting, and Merak without fusion.
 """
@@ -17,8 +17,8 @@ from benchmarks.peers.registry import BenchContext, RankResult, register_runner
 @register_runner("deepspeed-pipe+kept-host-memory", group="reference", launcher="deepspeed", nprocs=2,
                  description="DeepSpeed PipelineEngine with Merak's CPU host-allocator policy applied first")
 def run_deepspeed_kept_host_memory(ctx: BenchContext) -> RankResult:
-    """``deepspeed-pipe`` after :func:`~merak.runtime.host_allocator.keep_freed_host_memory`."""
-    from merak.runtime.host_allocator import keep_freed_host_memory
+    """``deepspeed-pipe`` after :func:`~merak.runtime.memory.host_allocator.keep_freed_host_memory`."""
+    from merak.runtime.memory.host_allocator import keep_freed_host_memory
 
     keep_freed_host_memory()
     return run_deepspeed(ctx)

@@ -1,0 +1,344 @@
+"""Run one stage's instruction list: the only place where schedules touch tensors.
+
+The schedule generators never see a tensor and this module never decides an order: it maps
+each :class:`~merak.runtime.pipeline.instructions.Op` to a handler (a dispatch table, as DeepSpeed's
+pipeline engine does) and executes the list it is given. Per micro-batch it keeps only what
+the next instruction for that micro-batch needs, and drops it as soon as possible.
+
+Semantics that the schedules and the validator rely on:
+
+* ``LOAD`` takes from the micro-batch dict only the keys this stage reads (``stage.data_inputs``;
+  on the last stage also what a custom ``loss_fn`` reads), so data is never piped through stages.
+* ``FORWARD`` of a micro-batch that has a ``RECOMPUTE`` later in the list applies the stage's
+  activation actions (:mod:`merak.runtime.memory.stage_activations`: recomputed layers keep only their
+  inputs, offloaded ones move their saved tensors to host memory); ``RECOMPUTE`` re-runs that
+  micro-batch's checkpointed layers (same RNG and autocast state) so backward finds their
+  tensors ready and does not recompute again. Every other micro-batch keeps all activations.
+  Without an ``activation_plan`` the whole stage is the one recomputed unit.
+* The last stage's loss is divided by the number of micro-batches before backward, so the
+  accumulated gradient is that of the mean loss over the whole (global) batch, as in a single
+  process; DP then averages over replicas.
+* Sends are asynchronous, receives block with a timeout (see :mod:`merak.runtime.distributed.p2p`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+from merak.runtime.memory.policy import WHOLE_STAGE, ActivationPlan, LayerAction
+from merak.runtime.pipeline.grad_reduce import (
+    DataParallelReducer,
+    broadcast_tied_parameters,
+    reduce_tied_gradients,
+)
+from merak.runtime.distributed.grid import Grid
+from merak.runtime.pipeline.instructions import Instruction, Op
+from merak.runtime.distributed.p2p import P2P, wait_with_timeout
+from merak.runtime.memory.precision import MixedPrecision
+from merak.runtime.memory.stage_activations import StageActivations
+from merak.runtime.pipeline.weight_grad_store import WeightGradStore, defer_weight_gradients
+
+LossFn = Callable[[Mapping[str, Any], Mapping[str, Any]], torch.Tensor]
+
+#: Which busy-time total (0: forward, 1: backward) an instruction's seconds count toward.
+_COMPUTE_KIND = {Op.FORWARD: 0, Op.RECOMPUTE: 0, Op.BACKWARD: 1, Op.BACKWARD_INPUT: 1, Op.BACKWARD_WEIGHT: 1}
+
+
+class Stage(Protocol):
+    """What the executor needs from a stage module (see ``merak.partitioner.StageModule``)."""
+
+    data_inputs: tuple[str, ...]
+    recv_inputs: tuple[str, ...]
+    send_outputs: tuple[str, ...]
+    tied_parameters: dict[str, str]
+
+    def __call__(self, data: Mapping[str, Any], received: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def named_parameters(self) -> Any: ...
+
+
+@dataclass
+class _MicroBatch:
+    data: dict[str, Any] = field(default_factory=dict)
+    received: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] | None = None
+    loss: torch.Tensor | None = None
+    input_grads: dict[str, Any] | None = None
+    output_grads: dict[str, Any] | None = None
+
+
+@dataclass
+class StepResult:
+    """Outcome of one pipeline step on this rank."""
+
+    loss: float | None  # mean micro-batch loss of this DP replica (last stage only)
+    num_microbatches: int
+    seconds: float
+    skipped: bool = False  # optimizer step skipped (e.g. fp16 overflow)
+    #: wall seconds this rank spent computing: forward passes (recomputation included) and
+    #: backward passes (input and weight gradients) - the rest of ``seconds`` is waiting,
+    #: communication and the optimizer. What pipeline calibration balances.
+    forward_seconds: float = 0.0
+    backward_seconds: float = 0.0
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+def _needs_grad(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+class PipelineExecutor:
+    """Executes instruction lists for one stage module on one rank of the grid.
+
+    ``optimizer`` may be ``None`` (gradients are then left in ``.grad`` — handy for tests).
+    ``before_optimizer_step`` runs after all gradient reductions and may return ``False`` to
+    skip the step (gradient clipping lives there, not here).
+    ``zero_bubble=True`` patches Linear/Conv1D layers so ``BACKWARD_INPUT`` leaves their weight
+    gradients to ``BACKWARD_WEIGHT``; without it those two ops still work, just unsplit.
+    ``precision`` (default fp32) runs forwards under autocast and, for fp16, scales the loss and
+    skips the step on every rank when any rank's gradients overflow (:mod:`merak.runtime.memory.precision`).
+    ``activation_plan`` gives this stage's per-layer keep / recompute / selective / offload
+    actions, applied to the micro-batches that have a ``RECOMPUTE`` instruction; ``None`` treats
+    the whole stage as one recomputed unit (whole-stage recomputation).
+    """
+
+    def __init__(
+        self,
+        stage: Stage,
+        grid: Grid,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        loss_fn: LossFn | None = None,
+        timeout_s: float = 300.0,
+        bucket_bytes: int = 25 * 2**20,
+        zero_bubble: bool = False,
+        before_optimizer_step: Callable[[], bool | None] | None = None,
+        precision: MixedPrecision | None = None,
+        activation_plan: ActivationPlan | None = None,
+    ) -> None:
+        self.stage, self.grid, self.optimizer = stage, grid, optimizer
+        self.device = torch.device(device)
+        self.loss_fn, self.timeout_s = loss_fn, timeout_s
+        self.before_optimizer_step = before_optimizer_step
+        self.precision = precision or MixedPrecision()
+        self.p2p = P2P(self.device, timeout_s)
+        self.is_first, self.is_last = grid.is_first_stage, grid.is_last_stage
+        params = dict(stage.named_parameters())
+        self.tied = {key: params[local] for key, local in stage.tied_parameters.items()}
+        self.tie_size = len(grid.tied_ranks) if self.tied else 1
+        self.weight_store = WeightGradStore()
+        late = {id(p) for p in self.tied.values()}
+        if zero_bubble:
+            patched = defer_weight_gradients(stage, self.weight_store)  # type: ignore[arg-type]
+            # Autograd still fires their post-accumulate hooks during B (with no gradient), so
+            # deferred weights must not count toward an early bucket: they finish only in W.
+            late |= {id(stage.get_submodule(name).weight) for name in patched}
+        self.activations = StageActivations(stage, _stage_actions(activation_plan, grid), self.device)  # type: ignore[arg-type]
+        self.reducer = DataParallelReducer(
+            [p for p in params.values() if p.requires_grad], grid.dp_group, grid.dims.dp,
+            bucket_bytes=bucket_bytes, timeout_s=timeout_s, late=late,
+        )
+        broadcast_tied_parameters(self.tied, grid.tied_group, grid.tied_ranks[0] if self.tied else 0,
+                                  self.tie_size, timeout_s)
+        self._handlers: dict[Op, Callable[[Instruction], None]] = {
+            Op.LOAD: self._load,
+            Op.RECV_ACT: self._recv_act,
+            Op.FORWARD: self._forward,
+            Op.SEND_ACT: self._send_act,
+            Op.RECOMPUTE: self._recompute,
+            Op.RECV_GRAD: self._recv_grad,
+            Op.BACKWARD: self._backward,
+            Op.BACKWARD_INPUT: self._backward_input,
+            Op.BACKWARD_WEIGHT: self._backward_weight,
+            Op.SEND_GRAD: self._send_grad,
+            Op.REDUCE_TIED_GRADS: self._reduce_tied,
+            Op.REDUCE_DP_GRADS: self._reduce_dp,
+            Op.OPTIMIZER_STEP: self._optimizer_step,
+        }
+
+    # ---- the step ----------------------------------------------------------------------
+    def run(self, instructions: Sequence[Instruction], microbatches: Sequence[Mapping[str, Any]]) -> StepResult:
+        """Execute one step. Every stage of a pipeline gets the same ``microbatches`` list."""
+        start = time.perf_counter()
+        loads = [i.microbatch for i in instructions if i.op is Op.LOAD]
+        if sorted(loads) != list(range(len(microbatches))):
+            raise ValueError(
+                f"schedule loads micro-batches {sorted(loads)} but {len(microbatches)} were given; "
+                f"build the schedule with num_microbatches={len(microbatches)}"
+            )
+        self._batches = microbatches
+        self._num_mb = len(microbatches)
+        self._mb: dict[int, _MicroBatch] = {m: _MicroBatch() for m in range(self._num_mb)}
+        self._recomputed = {i.microbatch for i in instructions if i.op is Op.RECOMPUTE}
+        backward_ops = (Op.BACKWARD, Op.BACKWARD_INPUT)
+        last_backward = max((n for n, i in enumerate(instructions) if i.op in backward_ops), default=-1)
+        self._skipped = False
+        busy = [0.0, 0.0]  # forward, backward seconds
+        for n, instruction in enumerate(instructions):
+            if n == last_backward:
+                self.reducer.arm()
+            began = time.perf_counter()
+            try:
+                self._handlers[instruction.op](instruction)
+            except Exception as exc:
+                exc.add_note(f"while executing instruction {instruction} on rank {self.grid.rank}")
+                raise
+            kind = _COMPUTE_KIND.get(instruction.op)
+            if kind is not None:
+                busy[kind] += time.perf_counter() - began
+        self.p2p.wait_sends()
+        losses = [m.loss for m in self._mb.values() if m.loss is not None]
+        loss = float(torch.stack(losses).detach().mean()) if losses else None
+        self._mb.clear()
+        self.activations.release_all()
+        return StepResult(loss, self._num_mb, time.perf_counter() - start, self._skipped, *busy)
+
+    def close(self) -> None:
+        """Detach this executor from the stage's parameters (its gradient hooks), for an executor
+        that is dropped while the model lives on (e.g. after a calibration run)."""
+        self.reducer.close()
+
+    # ---- handlers ----------------------------------------------------------------------
+    def _load(self, ins: Instruction) -> None:
+        batch = self._batches[ins.microbatch]
+        wanted = set(self.stage.data_inputs)
+        if self.is_last and self.loss_fn is not None:
+            wanted = set(batch)  # a custom loss may read any key (labels, weights ...)
+        missing = set(self.stage.data_inputs) - set(batch)
+        if missing:
+            raise KeyError(
+                f"stage {self.grid.stage_id} needs batch keys {sorted(missing)} that micro-batch "
+                f"{ins.microbatch} lacks (it has {sorted(batch)}); check the data collator"
+            )
+        self._mb[ins.microbatch].data = {k: _to_device(batch[k], self.device) for k in wanted}
+
+    def _recv_act(self, ins: Instruction) -> None:
+        got = self.p2p.recv(self.grid.prev_rank, f"activations of micro-batch {ins.microbatch}")
+        for name, value in got.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value.requires_grad_(True)
+        self._mb[ins.microbatch].received = got
+
+    def _run_stage(self, mb: _MicroBatch, microbatch: int) -> None:
+        apply = microbatch in self._recomputed  # the schedule asks this micro-batch to drop memory
+        with self.precision.autocast(self.device):
+            mb.outputs = self.activations.forward(microbatch, apply, mb.data, mb.received)
+        if self.is_last:
+            mb.loss = self._loss(mb.outputs, mb.data)
+
+    def _loss(self, outputs: Mapping[str, Any], data: Mapping[str, Any]) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(outputs, data)
+        if "loss" not in outputs:
+            raise KeyError(
+                f"the last stage's outputs {sorted(outputs)} contain no 'loss': give the model "
+                f"labels in the batch, or pass loss_fn=(outputs, batch) -> loss"
+            )
+        return outputs["loss"]
+
+    def _forward(self, ins: Instruction) -> None:
+        self._run_stage(self._mb[ins.microbatch], ins.microbatch)
+
+    def _send_act(self, ins: Instruction) -> None:
+        mb = self._mb[ins.microbatch]
+        assert mb.outputs is not None, f"{ins}: send before forward"
+        self.p2p.send(self.precision.on_wire({n: mb.outputs[n] for n in self.stage.send_outputs}),
+                      self.grid.next_rank, f"activations of micro-batch {ins.microbatch}")
+
+    def _recompute(self, ins: Instruction) -> None:
+        if self._mb[ins.microbatch].outputs is None:
+            raise RuntimeError(f"{ins}: recompute without a preceding forward")
+        self.activations.recompute(ins.microbatch)
+
+    def _recv_grad(self, ins: Instruction) -> None:
+        self._mb[ins.microbatch].output_grads = self.p2p.recv(
+            self.grid.next_rank, f"gradients of micro-batch {ins.microbatch}")
+
+    def _backward(self, ins: Instruction, defer_weights: bool = False) -> None:
+        mb = self._mb[ins.microbatch]
+        if mb.outputs is None:
+            raise RuntimeError(f"{ins}: no activations to backward through (missing forward or recompute)")
+        if self.is_last:
+            tensors, grads = [self.precision.scale_loss(mb.loss / self._num_mb)], [None]
+        else:
+            assert mb.output_grads is not None, f"{ins}: backward before its gradient was received"
+            pairs = [(mb.outputs[n], mb.output_grads.get(n)) for n in self.stage.send_outputs]
+            pairs = [(t, g) for t, g in pairs if _needs_grad(t) and g is not None]
+            tensors, grads = [t for t, _ in pairs], [g for _, g in pairs]
+        ctx = self.weight_store.deferring(ins.microbatch) if defer_weights else contextlib.nullcontext()
+        if tensors:
+            with ctx:
+                torch.autograd.backward(tensors, grads)
+        mb.input_grads = {n: (v.grad if _needs_grad(v) else None) for n, v in mb.received.items()}
+        mb.outputs = mb.output_grads = None
+        mb.received = {}
+        if mb.loss is not None:
+            # Keep the value for the step's mean, not the graph: the graph pins this micro-batch's
+            # received inputs and their gradients until the end of the step.
+            mb.loss = mb.loss.detach()
+        self.activations.release(ins.microbatch)
+
+    def _backward_input(self, ins: Instruction) -> None:
+        self._backward(ins, defer_weights=True)
+
+    def _backward_weight(self, ins: Instruction) -> None:
+        self.weight_store.flush(ins.microbatch)
+
+    def _send_grad(self, ins: Instruction) -> None:
+        mb = self._mb[ins.microbatch]
+        assert mb.input_grads is not None, f"{ins}: send before backward"
+        self.p2p.send(mb.input_grads, self.grid.prev_rank, f"gradients of micro-batch {ins.microbatch}")
+        mb.input_grads = None
+
+    def _reduce_tied(self, ins: Instruction) -> None:
+        reduce_tied_gradients(self.tied, self.grid.tied_group, self.tie_size, self.timeout_s)
+
+    def _reduce_dp(self, ins: Instruction) -> None:
+        pending = self.weight_store.pending()
+        if pending:
+            raise RuntimeError(f"weight gradients of micro-batches {pending} never ran (no W instruction)")
+        self.reducer.finish()
+
+    def _optimizer_step(self, ins: Instruction) -> None:
+        params = (p for _, p in self.stage.named_parameters())
+        if not self.precision.unscale_and_check(params, self.device, self.timeout_s):
+            self._skipped = True  # fp16 overflow somewhere: every rank skips this step
+        elif self.before_optimizer_step is not None and self.before_optimizer_step() is False:
+            self._skipped = True
+        elif self.optimizer is not None:
+            self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def all_reduce_mean_loss(loss: float | None, grid: Grid, timeout_s: float = 300.0) -> float:
+    """The global mean loss of a step, identical on every rank.
+
+    The last stage of each DP replica contributes its replica's mean; every other rank adds 0.
+    """
+    t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        work = dist.all_reduce(t, async_op=True)
+        wait_with_timeout(work, timeout_s, "the loss all-reduce at the end of a step")
+    contributors = grid.dims.dp * grid.dims.tp
+    return float(t.item()) / contributors
+
+
+def _stage_actions(plan: ActivationPlan | None, grid: Grid) -> dict[str, LayerAction]:
+    """This rank's ``{layer: action}``; without a plan the whole stage is recomputed."""
+    if plan is None:
+        return {WHOLE_STAGE: LayerAction.RECOMPUTE}
+    if plan.num_stages != grid.num_stages:
+        raise ValueError(f"the activation plan has {plan.num_stages} stages but the pipeline {grid.num_stages}; "
+                         f"build it from this pipeline's sharding plan")
+    return plan.actions(grid.stage_id)

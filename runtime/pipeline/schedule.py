@@ -1,0 +1,112 @@
+"""Pipeline schedules: the public entry point and the ``python -m merak.runtime.pipeline.schedule`` CLI.
+
+``build`` returns what one stage's executor runs; ``build_all`` returns every stage's list,
+validated together (deadlock freedom and FIFO channel order are properties of the whole set,
+not of one list). Schedules are pure functions of (name, P, M, recompute plan): no tensors,
+no process groups, so they can be printed, diffed, validated and simulated anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from merak.runtime.pipeline.instructions import Instruction
+from merak.runtime.memory.recompute_plan import RECOMPUTE_MODES, RecomputePlan
+from merak.runtime.pipeline.schedules import gpipe, one_f_one_b, shifted_critical_path, zero_bubble
+from merak.runtime.pipeline.validate import ScheduleError, validate
+
+__all__ = ["SCHEDULES", "ScheduleError", "build", "build_all", "main"]
+
+Builder = Callable[[int, int, "RecomputePlan | None"], list[list[Instruction]]]
+
+_BUILDERS: dict[str, Builder] = {
+    "gpipe": gpipe.build_all,
+    "1f1b": one_f_one_b.build_all,
+    "shifted_critical_path": shifted_critical_path.build_all,
+    "zero_bubble": zero_bubble.build_all,
+}
+
+#: Schedule names accepted by ``build`` (and the ``schedule`` training argument).
+SCHEDULES = tuple(_BUILDERS)
+
+
+def build_all(
+    name: str,
+    num_stages: int,
+    num_microbatches: int,
+    recompute_plan: RecomputePlan | None = None,
+) -> list[list[Instruction]]:
+    """Every stage's instruction list for one training step, validated (raises ScheduleError)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
+    schedule = _BUILDERS[name](num_stages, num_microbatches, recompute_plan)
+    validate(schedule)
+    return schedule
+
+
+def build(
+    name: str,
+    num_stages: int,
+    num_microbatches: int,
+    stage_id: int,
+    recompute_plan: RecomputePlan | None = None,
+) -> list[Instruction]:
+    """Stage ``stage_id``'s instruction list (see ``build_all``)."""
+    if not 0 <= stage_id < num_stages:
+        raise ValueError(f"stage_id {stage_id} is outside 0..{num_stages - 1}")
+    return build_all(name, num_stages, num_microbatches, recompute_plan)[stage_id]
+
+
+# --- CLI --------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m merak.runtime.pipeline.schedule",
+        description="Build a pipeline schedule, simulate one step and print its timeline.",
+    )
+    p.add_argument("--schedule", required=True, choices=SCHEDULES)
+    p.add_argument("--stages", type=int, required=True, help="pipeline stages P")
+    p.add_argument("--microbatches", type=int, required=True, help="micro-batches per step M")
+    p.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none")
+    p.add_argument(
+        "--costs", default="1,1,1,1,0",
+        help="F,B,W,R,C: forward, backward-input, backward-weight, recompute, p2p time per micro-batch",
+    )
+    p.add_argument("--json", action="store_true", help="print {makespan, bubble_ratio, peak_inflight, critical_path}")
+    p.add_argument("--width", type=int, default=None, help="squeeze the timeline to about this many columns")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Imported here: simulation and drawing are CLI concerns, not needed by the executor.
+    from merak.runtime.pipeline.simulate import Costs, simulate
+    from merak.runtime.pipeline.timeline import draw
+
+    args = _parser().parse_args(argv)
+    try:
+        costs = Costs.parse(args.costs)
+        plan = RecomputePlan.from_mode(args.recompute, args.stages)
+        schedule = build_all(args.schedule, args.stages, args.microbatches, plan)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = simulate(schedule, costs, plan)
+    if args.json:
+        print(json.dumps(result.summary()))
+        return 0
+    print(f"{args.schedule}: P={args.stages} M={args.microbatches} recompute={args.recompute} costs F,B,W,R,C={args.costs}")
+    print(draw(result, args.width))
+    print(f"makespan        {result.makespan:g}")
+    print(f"bubble ratio    {result.bubble_ratio:.4f}")
+    print(f"peak in-flight  {result.peak_inflight}")
+    print(f"peak activations {[round(a, 3) for a in result.peak_activations]} (micro-batches)")
+    print(f"critical path   {' '.join(result.critical_path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Passes shared by every schedule family: compute order → executable instruction lists.
+
+A family only writes each stage's *computation order* (forwards and backwards). ``lower``
+turns it into what the executor runs, one pass per concern, in this order:
+
+1. communication (``merak.runtime.pipeline.comm_pass``): RECV/SEND around each forward and backward;
+2. recomputation: a ``RECOMPUTE`` before the backward of every micro-batch whose stage drops
+   activations, placed either after the gradient receive (classic) or before it, so that the
+   recomputation overlaps the wait (Merak's early recomputation);
+3. data loading: a ``LOAD`` before the micro-batch's first instruction that needs data;
+4. step end: ``REDUCE_TIED_GRADS``, ``REDUCE_DP_GRADS``, ``OPTIMIZER_STEP``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from merak.runtime.pipeline.comm_pass import INPUT_GRAD_OPS, add_communication
+from merak.runtime.pipeline.instructions import Instruction, Op
+from merak.runtime.memory.recompute_plan import RecomputePlan
+
+#: Appended to every stage, in this order, once all micro-batches are done.
+STEP_END_OPS = (Op.REDUCE_TIED_GRADS, Op.REDUCE_DP_GRADS, Op.OPTIMIZER_STEP)
+
+Schedule = list[list[Instruction]]
+
+
+def check_sizes(num_stages: int, num_microbatches: int, plan: RecomputePlan | None) -> RecomputePlan:
+    """Validate the arguments every family takes; return the plan (``none`` when not given)."""
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    if plan is None:
+        return RecomputePlan.none(num_stages)
+    if plan.num_stages != num_stages:
+        raise ValueError(f"recompute plan has {plan.num_stages} stages, schedule has {num_stages}")
+    return plan
+
+
+def forward(stage: int, mb: int) -> Instruction:
+    return Instruction(Op.FORWARD, stage, mb)
+
+
+def backward(stage: int, mb: int) -> Instruction:
+    return Instruction(Op.BACKWARD, stage, mb)
+
+
+def one_f_one_b_order(
+    stage: int, num_microbatches: int, warmup: int, backward_ops: Sequence[Op] = (Op.BACKWARD,)
+) -> list[Instruction]:
+    """``warmup`` forwards, then alternate one forward / one backward, then the remaining
+    backwards. Each backward is the sequence ``backward_ops`` for that micro-batch (e.g.
+    ``(BACKWARD_INPUT, BACKWARD_WEIGHT)``). ``warmup = M`` gives GPipe's order."""
+    m = num_microbatches
+    warmup = min(warmup, m)
+    order = [forward(stage, i) for i in range(warmup)]
+    for i in range(m):
+        if warmup + i < m:
+            order.append(forward(stage, warmup + i))
+        order.extend(Instruction(op, stage, i) for op in backward_ops)
+    return order
+
+
+def all_recomputed(plan: RecomputePlan, num_microbatches: int) -> set[tuple[int, int]]:
+    """Every (stage, micro-batch) on stages whose plan drops activations."""
+    return {
+        (stage, mb)
+        for stage in range(plan.num_stages)
+        if plan.recomputes(stage)
+        for mb in range(num_microbatches)
+    }
+
+
+def lower(
+    compute: Sequence[Sequence[Instruction]],
+    recomputed: Collection[tuple[int, int]],
+    *,
+    early_recompute: bool = False,
+) -> Schedule:
+    """Run the passes listed in the module docstring over per-stage compute orders.
+
+    ``recomputed`` holds the (stage, micro-batch) pairs that get a RECOMPUTE.
+    """
+    schedule = add_communication(compute)
+    schedule = [
+        insert_recompute(ops, stage, recomputed, early=early_recompute)
+        for stage, ops in enumerate(schedule)
+    ]
+    schedule = [insert_loads(ops, stage) for stage, ops in enumerate(schedule)]
+    return [ops + [Instruction(op, stage) for op in STEP_END_OPS] for stage, ops in enumerate(schedule)]
+
+
+def insert_recompute(
+    ops: Sequence[Instruction],
+    stage: int,
+    recomputed: Collection[tuple[int, int]],
+    *,
+    early: bool,
+) -> list[Instruction]:
+    """Put ``RECOMPUTE`` of each recomputed micro-batch right before its backward, or (``early``)
+    before the gradient receive that precedes that backward."""
+    out: list[Instruction] = []
+    done: set[int] = set()
+
+    def recompute(mb: int) -> None:
+        if (stage, mb) in recomputed and mb not in done:
+            done.add(mb)
+            out.append(Instruction(Op.RECOMPUTE, stage, mb))
+
+    for ins in ops:
+        if (early and ins.op is Op.RECV_GRAD) or ins.op in INPUT_GRAD_OPS:
+            recompute(ins.microbatch)
+        out.append(ins)
+    return out
+
+
+def insert_loads(ops: Sequence[Instruction], stage: int) -> list[Instruction]:
+    """``LOAD`` before the first instruction of a micro-batch that needs its data: the
+    activation receive (so loading overlaps the wait) or, on the first stage, the forward."""
+    out: list[Instruction] = []
+    loaded: set[int] = set()
+    for ins in ops:
+        if ins.op in (Op.RECV_ACT, Op.FORWARD) and ins.microbatch not in loaded:
+            loaded.add(ins.microbatch)
+            out.append(Instruction(Op.LOAD, stage, ins.microbatch))
+        out.append(ins)
+    return out
+
+
+def move_after(ops: list[Instruction], moved: Instruction, anchor: Instruction) -> None:
+    """Move ``moved`` to just after ``anchor`` in place (used to delay a send)."""
+    ops.remove(moved)
+    ops.insert(ops.index(anchor) + 1, moved)

@@ -1,0 +1,20 @@
+"""Forward-only pipeline pass, for evaluation: every stage forwards micro-batches in order.
+
+Built from the same passes as the training schedules (communication and loads are derived,
+not written by hand). There is no backward, so nothing is kept for later: the executor runs
+it under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+from merak.runtime.pipeline.comm_pass import add_communication
+from merak.runtime.pipeline.instructions import Instruction
+from merak.runtime.pipeline.schedules.common import forward, insert_loads
+
+
+def build(num_stages: int, num_microbatches: int, stage_id: int) -> list[Instruction]:
+    if num_microbatches < 1 or not 0 <= stage_id < num_stages:
+        raise ValueError(f"forward_only needs num_microbatches >= 1 and 0 <= stage_id < {num_stages}")
+    compute = [[forward(s, m) for m in range(num_microbatches)] for s in range(num_stages)]
+    return insert_loads(add_communication(compute)[stage_id], stage_id)
+

@@ -1,0 +1,75 @@
+"""Memory accounting over one stage's instruction list (order only, no timing).
+
+Two measures, both counted in micro-batches of this stage:
+
+* **in flight**: micro-batches forwarded and not yet finished backward. Each one pins at least
+  its stage input (the recomputation checkpoint) and its pipeline buffers. A micro-batch is
+  finished at ``BACKWARD`` or, in zero-bubble schedules, at ``BACKWARD_WEIGHT`` (weight
+  gradients still need the layer inputs, so activations live until then).
+* **activations**: how many micro-batches' worth of the stage's saved activations are alive,
+  given that a recomputed micro-batch keeps only ``1 - fraction`` of them between its forward
+  and its ``RECOMPUTE``, and all of them from the ``RECOMPUTE`` to the end of its backward.
+  Stage inputs are ignored here (they are the in-flight count's business); for transformer
+  stages they are a small fraction of one layer's activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+from merak.runtime.pipeline.instructions import Instruction, Op
+
+#: Instructions after which a micro-batch holds no activations on the stage any more.
+FREEING_OPS = frozenset({Op.BACKWARD, Op.BACKWARD_WEIGHT})
+#: Instructions during which all of a micro-batch's activations are alive.
+_MATERIALIZING_OPS = frozenset({Op.RECOMPUTE, Op.BACKWARD, Op.BACKWARD_INPUT})
+
+
+def peak_inflight(ops: Iterable[Instruction]) -> int:
+    """Largest number of micro-batches forwarded but not yet freed, over the list."""
+    live: set[int] = set()
+    peak = 0
+    for ins in ops:
+        if ins.op is Op.FORWARD:
+            live.add(ins.microbatch)
+            peak = max(peak, len(live))
+        elif ins.op in FREEING_OPS:
+            live.discard(ins.microbatch)
+    return peak
+
+
+def peak_activations(
+    ops: Iterable[Instruction], fraction: float, recomputed: Collection[int] | None = None
+) -> float:
+    """Largest amount of saved activations alive at once (in micro-batch units) when the stage
+    drops ``fraction`` of a forward's activations for every micro-batch it recomputes."""
+    return max(activation_profile(ops, fraction, recomputed), default=0.0)
+
+
+def activation_profile(
+    ops: Iterable[Instruction], fraction: float, recomputed: Collection[int] | None = None
+) -> list[float]:
+    """Saved activations alive at each instruction of ``ops`` (measured after a forward or a
+    recomputation, and during a backward, before it frees its micro-batch).
+
+    ``recomputed`` defaults to the micro-batches with a ``RECOMPUTE`` in ``ops``; passing it
+    lets a schedule price a compute-only order before recomputation is inserted (a recomputed
+    micro-batch is then taken to be fully materialized from its backward's start).
+    """
+    ops = list(ops)
+    if recomputed is None:
+        recomputed = {ins.microbatch for ins in ops if ins.op is Op.RECOMPUTE}
+    held: dict[int, float] = {}
+    total = 0.0
+    profile: list[float] = []
+    for ins in ops:
+        mb = ins.microbatch
+        if ins.op is Op.FORWARD:
+            held[mb] = 1.0 - fraction if mb in recomputed else 1.0
+        elif ins.op in _MATERIALIZING_OPS:
+            held[mb] = 1.0
+        total = sum(held.values())
+        profile.append(total)
+        if ins.op in FREEING_OPS:
+            held.pop(mb, None)
+    return profile

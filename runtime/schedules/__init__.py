@@ -1,1 +1,0 @@
-"""Schedule generators, one module per family. See ``merak.runtime.schedule.build``."""

@@ -1,0 +1,274 @@
+"""Apply a :class:`~merak.runtime.tensor_parallel.plan.TPPlan` to one pipeline stage.
+
+``apply_tensor_parallel(stage, grid, plan)`` changes the stage in place and returns it (the
+torchtitan shape: a parallelism is a function of a module and a mesh):
+
+1. **Layers.** Each module the plan names is replaced *in the stage* by a sharded copy; the
+   user's model is not modified (a stage built from a real-weight model shares its modules, and
+   the original model is still needed for export). Column layers stay ``nn.Linear`` / ``Conv1D``
+   with fewer output features (so zero-bubble's weight-gradient deferral still applies to them);
+   row layers become :class:`RowParallelLinear` (either layout); embeddings become
+   :class:`VocabParallelEmbedding`. Parameters keep their names; a parameter shared by several
+   modules (GPT-2's ``wte`` / ``lm_head``) is sharded once and stays shared.
+2. **Graph.** Constants recorded by the plan are rewritten (``split(768)`` -> ``split(384)``),
+   ``copy`` / ``scatter`` ops are inserted where replicated values enter sharded regions, and the
+   LM head's ``cross_entropy`` becomes the vocab-parallel one.
+3. **Bookkeeping** on the stage: ``tp_plan``, ``tp_group``, ``tp_param_specs`` (parameter name ->
+   :class:`ShardSpec`, for the gradient norm and for export) and ``tp_sharded_outputs``.
+4. With ``sub_microbatches > 1`` the stage's forward becomes the interleaved runner of
+   :mod:`.tp_interleave`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from typing import Any
+
+from torch import fx, nn
+
+from merak.runtime.distributed.grid import Grid
+from merak.runtime.tensor_parallel.layers import (
+    CopyToTP,
+    RowParallelLinear,
+    ScatterToTP,
+    ShardSpec,
+    TPGroup,
+    VocabParallelCrossEntropy,
+    VocabParallelEmbedding,
+)
+from merak.runtime.tensor_parallel.plan import Edit, LayerPlan, TPError, TPPlan
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["apply_tensor_parallel", "tp_local_shape", "sharded_parameters", "COPY_MODULE", "SCATTER_MODULE",
+           "CROSS_ENTROPY_MODULE"]
+
+COPY_MODULE = "_merak_tp_copy"
+SCATTER_MODULE = "_merak_tp_scatter"
+CROSS_ENTROPY_MODULE = "_merak_tp_cross_entropy"
+_TP_ATTRIBUTES = ("tp_plan", "tp_group", "tp_param_specs", "tp_sharded_outputs", "tp_sub_microbatches")
+
+
+def tp_local_shape(shape: Any, index: int, tp: int) -> tuple[Any, ...]:
+    """``shape`` with entry ``index`` divided by ``tp`` (a full size used where a local one is needed)."""
+    values = list(shape)
+    values[index] = values[index] // tp
+    return tuple(values)
+
+
+def apply_tensor_parallel(stage: nn.Module, grid: Grid, plan: TPPlan, sub_microbatches: int = 1,
+                          timeout_s: float = 300.0) -> nn.Module:
+    """Shard ``stage`` (a :class:`~merak.partitioner.StageModule`) over ``grid``'s tensor-parallel
+    group following ``plan``; returns the same stage object.
+
+    ``plan`` must have been made for ``grid.dims.tp`` ranks from the graph the stage was cut
+    from (:func:`merak.runtime.tensor_parallel.plan_tensor_parallel`). ``sub_microbatches`` > 1
+    splits every micro-batch along the batch and overlaps one part's all-reduces with another's
+    compute (results equal those of 1).
+    """
+    tp = grid.dims.tp
+    if plan.tp != tp:
+        raise TPError(f"the plan was made for tp={plan.tp} but the grid has tp={tp}; plan again with tp={tp}")
+    if getattr(stage, "tp_plan", None) is not None:
+        raise TPError("tensor parallelism was already applied to this stage")
+    tpg = TPGroup(grid.tp_group, grid.coord.tp, tp, timeout_s)
+    specs = _shard_modules(stage, plan, tpg)
+    _rewrite_graph(stage, plan, tpg)
+    stage.tp_plan = plan
+    stage.tp_group = tpg
+    stage.tp_param_specs = specs
+    stage.tp_sharded_outputs = dict(plan.sharded_outputs)
+    stage.tp_sub_microbatches = sub_microbatches
+    if hasattr(stage, "_STAGE_ATTRIBUTES"):  # StageModule.__deepcopy__ carries these over
+        stage._STAGE_ATTRIBUTES = tuple(dict.fromkeys((*stage._STAGE_ATTRIBUTES, *_TP_ATTRIBUTES)))
+    if sub_microbatches > 1:
+        from merak.runtime.tensor_parallel.interleave import install_sub_microbatching
+
+        install_sub_microbatching(stage, sub_microbatches)
+    return stage
+
+
+def sharded_parameters(stage: nn.Module) -> dict[str, ShardSpec]:
+    """Local parameter name -> :class:`ShardSpec` of every TP-sharded parameter of ``stage``
+    (empty without tensor parallelism)."""
+    return dict(getattr(stage, "tp_param_specs", {}) or {})
+
+
+# ---- layers -------------------------------------------------------------------------------------------
+def _clone(module: nn.Module) -> nn.Module:
+    """A shallow copy owning its own parameter/buffer/submodule tables (the user's module is untouched)."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
+def _new_param(old: nn.Parameter, spec: ShardSpec, tpg: TPGroup, done: dict[int, nn.Parameter]) -> nn.Parameter:
+    """The shard of ``old`` (created once per parameter, so ties survive)."""
+    if id(old) in done:
+        return done[id(old)]
+    if old.device.type == "meta":
+        raise TPError("cannot shard a parameter that is still on the meta device; build the stage with real weights")
+    new = nn.Parameter(spec.local(old.detach(), tpg.rank), requires_grad=old.requires_grad)
+    done[id(old)] = new
+    return new
+
+
+def _sharded_layer(module: nn.Module, layer: LayerPlan, tpg: TPGroup,
+                   done: dict[int, nn.Parameter]) -> tuple[nn.Module, dict[str, ShardSpec]]:
+    tp, conv1d = tpg.size, layer.kind == "Conv1D"
+    if layer.style == "column":
+        new = _clone(module)
+        wspec = ShardSpec(1 if conv1d else 0, tp, layer.blocks)
+        bspec = ShardSpec(0, tp, layer.blocks)
+        new.weight = _new_param(module.weight, wspec, tpg, done)
+        specs = {"weight": wspec}
+        if getattr(module, "bias", None) is not None:
+            new.bias = _new_param(module.bias, bspec, tpg, done)
+            specs["bias"] = bspec
+        if conv1d:
+            new.nf = new.weight.shape[1]
+        else:
+            new.out_features = new.weight.shape[0]
+        new.tp_spec = specs
+        return new, specs
+    if layer.style == "row":
+        spec = ShardSpec(0 if conv1d else 1, tp)
+        weight = _new_param(module.weight, spec, tpg, done)
+        return RowParallelLinear(weight, module.bias, tpg, spec, transposed=conv1d), {"weight": spec}
+    if layer.style == "vocab":
+        spec = ShardSpec(0, tp)
+        weight = _new_param(module.weight, spec, tpg, done)
+        return VocabParallelEmbedding(module, weight, tpg, spec), {"weight": spec}
+    raise TPError(f"unknown style {layer.style!r} for {layer.module}")
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    owner._modules[name] = module
+
+
+def _shard_modules(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> dict[str, ShardSpec]:
+    targets = list(dict.fromkeys(str(n.target) for n in stage.graph.nodes if n.op == "call_module"))
+    done: dict[int, nn.Parameter] = {}
+    replaced: dict[int, nn.Module] = {}
+    for target in targets:
+        layer = plan.layers.get(target)
+        if layer is None or layer.style == "replicate":
+            continue
+        module = stage.get_submodule(target)
+        if id(module) not in replaced:
+            replaced[id(module)] = _sharded_layer(module, layer, tpg, done)[0]
+        _set_module(stage, target, replaced[id(module)])
+    # Other holders of a sharded parameter (a shared module under another name, a get_attr of a
+    # tied bias): point them at the shard too, copying user modules before touching them.
+    for path, module in list(stage.named_modules(remove_duplicate=False)):
+        if id(module) in {id(m) for m in replaced.values()}:
+            continue
+        hits = [n for n, p in module._parameters.items() if p is not None and id(p) in done]
+        if not hits:
+            continue
+        owner = module if type(module) is nn.Module else _clone(module)
+        for n in hits:
+            owner._parameters[n] = done[id(module._parameters[n])]
+        if owner is not module and path:
+            _set_module(stage, path, owner)
+    specs: dict[str, ShardSpec] = {}
+    by_param: dict[int, ShardSpec] = {}
+    for module in replaced.values():
+        for name, spec in getattr(module, "tp_spec", {}).items():
+            by_param[id(getattr(module, name))] = spec
+    for name, p in stage.named_parameters(remove_duplicate=False):
+        if id(p) in by_param:
+            specs[name] = by_param[id(p)]
+    return specs
+
+
+# ---- graph ---------------------------------------------------------------------------------------------
+def _get_path(node: fx.Node, path: tuple[Any, ...]) -> Any:
+    value: Any = node.args if path[0] == "args" else node.kwargs
+    for key in path[1:]:
+        value = value[key]
+    return value
+
+
+def _set_path(node: fx.Node, path: tuple[Any, ...], new: Any) -> None:
+    def put(container: Any, keys: tuple[Any, ...]) -> Any:
+        if not keys:
+            return new
+        key, rest = keys[0], keys[1:]
+        if isinstance(container, dict):
+            out = dict(container)
+            out[key] = put(container[key], rest)
+            return out
+        items = list(container)
+        items[key] = put(items[key], rest)
+        return type(container)(items) if isinstance(container, tuple) else items
+
+    if path[0] == "args":
+        node.args = put(node.args, path[1:])
+    else:
+        node.kwargs = put(node.kwargs, path[1:])
+
+
+def _apply_edit(graph: fx.Graph, node: fx.Node, edit: Edit, tp: int) -> None:
+    current = _get_path(node, edit.path)
+    if edit.kind == "set":
+        if not isinstance(current, int):
+            raise TPError(f"plan edit {edit} does not match the stage graph (found {current!r})")
+        _set_path(node, edit.path, edit.value)
+        return
+    if not isinstance(current, fx.Node):
+        raise TPError(f"plan edit {edit} expects a graph value, found {current!r}")
+    with graph.inserting_before(node):
+        if edit.kind == "div":
+            new = graph.call_function(operator.floordiv, (current, tp))
+        else:
+            new = graph.call_function(tp_local_shape, (current, edit.value, tp))
+    _set_path(node, edit.path, new)
+
+
+def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
+    graph: fx.Graph = stage.graph
+    nodes = {n.name: n for n in graph.nodes}
+    stage.add_submodule(COPY_MODULE, CopyToTP(tpg))
+    stage.add_submodule(SCATTER_MODULE, ScatterToTP(tpg))
+    stage.add_submodule(CROSS_ENTROPY_MODULE, VocabParallelCrossEntropy(tpg))
+    for edit in plan.edits:
+        if edit.node in nodes:
+            _apply_edit(graph, nodes[edit.node], edit, tpg.size)
+    inserted: dict[tuple[str, str, int | None], fx.Node] = {}
+    for ins in plan.inserts:
+        consumer, value = nodes.get(ins.consumer), nodes.get(ins.value)
+        if consumer is None:
+            continue
+        if value is None:
+            raise TPError(f"the stage uses {ins.consumer} but not its input {ins.value}: plan and stage do not match")
+        key = (ins.kind, ins.value, ins.dim)
+        if key not in inserted:
+            with graph.inserting_after(value):
+                if ins.kind == "copy":
+                    inserted[key] = graph.call_module(COPY_MODULE, (value,))
+                else:
+                    inserted[key] = graph.call_module(SCATTER_MODULE, (value, ins.dim))
+        consumer.replace_input_with(value, inserted[key])
+    for name, opts in plan.losses.items():
+        node = nodes.get(name)
+        if node is not None:
+            _replace_cross_entropy(graph, node, opts)
+    graph.lint()
+    stage.recompile()
+
+
+def _replace_cross_entropy(graph: fx.Graph, node: fx.Node, opts: dict[str, Any]) -> None:
+    logits = node.args[0] if node.args else node.kwargs["input"]
+    target = node.args[1] if len(node.args) > 1 else node.kwargs["target"]
+    with graph.inserting_before(node):
+        new = graph.call_module(CROSS_ENTROPY_MODULE, (logits, target),
+                                {"ignore_index": opts["ignore_index"], "reduction": opts["reduction"]})
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
