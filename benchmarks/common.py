@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -131,6 +132,41 @@ def environment_info(packages: Iterable[str] = ("torch",)) -> dict[str, str]:
     return info
 
 
+#: The code a benchmark measures: a report made at commit C stays current while none of these
+#: paths changed between C and HEAD (results, docs and tests may change freely).
+MEASURED_PATHS = ("merak", "partitioner", "runtime", "launch", "benchmarks/*.py", "benchmarks/peers",
+                  "setup.cfg")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def code_commit() -> str:
+    """The commit the measured code is at (``abc1234``), with ``+uncommitted`` when the measured
+    paths differ from it in the work tree (such a report cannot be reproduced from any commit)."""
+    head = _git("rev-parse", "--short=12", "HEAD")
+    if head is None:
+        return "unknown"
+    dirty = _git("status", "--porcelain", "--", *MEASURED_PATHS)
+    return head + (" +uncommitted" if dirty else "")
+
+
+def measured_code_changed_since(commit: str) -> list[str] | None:
+    """Measured files that differ between ``commit`` and the work tree (``[]``: still current;
+    ``None``: unknown, e.g. the commit is not in this clone or the report names none)."""
+    base = commit.split()[0] if commit and commit != "unknown" else None
+    if base is None or " +uncommitted" in commit:
+        return None
+    out = _git("diff", "--name-only", base, "--", *MEASURED_PATHS)
+    return None if out is None else [line for line in out.splitlines() if line]
+
+
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that produced a result, quoted so it can be pasted back into a shell."""
     args = list(sys.argv if argv is None else argv)
@@ -158,7 +194,8 @@ def write_markdown_report(path: Path, title: str, body: str, packages: Iterable[
     """Write ``body`` under a header that records date, command, machine and versions."""
     header = [f"# {title}", "",
               f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-              f"- command: `{command_line(argv)}`"]
+              f"- command: `{command_line(argv)}`",
+              f"- commit: {code_commit()}"]
     header += [f"- {key}: {value}" for key, value in environment_info(packages).items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(header) + "\n\n" + body.rstrip() + "\n")

@@ -361,7 +361,7 @@ def llama_section() -> str:
     return "\n".join([
         "## Estimated: LLaMA-2-7B on 8 x 80 GB (dp=1, tp=2, pp=4)",
         "",
-        f"`python -m merak.runtime.memory.estimator --config {' '.join(spec)} --tp 2 --pp 4 --microbatches 32 "
+        f"`python -m merak.runtime.memory --config {' '.join(spec)} --tp 2 --pp 4 --microbatches 32 "
         f"--micro-batch-size {LLAMA_MICRO_BATCH} --seq 4096 --schedule 1f1b --precision bf16 --recompute stage_aware "
         "--budget 80GB`",
         "",

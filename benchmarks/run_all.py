@@ -11,10 +11,16 @@ Usage (from the repository root)::
     python benchmarks/run_all.py                      # full runs -> benchmarks/results/*, benchmarks/RESULTS.md
     python benchmarks/run_all.py --quick --out-dir /tmp/bench    # CI-sized, RESULTS.md in /tmp/bench
     python benchmarks/run_all.py --only schedule_bubbles,memory  # a subset
-    python benchmarks/run_all.py --collect            # re-write RESULTS.md from the reports already there
+    python benchmarks/run_all.py --collect            # re-write RESULTS.md from current reports already there
+    python benchmarks/run_all.py --check              # which reports are stale (measured code changed since)
     python benchmarks/run_all.py --list
 
 Exit status is non-zero if any selected benchmark failed or timed out.
+
+Every report names the commit its measured code was at (``- commit:``). ``RESULTS.md`` is only
+ever made of reports whose measured code (``benchmarks.common.MEASURED_PATHS``) is unchanged
+since that commit: ``--collect`` refuses stale reports and names the benchmarks to re-run, so the
+page never mixes numbers of an older build with a newer one's.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import markdown_table, write_markdown_report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    markdown_table, measured_code_changed_since, write_markdown_report)
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -103,6 +110,32 @@ def run_one(bench: Benchmark, out_dir: Path, quick: bool, log_dir: Path) -> Outc
     return Outcome(bench, status, seconds, log)
 
 
+def report_commit(report: Path) -> str:
+    """The ``- commit:`` a report was written with (``""`` for reports older than the field)."""
+    for line in report.read_text().splitlines()[:20]:
+        if line.startswith("- commit: "):
+            return line[len("- commit: "):].strip()
+    return ""
+
+
+def stale_reports(benchmarks: list[Benchmark], out_dir: Path) -> dict[str, str]:
+    """Benchmark name -> why its report in ``out_dir`` does not measure the current code."""
+    stale = {}
+    for bench in benchmarks:
+        report = out_dir / bench.report
+        if not report.exists():
+            stale[bench.name] = "no report"
+            continue
+        commit = report_commit(report)
+        changed = measured_code_changed_since(commit)
+        if changed is None:
+            stale[bench.name] = f"made at {commit or 'an unnamed commit'}, not reproducible from this clone"
+        elif changed:
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            stale[bench.name] = f"made at {commit}; since then changed: {', '.join(changed[:3])}{more}"
+    return stale
+
+
 def _embedded(report: Path, image_prefix: str) -> str:
     """A benchmark's report inside RESULTS.md: its title becomes a section, its headings move one
     level down, and image links are made relative to RESULTS.md."""
@@ -150,6 +183,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--collect", action="store_true",
                    help="run nothing: gather the reports already in --out-dir into RESULTS.md (each keeps "
                         "the date and command it was taken with)")
+    p.add_argument("--check", action="store_true",
+                   help="run nothing: list the reports in --out-dir whose measured code changed since "
+                        "the commit they name (exit 1 if any)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     return p.parse_args(argv)
 
@@ -175,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_md = HERE / "RESULTS.md" if out_dir.resolve() == DEFAULT_OUT.resolve() else out_dir / "RESULTS.md"
     log_dir = out_dir / "logs"  # git ignores benchmarks/results/logs
+    if args.check or args.collect:
+        stale = stale_reports(chosen, out_dir)
+        for name, why in stale.items():
+            print(f"[run_all] stale: {name}: {why}")
+        if stale:
+            print(f"[run_all] re-run them: python benchmarks/run_all.py --only {','.join(stale)}"
+                  + (f" --out-dir {args.out_dir}" if args.out_dir else ""), file=sys.stderr)
+            return 1 if args.check else 2
+        if args.check:
+            print(f"[run_all] all {len(chosen)} reports measure the current code")
+            return 0
     if args.collect:
         outcomes = [Outcome(b, "ok" if (out_dir / b.report).exists() else "missing", 0.0, None) for b in chosen]
     else:

@@ -32,6 +32,35 @@ def test_unknown_benchmark_names_are_refused() -> None:
         b.name for b in run_all.BENCHMARKS if b.name != "memory"]
 
 
+def test_one_quick_benchmark_lands_in_results_with_its_commit(tmp_path: Path) -> None:
+    """The run/collect path on the cheapest benchmark (pure simulation): report, plots, commit."""
+    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only", "schedule_bubbles",
+                           "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "`schedule_bubbles` |" in results and "- commit: " in results
+    assert run_all.report_commit(tmp_path / "schedule_bubbles.md") == run_all.report_commit(tmp_path / "RESULTS.md")
+    images = re.findall(r"\]\(([^)]+\.png)\)", results)
+    assert images and all((tmp_path / i).exists() for i in images), images
+
+
+def test_collect_refuses_reports_of_older_code(tmp_path: Path, capsys, monkeypatch) -> None:
+    """RESULTS.md is never assembled from a report whose measured code changed since its commit."""
+    (tmp_path / "schedule_bubbles.md").write_text("# Old\n\n- commit: 0123456789ab\n\nnumbers\n")
+    (tmp_path / "memory.md").write_text("# Older\n\n- date: 2026-01-01\n\nnumbers\n")
+    changed = {"0123456789ab": ["runtime/pipeline/executor.py"]}
+    monkeypatch.setattr(run_all, "measured_code_changed_since", lambda c: changed.get(c))
+    code = run_all.main(["--collect", "--only", "schedule_bubbles,memory", "--out-dir", str(tmp_path)])
+    assert code == 2 and not (tmp_path / "RESULTS.md").exists()
+    err = capsys.readouterr()
+    assert "schedule_bubbles: made at 0123456789ab; since then changed: runtime/pipeline/executor.py" in err.out
+    assert "memory: made at an unnamed commit" in err.out
+    assert "--only schedule_bubbles,memory" in err.err
+    changed["0123456789ab"] = []  # measured code unchanged since: the report is current
+    assert run_all.main(["--check", "--only", "schedule_bubbles", "--out-dir", str(tmp_path)]) == 0
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(1500)  # seven benchmarks, each starting its own (multi-process) jobs
 def test_quick_run_of_every_benchmark_writes_results(tmp_path: Path) -> None:
     """The CI run: every benchmark's --quick mode, each report and plot referenced from RESULTS.md."""

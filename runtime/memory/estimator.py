@@ -1,4 +1,4 @@
-"""Device memory per pipeline stage, and ``python -m merak.runtime.memory.estimator``.
+"""Device memory per pipeline stage, and ``python -m merak.runtime.memory``.
 
 Why an estimator: whether a layout fits must be known before any rank allocates a byte, and
 Merak's stage-aware recomputation needs the same numbers to decide, per stage, how many layers to
@@ -353,7 +353,7 @@ def memory_table(stages: Sequence[StageMemory], budget: int | None = None) -> st
 # ---- CLI -----------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m merak.runtime.memory.estimator",
+        prog="python -m merak.runtime.memory",
         description="Estimate per-stage device memory of a model (built on meta from its config) for a 3D layout.",
     )
     p.add_argument("--config", nargs="+", required=True, metavar="CONFIG",
