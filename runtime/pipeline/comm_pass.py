@@ -14,6 +14,14 @@ in FIFO order per channel, the placement is simple:
 Each stage then sends micro-batches in the order it computes them, which is exactly the
 order its peer receives them in whenever both stages compute in the same micro-batch order
 (what the validator checks).
+
+With virtual stages (:mod:`merak.runtime.pipeline.placement`) the peer of a chunk is the rank
+holding the neighbouring virtual stage; a hop between two chunks of the same rank (the turn
+of a V) needs no message at all. Two ranks may then exchange several kinds of message in one
+direction (activations of one chunk, gradients of another) over the same untagged FIFO link,
+so a last pass puts every rank's receives from one peer in the order that peer sends them:
+a receive needed early pulls in front of it the messages sent before it. Those were sent
+earlier, so under buffered sends this never waits longer than the original order did.
 """
 
 from __future__ import annotations
@@ -21,38 +29,73 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from merak.runtime.pipeline.instructions import Instruction, Op
+from merak.runtime.pipeline.placement import Placement
 
 #: Backward kinds that consume the gradient from the next stage and produce one for the previous.
 INPUT_GRAD_OPS = frozenset({Op.BACKWARD, Op.BACKWARD_INPUT})
 
 
-def add_communication(compute: Sequence[Sequence[Instruction]]) -> list[list[Instruction]]:
+def add_communication(
+    compute: Sequence[Sequence[Instruction]], placement: Placement | None = None
+) -> list[list[Instruction]]:
     """Return per-stage lists with RECV/SEND of activations and gradients inserted.
 
     ``compute[s]`` is stage ``s``'s computation order; instructions other than forwards and
-    input-gradient backwards pass through unchanged.
+    input-gradient backwards pass through unchanged. ``placement`` defaults to one chunk per
+    stage.
     """
-    num_stages = len(compute)
-    return [_stage_with_comm(list(ops), stage, num_stages) for stage, ops in enumerate(compute)]
+    placement = placement or Placement.flat(len(compute))
+    lists = [_stage_with_comm(list(ops), stage, placement) for stage, ops in enumerate(compute)]
+    if placement.num_chunks == 1:
+        return lists  # one message kind per direction: already in send order
+    return [_receive_in_send_order(ops, lists, placement) for ops in lists]
 
 
-def _stage_with_comm(ops: list[Instruction], stage: int, num_stages: int) -> list[Instruction]:
-    first, last = stage == 0, stage == num_stages - 1
+def _remote(stage: int, neighbour: tuple[int, int] | None) -> bool:
+    return neighbour is not None and neighbour[0] != stage
+
+
+def _stage_with_comm(ops: list[Instruction], stage: int, placement: Placement) -> list[Instruction]:
     out: list[Instruction] = []
     for ins in ops:
-        mb = ins.microbatch
-        if ins.op is Op.FORWARD:
-            if not first:
-                out.append(Instruction(Op.RECV_ACT, stage, mb))
+        mb, chunk = ins.microbatch, ins.chunk
+        if ins.op is Op.FORWARD or ins.op in INPUT_GRAD_OPS:
+            prev, nxt = placement.prev(stage, chunk), placement.next(stage, chunk)
+            fwd = ins.op is Op.FORWARD
+            before, after = (prev, nxt) if fwd else (nxt, prev)
+            if _remote(stage, before):
+                out.append(Instruction(Op.RECV_ACT if fwd else Op.RECV_GRAD, stage, mb, chunk))
             out.append(ins)
-            if not last:
-                out.append(Instruction(Op.SEND_ACT, stage, mb))
-        elif ins.op in INPUT_GRAD_OPS:
-            if not last:
-                out.append(Instruction(Op.RECV_GRAD, stage, mb))
-            out.append(ins)
-            if not first:
-                out.append(Instruction(Op.SEND_GRAD, stage, mb))
+            if _remote(stage, after):
+                out.append(Instruction(Op.SEND_ACT if fwd else Op.SEND_GRAD, stage, mb, chunk))
         else:
             out.append(ins)
+    return out
+
+
+def _receive_in_send_order(
+    ops: list[Instruction], lists: Sequence[Sequence[Instruction]], placement: Placement
+) -> list[Instruction]:
+    """Reorder this rank's receives per sending peer into that peer's send order (see the
+    module docstring); a receive moves only earlier, never later."""
+    if not ops:
+        return ops
+    me = ops[0].stage
+    recvs = {placement.message(i): i for i in ops if i.op in (Op.RECV_ACT, Op.RECV_GRAD)}
+    send_order: dict[int, list[Instruction]] = {}
+    for peer_ops in lists:
+        for ins in peer_ops:
+            if ins.op in (Op.SEND_ACT, Op.SEND_GRAD) and placement.peer(ins) == me:
+                send_order.setdefault(ins.stage, []).append(recvs[placement.message(ins)])
+    position = {id(r): (src, n) for src, seq in send_order.items() for n, r in enumerate(seq)}
+    done = {src: 0 for src in send_order}
+    out: list[Instruction] = []
+    for ins in ops:
+        if id(ins) not in position:
+            out.append(ins)
+            continue
+        src, n = position[id(ins)]
+        if n >= done[src]:
+            out.extend(send_order[src][done[src] : n + 1])
+            done[src] = n + 1
     return out

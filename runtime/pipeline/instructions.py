@@ -8,6 +8,11 @@ test, validated, simulated and executed: each of those is a separate pass over p
 Every instruction prints compactly as ``<stage><code><microbatch>``, e.g. ``0F1`` (stage 0,
 forward of micro-batch 1), ``3B0``, ``1W5``, ``2R3`` or ``1SA2`` (send activation of
 micro-batch 2). Step-level instructions without a micro-batch print as ``0OPT`` etc.
+
+With virtual stages (a rank holds several model chunks, see
+:mod:`merak.runtime.pipeline.placement`) ``stage`` is still the rank's pipeline position (the
+index of its list) and ``chunk`` says which of its chunks the instruction works on; a chunk
+other than 0 prints after a dot: ``0.1F3`` is rank 0's chunk 1 forwarding micro-batch 3.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ P2P_PEER = {Op.SEND_ACT: +1, Op.RECV_ACT: -1, Op.SEND_GRAD: -1, Op.RECV_GRAD: +1
 _CODE_TO_OP = {op.value: op for op in Op}
 # Longest codes first so "BI" is not read as "B" followed by garbage.
 _PARSE = re.compile(
-    r"^(?P<stage>\d+)(?P<code>"
+    r"^(?P<stage>\d+)(?:\.(?P<chunk>\d+))?(?P<code>"
     + "|".join(sorted((re.escape(c) for c in _CODE_TO_OP), key=len, reverse=True))
     + r")(?P<mb>\d+)?$"
 )
@@ -58,32 +63,46 @@ class Instruction:
     """One step of one stage's schedule.
 
     ``microbatch`` is ``None`` for step-level instructions (grad reductions, optimizer step).
-    ``stage`` is the pipeline stage that executes it.
+    ``stage`` is the pipeline stage (rank position) that executes it; ``chunk`` is which of
+    that stage's model chunks it runs on (always 0 without virtual stages; step-level
+    instructions cover every chunk and keep 0).
     """
 
     op: Op
     stage: int
     microbatch: int | None = None
+    chunk: int = 0
 
     def __post_init__(self) -> None:
         if (self.op in MICROBATCH_OPS) != (self.microbatch is not None):
             need = "needs" if self.op in MICROBATCH_OPS else "takes no"
             raise ValueError(f"{self.op.name} {need} a micro-batch index (got {self.microbatch})")
+        if self.chunk < 0 or (self.chunk and self.microbatch is None):
+            raise ValueError(f"{self.op.name}: chunk {self.chunk} is negative or on a step-level instruction")
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """``(chunk, microbatch)``: what per-micro-batch state is indexed by on a stage."""
+        assert self.microbatch is not None, f"{self} carries no micro-batch"
+        return (self.chunk, self.microbatch)
 
     def __str__(self) -> str:
         mb = "" if self.microbatch is None else str(self.microbatch)
-        return f"{self.stage}{self.op.value}{mb}"
+        chunk = f".{self.chunk}" if self.chunk else ""
+        return f"{self.stage}{chunk}{self.op.value}{mb}"
 
     __repr__ = __str__
 
     @classmethod
     def parse(cls, text: str) -> "Instruction":
-        """Inverse of ``str()``: ``Instruction.parse("1F3") == Instruction(Op.FORWARD, 1, 3)``."""
+        """Inverse of ``str()``: ``Instruction.parse("1F3") == Instruction(Op.FORWARD, 1, 3)``,
+        ``Instruction.parse("0.1B2") == Instruction(Op.BACKWARD, 0, 2, chunk=1)``."""
         m = _PARSE.match(text.strip())
         if not m:
-            raise ValueError(f"not an instruction: {text!r} (expected e.g. '0F1', '2B0', '1OPT')")
-        mb = m.group("mb")
-        return cls(_CODE_TO_OP[m.group("code")], int(m.group("stage")), None if mb is None else int(mb))
+            raise ValueError(f"not an instruction: {text!r} (expected e.g. '0F1', '2B0', '0.1F3', '1OPT')")
+        mb, chunk = m.group("mb"), m.group("chunk")
+        return cls(_CODE_TO_OP[m.group("code")], int(m.group("stage")), None if mb is None else int(mb),
+                   int(chunk) if chunk else 0)
 
 
 def parse_schedule(text: str) -> list[Instruction]:

@@ -8,7 +8,10 @@ Model (the executor's semantics, with costs attached):
   ``RECOMPUTE`` R × the stage's recompute fraction; everything else takes no compute time;
 * a send is buffered (the sender goes on at once); the message occupies its channel for C and
   arrives then, channels deliver in order, a receive blocks until its message has arrived;
-* ``REDUCE_TIED_GRADS`` is a barrier of all stages (see ``merak.runtime.pipeline.validate``).
+* ``REDUCE_TIED_GRADS`` is a barrier of all stages (see ``merak.runtime.pipeline.validate``);
+* with virtual stages (``v`` chunks per rank) the costs stay those of a whole stage: one chunk's
+  computation takes ``1/v`` of them (the partitioner cuts ``P·v`` balanced chunks), so
+  schedules with and without chunks are compared on the same model. A message still costs C.
 
 Each executed instruction remembers which event let it start (the previous instruction on its
 stage, or the message it waited for); walking those links back from the last instruction to
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from merak.runtime.pipeline.instructions import COMPUTE_OPS, Instruction, Op, P2P_PEER
+from merak.runtime.pipeline.placement import Placement, placement_of
 from merak.runtime.memory.recompute_plan import RecomputePlan
 from merak.runtime.pipeline.schedules.memory import peak_activations
 from merak.runtime.pipeline.validate import Channel, channel_of, is_send, validate
@@ -133,20 +137,23 @@ def simulate(
     schedule: Sequence[Sequence[Instruction]],
     costs: Costs | None = None,
     recompute_plan: RecomputePlan | None = None,
+    placement: Placement | None = None,
 ) -> SimulationResult:
     """Validate ``schedule`` (one list per stage), then simulate one step under ``costs``.
 
     ``recompute_plan`` gives each stage's recompute fraction (RECOMPUTE costs R × fraction);
-    without it a RECOMPUTE costs the full R.
+    without it a RECOMPUTE costs the full R. ``placement`` defaults to the schedule's own.
     """
     costs = costs or Costs()
     num_stages = len(schedule)
     costs.check(num_stages)
-    report = validate(schedule)
+    placement = placement_of(schedule, placement)
+    report = validate(schedule, placement)
     fractions = recompute_plan.fractions if recompute_plan else (1.0,) * num_stages
     if len(fractions) != num_stages:
         raise ValueError(f"recompute plan has {len(fractions)} stages, schedule has {num_stages}")
-    run = _Replay(schedule, costs, fractions)
+    share = 1.0 / placement.num_chunks
+    run = _Replay(schedule, costs, [f * share for f in fractions], placement, share)
     run.run()
     makespan = max((n.interval.end for n in run.last), default=0.0)
     busy = [[n.interval for n in nodes if n.interval.instruction.op in COMPUTE_OPS] for nodes in run.nodes]
@@ -161,7 +168,7 @@ def simulate(
         critical_path=run.critical_path(),
         busy=busy,
         busy_time=busy_time,
-        peak_activations=[peak_activations(ops, f) for ops, f in zip(schedule, fractions)],
+        peak_activations=[peak_activations(ops, f, chunk_weight=share) for ops, f in zip(schedule, fractions)],
     )
 
 
@@ -169,10 +176,21 @@ class _Replay:
     """The event loop: a heap of (time, stage) wake-ups; each wake-up runs a stage until it
     starts a computation (it wakes again when that ends) or blocks on a receive or barrier."""
 
-    def __init__(self, schedule: Sequence[Sequence[Instruction]], costs: Costs, fractions: Sequence[float]) -> None:
+    def __init__(
+        self,
+        schedule: Sequence[Sequence[Instruction]],
+        costs: Costs,
+        fractions: Sequence[float],
+        placement: Placement,
+        share: float,
+    ) -> None:
+        """``fractions`` are per stage, already scaled by ``share``: the part of a stage's
+        cost one chunk's computation takes (a RECOMPUTE costs R × fraction)."""
         self.schedule = schedule
         self.costs = costs
         self.fractions = fractions
+        self.placement = placement
+        self.share = share
         n = len(schedule)
         self.pc = [0] * n
         self.clock = [0.0] * n
@@ -207,7 +225,7 @@ class _Replay:
                 if not self._receive(stage, ins):
                     return
                 continue
-            duration = self.costs.duration(ins, self.fractions[stage])
+            duration = self._duration(ins)
             node = self._execute(stage, ins, self.clock[stage], self._prev(stage))
             if is_send(ins):
                 self._send(ins, node)
@@ -218,8 +236,13 @@ class _Replay:
     def _prev(self, stage: int) -> _Node | None:
         return self.nodes[stage][-1] if self.nodes[stage] else None
 
+    def _duration(self, ins: Instruction) -> float:
+        if ins.op is Op.RECOMPUTE:  # its fraction already holds the chunk's share
+            return self.costs.duration(ins, self.fractions[ins.stage])
+        return self.costs.duration(ins, 0.0) * self.share
+
     def _execute(self, stage: int, ins: Instruction, start: float, pred: _Node | None) -> _Node:
-        end = start + self.costs.duration(ins, self.fractions[stage])
+        end = start + self._duration(ins)
         node = _Node(Interval(start, end, ins), pred)
         self.nodes[stage].append(node)
         self.clock[stage] = end
@@ -227,7 +250,7 @@ class _Replay:
         return node
 
     def _send(self, ins: Instruction, node: _Node) -> None:
-        channel = channel_of(ins)
+        channel = channel_of(ins, self.placement)
         free_at, free_cause = self.channel_free.get(channel, (0.0, None))
         depart, cause = (node.interval.end, node)
         if free_cause is not None and free_at > depart:
@@ -240,7 +263,7 @@ class _Replay:
             heapq.heappush(self.events, (max(self.clock[receiver], arrival), receiver))
 
     def _receive(self, stage: int, ins: Instruction) -> bool:
-        channel = channel_of(ins)
+        channel = channel_of(ins, self.placement)
         queue = self.channels.get(channel)
         if not queue:
             self.blocked[channel] = stage

@@ -17,9 +17,15 @@ DEFAULT_MAX_WIDTH = 240
 
 
 def label(interval: Interval) -> str:
-    """The instruction without its stage prefix: ``2F3`` → ``F3``."""
+    """The instruction without its stage prefix: ``2F3`` → ``F3``; a chunk other than 0 is
+    shown by a lower-case code (chunk 1: ``f3``, ``bi3``, ``w3``) or, beyond chunk 1, a
+    ``.chunk`` suffix (``F3.2``)."""
     ins = interval.instruction
-    return f"{ins.op.value}{'' if ins.microbatch is None else ins.microbatch}"
+    code = ins.op.value
+    mb = "" if ins.microbatch is None else str(ins.microbatch)
+    if ins.chunk == 1:
+        return f"{code.lower()}{mb}"
+    return f"{code}{mb}" + (f".{ins.chunk}" if ins.chunk else "")
 
 
 def draw(result: SimulationResult, width: int | None = None) -> str:

@@ -10,7 +10,9 @@ stage, the offending instruction and the reason:
    after all micro-batch work.
 2. **FIFO channels**: the executor matches messages between two stages in one direction in
    order, without tags, so the order of sends must equal the order of receives on every
-   channel.
+   channel. With virtual stages one channel may carry several kinds of message (activations
+   of one chunk, gradients of another); a message is ``(kind, sending virtual stage,
+   micro-batch)`` (:meth:`Placement.message`).
 3. **no deadlock**: replay all stages with buffered sends, blocking receives and
    ``REDUCE_TIED_GRADS`` as a barrier of all stages (the worst case: which stages share tied
    parameters is unknown here). The replay is untimed; any timing reaches the same end state,
@@ -24,11 +26,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from merak.runtime.pipeline.instructions import Instruction, Op, P2P_PEER
+from merak.runtime.pipeline.placement import Placement, placement_of
 from merak.runtime.pipeline.schedules.common import STEP_END_OPS
 from merak.runtime.pipeline.schedules.memory import peak_inflight
 
-#: A directed channel: (sending stage, receiving stage, message kind "act" or "grad").
-Channel = tuple[int, int, str]
+#: A directed link between two ranks: (sending stage, receiving stage). Messages on it are
+#: matched in FIFO order whatever they carry (the p2p layer sends no tags).
+Channel = tuple[int, int]
+#: What one message carries: (kind "act" or "grad", sending virtual stage, micro-batch).
+Message = tuple[str, int, int]
 
 
 class ScheduleError(ValueError):
@@ -48,25 +54,34 @@ class ValidationReport:
     peak_inflight: list[int]
 
 
-def validate(schedule: Sequence[Sequence[Instruction]]) -> ValidationReport:
-    """Run all checks (see module docstring); return per-stage peak in-flight micro-batches."""
+def validate(schedule: Sequence[Sequence[Instruction]], placement: Placement | None = None) -> ValidationReport:
+    """Run all checks (see module docstring); return per-stage peak in-flight micro-batches.
+
+    ``placement`` defaults to the schedule's own (:func:`placement_of`): one chunk per stage
+    for a plain list of lists.
+    """
     if not schedule:
         raise ScheduleError(0, None, "schedule has no stages")
+    placement = placement_of(schedule, placement)
+    if placement.num_ranks != len(schedule):
+        raise ScheduleError(0, None, f"placement has {placement.num_ranks} ranks, schedule {len(schedule)}")
     num_mb = _num_microbatches(schedule)
     for stage, ops in enumerate(schedule):
-        _check_lifecycle(ops, stage, len(schedule), num_mb)
-    check_fifo(schedule)
-    check_deadlock_free(schedule)
+        _check_lifecycle(ops, stage, placement, num_mb)
+    check_fifo(schedule, placement)
+    check_deadlock_free(schedule, placement)
     return ValidationReport(num_mb, [peak_inflight(ops) for ops in schedule])
 
 
-def channel_of(ins: Instruction) -> Channel:
-    """The channel a p2p instruction uses, as (sender, receiver, kind)."""
-    peer = ins.stage + P2P_PEER[ins.op]
-    kind = "act" if ins.op in (Op.SEND_ACT, Op.RECV_ACT) else "grad"
-    if ins.op in (Op.SEND_ACT, Op.SEND_GRAD):
-        return (ins.stage, peer, kind)
-    return (peer, ins.stage, kind)
+def channel_of(ins: Instruction, placement: Placement | None = None) -> Channel:
+    """The channel a p2p instruction uses, as (sender, receiver)."""
+    peer = placement.peer(ins) if placement is not None else ins.stage + P2P_PEER[ins.op]
+    return (ins.stage, peer) if is_send(ins) else (peer, ins.stage)
+
+
+def message_of(ins: Instruction, placement: Placement) -> Message:
+    """What a p2p instruction sends or expects (see :data:`Message`)."""
+    return placement.message(ins)
 
 
 def is_send(ins: Instruction) -> bool:
@@ -99,44 +114,72 @@ _NEEDS: dict[Op, tuple[tuple[Op, ...], ...]] = {
 _BACKWARDS = (Op.BACKWARD, Op.BACKWARD_INPUT)
 
 
-def _required_ops(stage: int, num_stages: int) -> list[tuple[Op, ...]]:
-    """Instructions every micro-batch must have on this stage (alternatives as tuples)."""
-    req: list[tuple[Op, ...]] = [(Op.LOAD,), (Op.FORWARD,), _BACKWARDS]
-    if stage > 0:
-        req += [(Op.RECV_ACT,), (Op.SEND_GRAD,)]
-    if stage < num_stages - 1:
-        req += [(Op.SEND_ACT,), (Op.RECV_GRAD,)]
-    return req
+def _remote_p2p(stage: int, chunk: int, placement: Placement) -> set[Op]:
+    """The p2p instructions a chunk needs: those toward neighbours held by another rank."""
+    prev, nxt = placement.prev(stage, chunk), placement.next(stage, chunk)
+    ops: set[Op] = set()
+    if prev is not None and prev[0] != stage:
+        ops |= {Op.RECV_ACT, Op.SEND_GRAD}
+    if nxt is not None and nxt[0] != stage:
+        ops |= {Op.SEND_ACT, Op.RECV_GRAD}
+    return ops
 
 
-def _check_lifecycle(ops: Sequence[Instruction], stage: int, num_stages: int, num_mb: int) -> None:
-    seen: dict[int, set[Op]] = {mb: set() for mb in range(num_mb)}
+def _required_ops(p2p: set[Op]) -> list[tuple[Op, ...]]:
+    """Instructions every micro-batch must have on a chunk (alternatives as tuples)."""
+    return [(Op.LOAD,), (Op.FORWARD,), _BACKWARDS] + [(op,) for op in P2P_PEER if op in p2p]
+
+
+def _check_lifecycle(ops: Sequence[Instruction], stage: int, placement: Placement, num_mb: int) -> None:
+    chunks = range(placement.num_chunks)
+    seen: dict[tuple[int, int], set[Op]] = {(c, mb): set() for c in chunks for mb in range(num_mb)}
     step_end: list[Op] = []
-    allowed_p2p = {op for op, d in P2P_PEER.items() if 0 <= stage + d < num_stages}
+    allowed = {c: _remote_p2p(stage, c, placement) for c in chunks}
     for ins in ops:
         if ins.stage != stage:
             raise ScheduleError(stage, ins, f"instruction belongs to stage {ins.stage}")
         if ins.microbatch is None:
             _check_step_end(ins, stage, step_end, seen)
             continue
-        fail = _lifecycle_violation(ins, seen, step_end, allowed_p2p, num_mb)
+        if ins.chunk not in allowed:
+            raise ScheduleError(stage, ins, f"chunk {ins.chunk} outside 0..{placement.num_chunks - 1}")
+        fail = _lifecycle_violation(ins, seen, step_end, allowed[ins.chunk], num_mb) or _local_hop_violation(
+            ins, seen, placement)
         if fail:
             raise ScheduleError(stage, ins, fail)
-        seen[ins.microbatch].add(ins.op)
-    for mb, done in seen.items():
-        for alternatives in _required_ops(stage, num_stages):
+        seen[ins.key].add(ins.op)
+    for (chunk, mb), done in seen.items():
+        for alternatives in _required_ops(allowed[chunk]):
             if not done.intersection(alternatives):
-                missing = Instruction(alternatives[0], stage, mb)
+                missing = Instruction(alternatives[0], stage, mb, chunk)
                 raise ScheduleError(stage, missing, f"micro-batch {mb} never gets {alternatives[0].name}")
         if Op.BACKWARD_INPUT in done and Op.BACKWARD_WEIGHT not in done:
-            missing = Instruction(Op.BACKWARD_WEIGHT, stage, mb)
+            missing = Instruction(Op.BACKWARD_WEIGHT, stage, mb, chunk)
             raise ScheduleError(stage, missing, f"micro-batch {mb} has BACKWARD_INPUT but no BACKWARD_WEIGHT")
+
+
+def _local_hop_violation(
+    ins: Instruction, seen: dict[tuple[int, int], set[Op]], placement: Placement
+) -> str | None:
+    """A chunk fed by another chunk of the same rank (the turn of a V, or ``P = 1``) must run
+    its forward after that chunk's, and its input-gradient pass before that chunk's."""
+    if ins.op is Op.FORWARD:
+        near, needs = placement.prev(ins.stage, ins.chunk), (Op.FORWARD,)
+    elif ins.op in _BACKWARDS:
+        near, needs = placement.next(ins.stage, ins.chunk), _BACKWARDS
+    else:
+        return None
+    if near is None or near[0] != ins.stage:
+        return None
+    if not seen[(near[1], ins.microbatch)].intersection(needs):
+        return f"{ins.op.name} before {needs[0].name} of micro-batch {ins.microbatch} on chunk {near[1]} (same rank)"
+    return None
     if tuple(step_end) != STEP_END_OPS:
         raise ScheduleError(stage, None, f"step must end with {[o.name for o in STEP_END_OPS]} once each, got {[o.name for o in step_end]}")
 
 
 def _lifecycle_violation(
-    ins: Instruction, seen: dict[int, set[Op]], step_end: list[Op], allowed_p2p: set[Op], num_mb: int
+    ins: Instruction, seen: dict[tuple[int, int], set[Op]], step_end: list[Op], allowed_p2p: set[Op], num_mb: int
 ) -> str | None:
     """Why ``ins`` cannot come at this point of its stage's list, or None if it can."""
     mb, op = ins.microbatch, ins.op
@@ -146,7 +189,7 @@ def _lifecycle_violation(
         return f"micro-batch {mb} outside 0..{num_mb - 1} (stage 0 forwards {num_mb})"
     if op in P2P_PEER and op not in allowed_p2p:
         return f"{op.name} has no peer stage"
-    done = seen[mb]
+    done = seen[ins.key]
     if op in done:
         return f"{op.name} of micro-batch {mb} appears twice"
     if op in _BACKWARDS and done.intersection(_BACKWARDS):
@@ -163,9 +206,12 @@ def _lifecycle_violation(
     return None
 
 
-def _check_step_end(ins: Instruction, stage: int, step_end: list[Op], seen: dict[int, set[Op]]) -> None:
+def _check_step_end(
+    ins: Instruction, stage: int, step_end: list[Op], seen: dict[tuple[int, int], set[Op]]
+) -> None:
     if not step_end and ins.op is STEP_END_OPS[0]:
-        pending = [mb for mb, done in seen.items() if Op.BACKWARD_INPUT in done and Op.BACKWARD_WEIGHT not in done]
+        pending = [mb if not chunk else f"{mb} (chunk {chunk})" for (chunk, mb), done in seen.items()
+                   if Op.BACKWARD_INPUT in done and Op.BACKWARD_WEIGHT not in done]
         if pending:
             raise ScheduleError(stage, ins, f"weight gradients of micro-batches {pending} not computed before the reduction")
     step_end.append(ins.op)
@@ -176,39 +222,51 @@ def _check_step_end(ins: Instruction, stage: int, step_end: list[Op], seen: dict
 # --- 2. FIFO channels -------------------------------------------------------------------
 
 
-def check_fifo(schedule: Sequence[Sequence[Instruction]]) -> None:
-    """Every channel's receives must ask for micro-batches in the order they are sent."""
-    sent: dict[Channel, list[int]] = {}
+def _describe(message: Message, placement: Placement) -> str:
+    kind, sender, mb = message
+    what = "activations" if kind == "act" else "gradients"
+    if placement.num_chunks == 1:
+        return f"{what} of micro-batch {mb}"
+    return f"{what} of micro-batch {mb} from virtual stage {sender}"
+
+
+def check_fifo(schedule: Sequence[Sequence[Instruction]], placement: Placement | None = None) -> None:
+    """Every channel's receives must ask for messages in the order they are sent."""
+    placement = placement_of(schedule, placement)
+    sent: dict[Channel, list[Message]] = {}
     received: dict[Channel, list[Instruction]] = {}
     for ops in schedule:
         for ins in ops:
             if ins.op in P2P_PEER:
-                side = sent if is_send(ins) else received
-                side.setdefault(channel_of(ins), []).append(ins.microbatch if side is sent else ins)
+                if is_send(ins):
+                    sent.setdefault(channel_of(ins, placement), []).append(placement.message(ins))
+                else:
+                    received.setdefault(channel_of(ins, placement), []).append(ins)
     for channel in sorted(set(sent) | set(received)):
-        src, dst, kind = channel
+        src, dst = channel
         sends, recvs = sent.get(channel, []), received.get(channel, [])
         for pos, recv in enumerate(recvs):
             if pos >= len(sends):
-                raise ScheduleError(dst, recv, f"stage {src} sends only {len(sends)} {kind} messages to stage {dst}")
-            if sends[pos] != recv.microbatch:
+                raise ScheduleError(dst, recv, f"stage {src} sends only {len(sends)} messages to stage {dst}")
+            if sends[pos] != placement.message(recv):
                 raise ScheduleError(
                     dst, recv,
-                    f"FIFO mismatch on the {kind} channel {src}->{dst}: message #{pos} carries "
-                    f"micro-batch {sends[pos]} (messages have no tags)",
+                    f"FIFO mismatch on the channel {src}->{dst}: message #{pos} carries "
+                    f"{_describe(sends[pos], placement)} (messages have no tags)",
                 )
         if len(sends) > len(recvs):
-            raise ScheduleError(src, None, f"{len(sends) - len(recvs)} {kind} messages to stage {dst} are never received")
+            raise ScheduleError(src, None, f"{len(sends) - len(recvs)} messages to stage {dst} are never received")
 
 
 # --- 3. deadlock freedom ----------------------------------------------------------------
 
 
-def check_deadlock_free(schedule: Sequence[Sequence[Instruction]]) -> None:
+def check_deadlock_free(schedule: Sequence[Sequence[Instruction]], placement: Placement | None = None) -> None:
     """Replay with buffered sends and blocking receives; raise if some stage can never finish."""
+    placement = placement_of(schedule, placement)
     num_stages = len(schedule)
     pc = [0] * num_stages
-    queues: dict[Channel, deque[int]] = {}
+    queues: dict[Channel, deque[Message]] = {}
     at_barrier: set[int] = set()
     progressed = True
     while progressed:
@@ -224,12 +282,12 @@ def check_deadlock_free(schedule: Sequence[Sequence[Instruction]]) -> None:
                     progressed = True
                     continue
                 if ins.op in P2P_PEER:
-                    queue = queues.setdefault(channel_of(ins), deque())
+                    queue = queues.setdefault(channel_of(ins, placement), deque())
                     if is_send(ins):
-                        queue.append(ins.microbatch)
+                        queue.append(placement.message(ins))
                     elif not queue:
                         break
-                    elif queue.popleft() != ins.microbatch:
+                    elif queue.popleft() != placement.message(ins):
                         raise ScheduleError(stage, ins, "FIFO mismatch during replay")
                 pc[stage] += 1
                 progressed = True

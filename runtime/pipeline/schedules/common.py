@@ -17,6 +17,7 @@ from collections.abc import Collection, Sequence
 
 from merak.runtime.pipeline.comm_pass import INPUT_GRAD_OPS, add_communication
 from merak.runtime.pipeline.instructions import Instruction, Op
+from merak.runtime.pipeline.placement import PlacedSchedule, Placement
 from merak.runtime.memory.recompute_plan import RecomputePlan
 
 #: Appended to every stage, in this order, once all micro-batches are done.
@@ -38,12 +39,12 @@ def check_sizes(num_stages: int, num_microbatches: int, plan: RecomputePlan | No
     return plan
 
 
-def forward(stage: int, mb: int) -> Instruction:
-    return Instruction(Op.FORWARD, stage, mb)
+def forward(stage: int, mb: int, chunk: int = 0) -> Instruction:
+    return Instruction(Op.FORWARD, stage, mb, chunk)
 
 
-def backward(stage: int, mb: int) -> Instruction:
-    return Instruction(Op.BACKWARD, stage, mb)
+def backward(stage: int, mb: int, chunk: int = 0) -> Instruction:
+    return Instruction(Op.BACKWARD, stage, mb, chunk)
 
 
 def one_f_one_b_order(
@@ -62,68 +63,85 @@ def one_f_one_b_order(
     return order
 
 
-def all_recomputed(plan: RecomputePlan, num_microbatches: int) -> set[tuple[int, int]]:
-    """Every (stage, micro-batch) on stages whose plan drops activations."""
+def all_recomputed(
+    plan: RecomputePlan, num_microbatches: int, num_chunks: int = 1
+) -> set[tuple[int, ...]]:
+    """Every (stage, micro-batch) on stages whose plan drops activations; with ``num_chunks``
+    above 1, every (stage, chunk, micro-batch)."""
     return {
-        (stage, mb)
+        (stage, mb) if num_chunks == 1 else (stage, chunk, mb)
         for stage in range(plan.num_stages)
         if plan.recomputes(stage)
+        for chunk in range(num_chunks)
         for mb in range(num_microbatches)
     }
 
 
+def _recompute_key(item: tuple[int, ...]) -> tuple[int, int, int]:
+    """(stage, micro-batch) or (stage, chunk, micro-batch) → (stage, chunk, micro-batch)."""
+    return (item[0], 0, item[1]) if len(item) == 2 else (item[0], item[1], item[2])
+
+
 def lower(
     compute: Sequence[Sequence[Instruction]],
-    recomputed: Collection[tuple[int, int]],
+    recomputed: Collection[tuple[int, ...]],
     *,
     early_recompute: bool = False,
+    placement: Placement | None = None,
 ) -> Schedule:
     """Run the passes listed in the module docstring over per-stage compute orders.
 
-    ``recomputed`` holds the (stage, micro-batch) pairs that get a RECOMPUTE.
+    ``recomputed`` holds the (stage, micro-batch) pairs, or (stage, chunk, micro-batch)
+    triples, that get a RECOMPUTE. The result remembers ``placement`` (one chunk per stage
+    when not given), which the validator and simulator read.
     """
-    schedule = add_communication(compute)
+    placement = placement or Placement.flat(len(compute))
+    schedule = add_communication(compute, placement)
     schedule = [
         insert_recompute(ops, stage, recomputed, early=early_recompute)
         for stage, ops in enumerate(schedule)
     ]
     schedule = [insert_loads(ops, stage) for stage, ops in enumerate(schedule)]
-    return [ops + [Instruction(op, stage) for op in STEP_END_OPS] for stage, ops in enumerate(schedule)]
+    return PlacedSchedule(
+        [ops + [Instruction(op, stage) for op in STEP_END_OPS] for stage, ops in enumerate(schedule)],
+        placement,
+    )
 
 
 def insert_recompute(
     ops: Sequence[Instruction],
     stage: int,
-    recomputed: Collection[tuple[int, int]],
+    recomputed: Collection[tuple[int, ...]],
     *,
     early: bool,
 ) -> list[Instruction]:
     """Put ``RECOMPUTE`` of each recomputed micro-batch right before its backward, or (``early``)
     before the gradient receive that precedes that backward."""
+    wanted = {_recompute_key(item) for item in recomputed}
     out: list[Instruction] = []
-    done: set[int] = set()
+    done: set[tuple[int, int]] = set()
 
-    def recompute(mb: int) -> None:
-        if (stage, mb) in recomputed and mb not in done:
-            done.add(mb)
-            out.append(Instruction(Op.RECOMPUTE, stage, mb))
+    def recompute(ins: Instruction) -> None:
+        if (stage, *ins.key) in wanted and ins.key not in done:
+            done.add(ins.key)
+            out.append(Instruction(Op.RECOMPUTE, stage, ins.microbatch, ins.chunk))
 
     for ins in ops:
         if (early and ins.op is Op.RECV_GRAD) or ins.op in INPUT_GRAD_OPS:
-            recompute(ins.microbatch)
+            recompute(ins)
         out.append(ins)
     return out
 
 
 def insert_loads(ops: Sequence[Instruction], stage: int) -> list[Instruction]:
-    """``LOAD`` before the first instruction of a micro-batch that needs its data: the
-    activation receive (so loading overlaps the wait) or, on the first stage, the forward."""
+    """``LOAD`` before the first instruction of a micro-batch (of a chunk) that needs its data:
+    the activation receive (so loading overlaps the wait) or, without one, the forward."""
     out: list[Instruction] = []
-    loaded: set[int] = set()
+    loaded: set[tuple[int, int]] = set()
     for ins in ops:
-        if ins.op in (Op.RECV_ACT, Op.FORWARD) and ins.microbatch not in loaded:
-            loaded.add(ins.microbatch)
-            out.append(Instruction(Op.LOAD, stage, ins.microbatch))
+        if ins.op in (Op.RECV_ACT, Op.FORWARD) and ins.key not in loaded:
+            loaded.add(ins.key)
+            out.append(Instruction(Op.LOAD, stage, ins.microbatch, ins.chunk))
         out.append(ins)
     return out
 

@@ -11,6 +11,11 @@ Two measures, both counted in micro-batches of this stage:
   and its ``RECOMPUTE``, and all of them from the ``RECOMPUTE`` to the end of its backward.
   Stage inputs are ignored here (they are the in-flight count's business); for transformer
   stages they are a small fraction of one layer's activations.
+
+With virtual stages a stage (rank) holds several model chunks; the in-flight count is then of
+(chunk, micro-batch) pairs, and a chunk's micro-batch weighs ``chunk_weight`` (``1/v`` for
+``v`` equal chunks) so activations stay in units of a whole stage's micro-batch, comparable
+with a schedule without chunks.
 """
 
 from __future__ import annotations
@@ -26,28 +31,38 @@ _MATERIALIZING_OPS = frozenset({Op.RECOMPUTE, Op.BACKWARD, Op.BACKWARD_INPUT})
 
 
 def peak_inflight(ops: Iterable[Instruction]) -> int:
-    """Largest number of micro-batches forwarded but not yet freed, over the list."""
-    live: set[int] = set()
+    """Largest number of (chunk, micro-batch) pairs forwarded but not yet freed, over the list."""
+    live: set[tuple[int, int]] = set()
     peak = 0
     for ins in ops:
         if ins.op is Op.FORWARD:
-            live.add(ins.microbatch)
+            live.add(ins.key)
             peak = max(peak, len(live))
         elif ins.op in FREEING_OPS:
-            live.discard(ins.microbatch)
+            live.discard(ins.key)
     return peak
 
 
+Recomputed = Collection[int] | Collection[tuple[int, int]]
+
+
+def _keys(recomputed: Recomputed) -> set[tuple[int, int]]:
+    """Micro-batch indices (chunk 0) or (chunk, micro-batch) pairs → pairs."""
+    return {r if isinstance(r, tuple) else (0, r) for r in recomputed}
+
+
 def peak_activations(
-    ops: Iterable[Instruction], fraction: float, recomputed: Collection[int] | None = None
+    ops: Iterable[Instruction], fraction: float, recomputed: Recomputed | None = None,
+    chunk_weight: float = 1.0,
 ) -> float:
     """Largest amount of saved activations alive at once (in micro-batch units) when the stage
     drops ``fraction`` of a forward's activations for every micro-batch it recomputes."""
-    return max(activation_profile(ops, fraction, recomputed), default=0.0)
+    return max(activation_profile(ops, fraction, recomputed, chunk_weight), default=0.0)
 
 
 def activation_profile(
-    ops: Iterable[Instruction], fraction: float, recomputed: Collection[int] | None = None
+    ops: Iterable[Instruction], fraction: float, recomputed: Recomputed | None = None,
+    chunk_weight: float = 1.0,
 ) -> list[float]:
     """Saved activations alive at each instruction of ``ops`` (measured after a forward or a
     recomputation, and during a backward, before it frees its micro-batch).
@@ -57,19 +72,21 @@ def activation_profile(
     micro-batch is then taken to be fully materialized from its backward's start).
     """
     ops = list(ops)
-    if recomputed is None:
-        recomputed = {ins.microbatch for ins in ops if ins.op is Op.RECOMPUTE}
-    held: dict[int, float] = {}
+    keys = {ins.key for ins in ops if ins.op is Op.RECOMPUTE} if recomputed is None else _keys(recomputed)
+    held: dict[tuple[int, int], float] = {}
     total = 0.0
     profile: list[float] = []
     for ins in ops:
-        mb = ins.microbatch
+        if ins.microbatch is None:
+            profile.append(total)
+            continue
+        key = ins.key
         if ins.op is Op.FORWARD:
-            held[mb] = 1.0 - fraction if mb in recomputed else 1.0
+            held[key] = chunk_weight * (1.0 - fraction if key in keys else 1.0)
         elif ins.op in _MATERIALIZING_OPS:
-            held[mb] = 1.0
+            held[key] = chunk_weight
         total = sum(held.values())
         profile.append(total)
         if ins.op in FREEING_OPS:
-            held.pop(mb, None)
+            held.pop(key, None)
     return profile
