@@ -9,7 +9,7 @@ import pytest
 
 from merak.runtime.pipeline.instructions import Instruction, Op, format_schedule, parse_schedule
 from merak.runtime.memory.recompute_plan import RECOMPUTE_MODES, RecomputePlan
-from merak.runtime.pipeline.schedule import SCHEDULES, build, build_all
+from merak.runtime.pipeline.schedule import SCHEDULES, VIRTUAL_SCHEDULES, build, build_all
 from merak.runtime.pipeline.schedules.common import STEP_END_OPS
 from merak.runtime.pipeline.schedules.memory import peak_activations, peak_inflight
 from merak.runtime.pipeline.validate import ScheduleError, validate
@@ -36,21 +36,37 @@ def ops_of(stage_ops: list[Instruction], mb: int) -> list[Op]:
 
 
 def test_schedule_names_are_the_contract() -> None:
-    assert SCHEDULES == ("gpipe", "1f1b", "shifted_critical_path", "zero_bubble")
+    assert SCHEDULES == ("gpipe", "1f1b", "shifted_critical_path", "zero_bubble",
+                         "interleaved_1f1b", "zb_v", "dualpipe_v")
+    assert VIRTUAL_SCHEDULES == ("interleaved_1f1b", "zb_v", "dualpipe_v")
+
+
+#: (P, M) a virtual-stage schedule refuses, with the words its error must contain.
+REFUSED = {
+    "interleaved_1f1b": (lambda p, m: m % p != 0, "multiple of the pipeline stages"),
+    "dualpipe_v": (lambda p, m: m < 2 * p, "at least 2P"),
+}
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("mode", RECOMPUTE_MODES)
 def test_every_schedule_validates_over_the_grid(name: str, mode: str) -> None:
+    """Every (P, M) builds and validates, or (virtual stages) is refused with an error that
+    says which M would do."""
+    refused, words = REFUSED.get(name, (lambda p, m: False, ""))
     for p, m in GRID:
+        if refused(p, m):
+            with pytest.raises(ValueError, match=words):
+                built(name, p, m, mode)
+            continue
         assert len(built(name, p, m, mode)) == p
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_build_returns_the_stage_row_of_build_all(name: str) -> None:
     plan = RecomputePlan.full(4)
-    everything = build_all(name, 4, 6, plan)
-    assert [build(name, 4, 6, s, plan) for s in range(4)] == everything
+    everything = build_all(name, 4, 8, plan)  # M = 8: a size every schedule takes
+    assert [build(name, 4, 8, s, plan) for s in range(4)] == everything
     assert all(ins.stage == s for s, ops in enumerate(everything) for ins in ops)
 
 
@@ -67,12 +83,15 @@ def test_bad_arguments_are_refused() -> None:
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_every_stage_loads_and_ends_the_step(name: str) -> None:
-    schedule = build_all(name, 3, 5, RecomputePlan.full(3))
+    """Each (chunk, micro-batch) a rank works on is loaded exactly once, before anything else
+    (M = 6 at P = 3: a size every schedule takes)."""
+    schedule = build_all(name, 3, 6, RecomputePlan.full(3))
     for ops in schedule:
         assert tuple(i.op for i in ops[-3:]) == STEP_END_OPS
-        for mb in range(5):
-            mb_ops = ops_of(ops, mb)
-            assert mb_ops.count(Op.LOAD) == 1 and mb_ops[0] is Op.LOAD
+        for key in {i.key for i in ops if i.microbatch is not None}:
+            key_ops = [i.op for i in ops if i.microbatch is not None and i.key == key]
+            assert key_ops.count(Op.LOAD) == 1 and key_ops[0] is Op.LOAD
+        assert {i.microbatch for i in ops if i.op is Op.LOAD} == set(range(6))
 
 
 # --- family shapes ----------------------------------------------------------------------
@@ -185,7 +204,7 @@ def test_recompute_plan_rejects_bad_values() -> None:
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_instruction_print_parse_round_trip(name: str) -> None:
-    for ops in build_all(name, 3, 4, RecomputePlan.full(3)):
+    for ops in build_all(name, 3, 6, RecomputePlan.full(3)):
         assert parse_schedule(format_schedule(ops)) == ops
         assert all(Instruction.parse(str(i)) == i for i in ops)
 

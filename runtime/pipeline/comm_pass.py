@@ -48,7 +48,12 @@ def add_communication(
     lists = [_stage_with_comm(list(ops), stage, placement) for stage, ops in enumerate(compute)]
     if placement.num_chunks == 1:
         return lists  # one message kind per direction: already in send order
-    return [_receive_in_send_order(ops, lists, placement) for ops in lists]
+    sent: dict[int, dict[int, list[tuple[str, int, int]]]] = {}  # receiver -> sender -> messages
+    for ops in lists:
+        for ins in ops:
+            if ins.op in (Op.SEND_ACT, Op.SEND_GRAD):
+                sent.setdefault(placement.peer(ins), {}).setdefault(ins.stage, []).append(placement.message(ins))
+    return [_receive_in_send_order(ops, sent.get(stage, {}), placement) for stage, ops in enumerate(lists)]
 
 
 def _remote(stage: int, neighbour: tuple[int, int] | None) -> bool:
@@ -74,19 +79,12 @@ def _stage_with_comm(ops: list[Instruction], stage: int, placement: Placement) -
 
 
 def _receive_in_send_order(
-    ops: list[Instruction], lists: Sequence[Sequence[Instruction]], placement: Placement
+    ops: list[Instruction], sent: dict[int, list[tuple[str, int, int]]], placement: Placement
 ) -> list[Instruction]:
-    """Reorder this rank's receives per sending peer into that peer's send order (see the
-    module docstring); a receive moves only earlier, never later."""
-    if not ops:
-        return ops
-    me = ops[0].stage
+    """Reorder this rank's receives per sending peer into that peer's send order (``sent``:
+    sender -> messages in order; see the module docstring); a receive moves only earlier."""
     recvs = {placement.message(i): i for i in ops if i.op in (Op.RECV_ACT, Op.RECV_GRAD)}
-    send_order: dict[int, list[Instruction]] = {}
-    for peer_ops in lists:
-        for ins in peer_ops:
-            if ins.op in (Op.SEND_ACT, Op.SEND_GRAD) and placement.peer(ins) == me:
-                send_order.setdefault(ins.stage, []).append(recvs[placement.message(ins)])
+    send_order = {src: [recvs[msg] for msg in messages] for src, messages in sent.items()}
     position = {id(r): (src, n) for src, seq in send_order.items() for n, r in enumerate(seq)}
     done = {src: 0 for src in send_order}
     out: list[Instruction] = []

@@ -150,3 +150,27 @@ def move_after(ops: list[Instruction], moved: Instruction, anchor: Instruction) 
     """Move ``moved`` to just after ``anchor`` in place (used to delay a send)."""
     ops.remove(moved)
     ops.insert(ops.index(anchor) + 1, moved)
+
+
+class ChunkCounter:
+    """Writes one rank's compute order for schedules built from phases: each ``emit(op, chunk)``
+    appends that op for the chunk's next micro-batch (each kind of each chunk runs its
+    micro-batches in order, which is what keeps every channel FIFO)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.next: dict[tuple[Op, int], int] = {}
+        self.out: list[Instruction] = []
+
+    def emit(self, op: Op, chunk: int) -> Instruction:
+        """Append ``op`` for ``chunk``'s next micro-batch. A full backward and an
+        input-gradient pass share one count (a micro-batch gets one or the other)."""
+        counted = Op.BACKWARD_INPUT if op is Op.BACKWARD else op
+        mb = self.next.get((counted, chunk), 0)
+        self.next[(counted, chunk)] = mb + 1
+        ins = Instruction(op, self.rank, mb, chunk)
+        self.out.append(ins)
+        return ins
+
+    def count(self, op: Op, chunk: int) -> int:
+        return self.next.get((Op.BACKWARD_INPUT if op is Op.BACKWARD else op, chunk), 0)

@@ -81,12 +81,13 @@ def activation_profile(
             profile.append(total)
             continue
         key = ins.key
-        if ins.op is Op.FORWARD:
-            held[key] = chunk_weight * (1.0 - fraction if key in keys else 1.0)
-        elif ins.op in _MATERIALIZING_OPS:
-            held[key] = chunk_weight
-        total = sum(held.values())
-        profile.append(total)
+        if ins.op is Op.FORWARD or ins.op in _MATERIALIZING_OPS:
+            kept = ins.op is Op.FORWARD and key in keys
+            new = chunk_weight * (1.0 - fraction) if kept else chunk_weight
+            total += new - held.get(key, 0.0)
+            held[key] = new
+        # Rounded: a running sum drifts by ulps that would make equal peaks compare unequal.
+        profile.append(round(total, 12))
         if ins.op in FREEING_OPS:
-            held.pop(key, None)
+            total -= held.pop(key, 0.0)
     return profile

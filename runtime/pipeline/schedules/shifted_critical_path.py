@@ -45,7 +45,7 @@ from merak.runtime.pipeline.instructions import Instruction, Op
 from merak.runtime.memory.recompute_plan import RecomputePlan
 from merak.runtime.pipeline.schedules import one_f_one_b
 from merak.runtime.pipeline.schedules.common import all_recomputed, check_sizes, lower
-from merak.runtime.pipeline.schedules.memory import activation_profile, peak_activations
+from merak.runtime.pipeline.schedules.recompute import drop_redundant, stage_peak as _stage_peak
 
 
 def build_all(
@@ -58,15 +58,8 @@ def build_all(
     if num_stages >= 2:
         _forward_before_first_backward(compute, num_stages - 2, plan, recomputed, budgets)
     for stage in range(num_stages):
-        _drop_redundant_recompute(compute[stage], stage, plan, recomputed, budgets[stage])
+        drop_redundant(compute[stage], stage, plan, recomputed, budgets[stage])
     return lower(compute, recomputed, early_recompute=True)
-
-
-def _stage_peak(
-    order: list[Instruction], stage: int, plan: RecomputePlan, recomputed: set[tuple[int, int]]
-) -> float:
-    mbs = {mb for s, mb in recomputed if s == stage}
-    return peak_activations(order, plan.fraction(stage), mbs)
 
 
 def _forward_before_first_backward(
@@ -85,29 +78,3 @@ def _forward_before_first_backward(
     trial[first_bwd], trial[first_bwd + 1] = trial[first_bwd + 1], trial[first_bwd]
     if _stage_peak(trial, stage, plan, recomputed) <= budgets[stage] + 1e-9:
         compute[stage] = trial
-
-
-def _drop_redundant_recompute(
-    order: list[Instruction],
-    stage: int,
-    plan: RecomputePlan,
-    recomputed: set[tuple[int, int]],
-    budget: float,
-) -> None:
-    """(b): keep, from the last micro-batch down, every one whose kept activations fit.
-
-    Keeping micro-batch ``j`` adds ``fraction`` to the stage's activations from its forward
-    up to its backward (at the backward it is fully materialized either way), so the test is
-    one window of the current activation profile, updated as keeps are accepted.
-    """
-    fraction = plan.fraction(stage)
-    mbs = {mb for s, mb in recomputed if s == stage}
-    if not mbs:
-        return
-    profile = activation_profile(order, fraction, mbs)
-    position = {(ins.op, ins.microbatch): i for i, ins in enumerate(order)}
-    for mb in sorted(mbs, reverse=True):
-        start, end = position[(Op.FORWARD, mb)], position[(Op.BACKWARD, mb)]
-        if max(profile[start:end]) + fraction <= budget + 1e-9:
-            recomputed.discard((stage, mb))
-            profile[start:end] = [m + fraction for m in profile[start:end]]
