@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -279,6 +279,33 @@ def build_stage(
             stage.to(target_device)
     _set_stage_attributes(stage, plan, stage_id, data_inputs, output_keys, canonical, paths if meta else None)
     return stage
+
+
+def build_chunks(
+    plan: PartitionPlan,
+    virtual_stages: Sequence[int],
+    device: torch.device | str | None = "cpu",
+    seed: int = 1234,
+    fuse: bool = True,
+) -> list[StageModule]:
+    """Build the model chunks one rank holds under virtual stages (``plan`` cut into ``P·v``
+    stages; ``virtual_stages`` lists this rank's, by chunk index, e.g. ``placement.chunks_of(rank)``).
+
+    A tied parameter held by two of these chunks (the V placement puts the embedding and the
+    LM head on rank 0) becomes one ``Parameter`` object in both, so its gradient accumulates in
+    one place and the optimizer steps it once; only ties that cross ranks need a reduction.
+    """
+    chunks = [build_stage(plan, k, device=device, seed=seed, fuse=fuse) for k in virtual_stages]
+    first: dict[str, nn.Parameter] = {}
+    for chunk in chunks:
+        for key, local in chunk.tied_parameters.items():
+            owner_path, _, attr = local.rpartition(".")
+            owner = chunk.get_submodule(owner_path) if owner_path else chunk
+            if key in first:
+                owner._parameters[attr] = first[key]
+            else:
+                first[key] = owner._parameters[attr]
+    return chunks
 
 
 def _restore_buffer_persistence(stage: nn.Module, model: nn.Module, attrs: list[str], constants: dict[str, Any]) -> None:

@@ -19,6 +19,15 @@ Semantics that the schedules and the validator rely on:
   accumulated gradient is that of the mean loss over the whole (global) batch, as in a single
   process; DP then averages over replicas.
 * Sends are asynchronous, receives block with a timeout (see :mod:`merak.runtime.distributed.p2p`).
+
+Virtual stages (:mod:`merak.runtime.pipeline.placement`): a rank may hold several model chunks
+(``stage`` is then the list of them, indexed by chunk, and ``placement`` says where every
+chunk lives). Per-micro-batch state is kept per ``(chunk, micro-batch)``; each chunk sends to
+and receives from the rank holding its neighbouring virtual stage; a hop between two chunks of
+the same rank (the turn of a V) hands the tensors over in memory, cut from the producer's graph
+exactly as a message would be, so both chunks' backward passes stay separate instructions.
+Parameters shared by two chunks of one rank must be one ``Parameter`` object (see
+:func:`merak.partitioner.build_chunks`); their gradients then simply accumulate.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from merak.runtime.pipeline.grad_reduce import (
 )
 from merak.runtime.distributed.grid import Grid
 from merak.runtime.pipeline.instructions import Instruction, Op
+from merak.runtime.pipeline.placement import Placement
 from merak.runtime.distributed.p2p import P2P, wait_with_timeout
 from merak.runtime.memory.precision import MixedPrecision
 from merak.runtime.memory.stage_activations import StageActivations
@@ -71,6 +81,24 @@ class _MicroBatch:
     loss: torch.Tensor | None = None
     input_grads: dict[str, Any] | None = None
     output_grads: dict[str, Any] | None = None
+
+
+@dataclass
+class _Chunk:
+    """One model chunk of this rank and where its neighbours are."""
+
+    index: int
+    stage: Stage
+    virtual_stage: int
+    is_first: bool
+    is_last: bool
+    #: global rank of the previous / next virtual stage; ``None`` at the model's ends or when
+    #: it is another chunk of this rank (then ``local_prev`` / ``local_next`` name that chunk)
+    prev_rank: int | None
+    next_rank: int | None
+    local_prev: int | None
+    local_next: int | None
+    activations: StageActivations
 
 
 @dataclass
@@ -109,11 +137,13 @@ class PipelineExecutor:
     ``activation_plan`` gives this stage's per-layer keep / recompute / selective / offload
     actions, applied to the micro-batches that have a ``RECOMPUTE`` instruction; ``None`` treats
     the whole stage as one recomputed unit (whole-stage recomputation).
+    ``stage`` may be a list of model chunks (virtual stages) placed by ``placement``; the
+    activation plan then has one stage per virtual stage.
     """
 
     def __init__(
         self,
-        stage: Stage,
+        stage: Stage | Sequence[Stage],
         grid: Grid,
         optimizer: torch.optim.Optimizer | None = None,
         *,
@@ -125,27 +155,41 @@ class PipelineExecutor:
         before_optimizer_step: Callable[[], bool | None] | None = None,
         precision: MixedPrecision | None = None,
         activation_plan: ActivationPlan | None = None,
+        placement: Placement | None = None,
     ) -> None:
-        self.stage, self.grid, self.optimizer = stage, grid, optimizer
+        stages: list[Stage] = list(stage) if isinstance(stage, (list, tuple)) else [stage]  # type: ignore[list-item]
+        self.placement = placement or Placement.flat(grid.num_stages)
+        if len(stages) != self.placement.num_chunks:
+            raise ValueError(f"rank {grid.rank} got {len(stages)} model chunks but the placement "
+                             f"({self.placement}) puts {self.placement.num_chunks} on each rank")
+        self.stages, self.stage, self.grid, self.optimizer = stages, stages[0], grid, optimizer
         self.device = torch.device(device)
         self.loss_fn, self.timeout_s = loss_fn, timeout_s
         self.before_optimizer_step = before_optimizer_step
         self.precision = precision or MixedPrecision()
         self.p2p = P2P(self.device, timeout_s)
         self.is_first, self.is_last = grid.is_first_stage, grid.is_last_stage
-        params = dict(stage.named_parameters())
-        self.tied = {key: params[local] for key, local in stage.tied_parameters.items()}
-        self.tie_size = len(grid.tied_ranks) if self.tied else 1
+        self.chunks = [self._chunk(c, s, activation_plan) for c, s in enumerate(stages)]
+        self.activations = self.chunks[0].activations
+        params = _unique_parameters(stages)
+        self.tied = {}
+        for s in stages:
+            named = dict(s.named_parameters())
+            self.tied.update({key: named[local] for key, local in s.tied_parameters.items()})
+        # Tied copies on other ranks are summed over the tie group; when the placement puts the
+        # model's first and last chunk on one rank (the V) they are one Parameter here instead.
+        ends_apart = self.placement.locate(0)[0] != self.placement.locate(self.placement.num_virtual - 1)[0]
+        self.tie_size = len(grid.tied_ranks) if self.tied and ends_apart else 1
         self.weight_store = WeightGradStore()
         late = {id(p) for p in self.tied.values()}
         if zero_bubble:
-            patched = defer_weight_gradients(stage, self.weight_store)  # type: ignore[arg-type]
-            # Autograd still fires their post-accumulate hooks during B (with no gradient), so
-            # deferred weights must not count toward an early bucket: they finish only in W.
-            late |= {id(stage.get_submodule(name).weight) for name in patched}
-        self.activations = StageActivations(stage, _stage_actions(activation_plan, grid), self.device)  # type: ignore[arg-type]
+            for s in stages:
+                patched = defer_weight_gradients(s, self.weight_store)  # type: ignore[arg-type]
+                # Autograd still fires their post-accumulate hooks during B (with no gradient), so
+                # deferred weights must not count toward an early bucket: they finish only in W.
+                late |= {id(s.get_submodule(name).weight) for name in patched}  # type: ignore[attr-defined]
         self.reducer = DataParallelReducer(
-            [p for p in params.values() if p.requires_grad], grid.dp_group, grid.dims.dp,
+            [p for p in params if p.requires_grad], grid.dp_group, grid.dims.dp,
             bucket_bytes=bucket_bytes, timeout_s=timeout_s, late=late,
         )
         broadcast_tied_parameters(self.tied, grid.tied_group, grid.tied_ranks[0] if self.tied else 0,
@@ -166,20 +210,39 @@ class PipelineExecutor:
             Op.OPTIMIZER_STEP: self._optimizer_step,
         }
 
+    def _chunk(self, index: int, stage: Stage, plan: ActivationPlan | None) -> _Chunk:
+        where, rank = self.placement, self.grid.stage_id
+        coord = self.grid.coord
+
+        def neighbour(pos: tuple[int, int] | None) -> tuple[int | None, int | None]:
+            if pos is None:
+                return None, None
+            if pos[0] == rank:
+                return None, pos[1]
+            return self.grid.layout.rank_of(pos[0], coord.dp, coord.tp), None
+
+        prev_rank, local_prev = neighbour(where.prev(rank, index))
+        next_rank, local_next = neighbour(where.next(rank, index))
+        virtual = where.virtual_stage(rank, index)
+        activations = StageActivations(stage, _stage_actions(plan, where, virtual), self.device)  # type: ignore[arg-type]
+        return _Chunk(index, stage, virtual, where.is_first(rank, index), where.is_last(rank, index),
+                      prev_rank, next_rank, local_prev, local_next, activations)
+
     # ---- the step ----------------------------------------------------------------------
     def run(self, instructions: Sequence[Instruction], microbatches: Sequence[Mapping[str, Any]]) -> StepResult:
         """Execute one step. Every stage of a pipeline gets the same ``microbatches`` list."""
         start = time.perf_counter()
-        loads = [i.microbatch for i in instructions if i.op is Op.LOAD]
-        if sorted(loads) != list(range(len(microbatches))):
+        loads = sorted({i.microbatch for i in instructions if i.op is Op.LOAD})
+        if loads != list(range(len(microbatches))):
             raise ValueError(
-                f"schedule loads micro-batches {sorted(loads)} but {len(microbatches)} were given; "
+                f"schedule loads micro-batches {loads} but {len(microbatches)} were given; "
                 f"build the schedule with num_microbatches={len(microbatches)}"
             )
         self._batches = microbatches
         self._num_mb = len(microbatches)
-        self._mb: dict[int, _MicroBatch] = {m: _MicroBatch() for m in range(self._num_mb)}
-        self._recomputed = {i.microbatch for i in instructions if i.op is Op.RECOMPUTE}
+        self._mb: dict[tuple[int, int], _MicroBatch] = {
+            (c, m): _MicroBatch() for c in range(len(self.chunks)) for m in range(self._num_mb)}
+        self._recomputed = {i.key for i in instructions if i.op is Op.RECOMPUTE}
         backward_ops = (Op.BACKWARD, Op.BACKWARD_INPUT)
         last_backward = max((n for n, i in enumerate(instructions) if i.op in backward_ops), default=-1)
         self._skipped = False
@@ -200,7 +263,8 @@ class PipelineExecutor:
         losses = [m.loss for m in self._mb.values() if m.loss is not None]
         loss = float(torch.stack(losses).detach().mean()) if losses else None
         self._mb.clear()
-        self.activations.release_all()
+        for chunk in self.chunks:
+            chunk.activations.release_all()
         return StepResult(loss, self._num_mb, time.perf_counter() - start, self._skipped, *busy)
 
     def close(self) -> None:
@@ -210,30 +274,36 @@ class PipelineExecutor:
 
     # ---- handlers ----------------------------------------------------------------------
     def _load(self, ins: Instruction) -> None:
-        batch = self._batches[ins.microbatch]
-        wanted = set(self.stage.data_inputs)
-        if self.is_last and self.loss_fn is not None:
+        batch, chunk = self._batches[ins.microbatch], self.chunks[ins.chunk]
+        wanted = set(chunk.stage.data_inputs)
+        if chunk.is_last and self.loss_fn is not None:
             wanted = set(batch)  # a custom loss may read any key (labels, weights ...)
-        missing = set(self.stage.data_inputs) - set(batch)
+        missing = set(chunk.stage.data_inputs) - set(batch)
         if missing:
             raise KeyError(
-                f"stage {self.grid.stage_id} needs batch keys {sorted(missing)} that micro-batch "
+                f"stage {chunk.virtual_stage} needs batch keys {sorted(missing)} that micro-batch "
                 f"{ins.microbatch} lacks (it has {sorted(batch)}); check the data collator"
             )
-        self._mb[ins.microbatch].data = {k: _to_device(batch[k], self.device) for k in wanted}
+        self._mb[ins.key].data = {k: _to_device(batch[k], self.device) for k in wanted}
+
+    def _what(self, kind: str, ins: Instruction, sender: int) -> str:
+        """A message's name in timeout errors: kind, micro-batch and (with chunks) the sender."""
+        if self.placement.num_chunks == 1:
+            return f"{kind} of micro-batch {ins.microbatch}"
+        return f"{kind} of micro-batch {ins.microbatch} from virtual stage {sender}"
 
     def _recv_act(self, ins: Instruction) -> None:
-        got = self.p2p.recv(self.grid.prev_rank, f"activations of micro-batch {ins.microbatch}")
-        for name, value in got.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                value.requires_grad_(True)
-        self._mb[ins.microbatch].received = got
+        chunk = self.chunks[ins.chunk]
+        assert chunk.prev_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote predecessor"
+        got = self.p2p.recv(chunk.prev_rank, self._what("activations", ins, chunk.virtual_stage - 1))
+        self._mb[ins.key].received = _as_leaves(got)
 
-    def _run_stage(self, mb: _MicroBatch, microbatch: int) -> None:
-        apply = microbatch in self._recomputed  # the schedule asks this micro-batch to drop memory
+    def _run_stage(self, mb: _MicroBatch, ins: Instruction) -> None:
+        chunk = self.chunks[ins.chunk]
+        apply = ins.key in self._recomputed  # the schedule asks this micro-batch to drop memory
         with self.precision.autocast(self.device):
-            mb.outputs = self.activations.forward(microbatch, apply, mb.data, mb.received)
-        if self.is_last:
+            mb.outputs = chunk.activations.forward(ins.microbatch, apply, mb.data, mb.received)
+        if chunk.is_last:
             mb.loss = self._loss(mb.outputs, mb.data)
 
     def _loss(self, outputs: Mapping[str, Any], data: Mapping[str, Any]) -> torch.Tensor:
@@ -247,35 +317,49 @@ class PipelineExecutor:
         return outputs["loss"]
 
     def _forward(self, ins: Instruction) -> None:
-        self._run_stage(self._mb[ins.microbatch], ins.microbatch)
+        chunk, mb = self.chunks[ins.chunk], self._mb[ins.key]
+        if chunk.local_prev is not None:  # the turn of a V: the producer is this rank's other chunk
+            producer = self._mb[(chunk.local_prev, ins.microbatch)]
+            assert producer.outputs is not None, f"{ins}: its input chunk {chunk.local_prev} has not run forward"
+            sent = self.chunks[chunk.local_prev].stage.send_outputs
+            mb.received = _as_leaves({n: producer.outputs[n] for n in sent})
+        self._run_stage(mb, ins)
 
     def _send_act(self, ins: Instruction) -> None:
-        mb = self._mb[ins.microbatch]
+        chunk, mb = self.chunks[ins.chunk], self._mb[ins.key]
         assert mb.outputs is not None, f"{ins}: send before forward"
-        self.p2p.send(self.precision.on_wire({n: mb.outputs[n] for n in self.stage.send_outputs}),
-                      self.grid.next_rank, f"activations of micro-batch {ins.microbatch}")
+        assert chunk.next_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote successor"
+        self.p2p.send(self.precision.on_wire({n: mb.outputs[n] for n in chunk.stage.send_outputs}),
+                      chunk.next_rank, self._what("activations", ins, chunk.virtual_stage))
 
     def _recompute(self, ins: Instruction) -> None:
-        if self._mb[ins.microbatch].outputs is None:
+        if self._mb[ins.key].outputs is None:
             raise RuntimeError(f"{ins}: recompute without a preceding forward")
-        self.activations.recompute(ins.microbatch)
+        self.chunks[ins.chunk].activations.recompute(ins.microbatch)
 
     def _recv_grad(self, ins: Instruction) -> None:
-        self._mb[ins.microbatch].output_grads = self.p2p.recv(
-            self.grid.next_rank, f"gradients of micro-batch {ins.microbatch}")
+        chunk = self.chunks[ins.chunk]
+        assert chunk.next_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote successor"
+        self._mb[ins.key].output_grads = self.p2p.recv(
+            chunk.next_rank, self._what("gradients", ins, chunk.virtual_stage + 1))
 
     def _backward(self, ins: Instruction, defer_weights: bool = False) -> None:
-        mb = self._mb[ins.microbatch]
+        chunk, mb = self.chunks[ins.chunk], self._mb[ins.key]
         if mb.outputs is None:
             raise RuntimeError(f"{ins}: no activations to backward through (missing forward or recompute)")
-        if self.is_last:
+        if chunk.local_next is not None:  # the turn of a V: the gradient comes from this rank's other chunk
+            consumer = self._mb[(chunk.local_next, ins.microbatch)]
+            assert consumer.input_grads is not None, f"{ins}: chunk {chunk.local_next} has not run backward"
+            mb.output_grads, consumer.input_grads = consumer.input_grads, None
+        if chunk.is_last:
             tensors, grads = [self.precision.scale_loss(mb.loss / self._num_mb)], [None]
         else:
             assert mb.output_grads is not None, f"{ins}: backward before its gradient was received"
-            pairs = [(mb.outputs[n], mb.output_grads.get(n)) for n in self.stage.send_outputs]
+            pairs = [(mb.outputs[n], mb.output_grads.get(n)) for n in chunk.stage.send_outputs]
             pairs = [(t, g) for t, g in pairs if _needs_grad(t) and g is not None]
             tensors, grads = [t for t, _ in pairs], [g for _, g in pairs]
-        ctx = self.weight_store.deferring(ins.microbatch) if defer_weights else contextlib.nullcontext()
+        store_key = ins.microbatch if self.placement.num_chunks == 1 else ins.key
+        ctx = self.weight_store.deferring(store_key) if defer_weights else contextlib.nullcontext()  # type: ignore[arg-type]
         if tensors:
             with ctx:
                 torch.autograd.backward(tensors, grads)
@@ -286,18 +370,19 @@ class PipelineExecutor:
             # Keep the value for the step's mean, not the graph: the graph pins this micro-batch's
             # received inputs and their gradients until the end of the step.
             mb.loss = mb.loss.detach()
-        self.activations.release(ins.microbatch)
+        chunk.activations.release(ins.microbatch)
 
     def _backward_input(self, ins: Instruction) -> None:
         self._backward(ins, defer_weights=True)
 
     def _backward_weight(self, ins: Instruction) -> None:
-        self.weight_store.flush(ins.microbatch)
+        self.weight_store.flush(ins.microbatch if self.placement.num_chunks == 1 else ins.key)  # type: ignore[arg-type]
 
     def _send_grad(self, ins: Instruction) -> None:
-        mb = self._mb[ins.microbatch]
+        chunk, mb = self.chunks[ins.chunk], self._mb[ins.key]
         assert mb.input_grads is not None, f"{ins}: send before backward"
-        self.p2p.send(mb.input_grads, self.grid.prev_rank, f"gradients of micro-batch {ins.microbatch}")
+        assert chunk.prev_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote predecessor"
+        self.p2p.send(mb.input_grads, chunk.prev_rank, self._what("gradients", ins, chunk.virtual_stage))
         mb.input_grads = None
 
     def _reduce_tied(self, ins: Instruction) -> None:
@@ -310,7 +395,7 @@ class PipelineExecutor:
         self.reducer.finish()
 
     def _optimizer_step(self, ins: Instruction) -> None:
-        params = (p for _, p in self.stage.named_parameters())
+        params = iter(_unique_parameters(self.stages))
         if not self.precision.unscale_and_check(params, self.device, self.timeout_s):
             self._skipped = True  # fp16 overflow somewhere: every rank skips this step
         elif self.before_optimizer_step is not None and self.before_optimizer_step() is False:
@@ -334,11 +419,34 @@ def all_reduce_mean_loss(loss: float | None, grid: Grid, timeout_s: float = 300.
     return float(t.item()) / contributors
 
 
-def _stage_actions(plan: ActivationPlan | None, grid: Grid) -> dict[str, LayerAction]:
-    """This rank's ``{layer: action}``; without a plan the whole stage is recomputed."""
+def _stage_actions(plan: ActivationPlan | None, placement: Placement, virtual_stage: int) -> dict[str, LayerAction]:
+    """One chunk's ``{layer: action}``; without a plan the whole chunk is recomputed."""
     if plan is None:
         return {WHOLE_STAGE: LayerAction.RECOMPUTE}
-    if plan.num_stages != grid.num_stages:
-        raise ValueError(f"the activation plan has {plan.num_stages} stages but the pipeline {grid.num_stages}; "
-                         f"build it from this pipeline's sharding plan")
-    return plan.actions(grid.stage_id)
+    if plan.num_stages != placement.num_virtual:
+        raise ValueError(f"the activation plan has {plan.num_stages} stages but the pipeline {placement.num_virtual} "
+                         f"({placement}); build it from this pipeline's sharding plan")
+    return plan.actions(virtual_stage)
+
+
+def _unique_parameters(stages: Sequence[Stage]) -> list[torch.nn.Parameter]:
+    """Every parameter of this rank's chunks once (chunks of one rank may share tied ones)."""
+    seen: dict[int, torch.nn.Parameter] = {}
+    for stage in stages:
+        for _, p in stage.named_parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _as_leaves(received: dict[str, Any]) -> dict[str, Any]:
+    """Received tensors as the inputs of this chunk's graph: floating ones require grad, so
+    the backward pass yields the gradient to hand back. A local hand-over is detached first,
+    cutting the producer's graph exactly where a message would."""
+    out = {}
+    for name, value in received.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if value.is_floating_point():
+                value.requires_grad_(True)
+        out[name] = value
+    return out

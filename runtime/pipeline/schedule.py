@@ -28,6 +28,7 @@ from merak.runtime.pipeline.validate import ScheduleError, validate
 
 __all__ = [
     "SCHEDULES", "VIRTUAL_SCHEDULES", "ScheduleError", "build", "build_all", "main", "placement_for",
+    "uses_weight_passes",
 ]
 
 Builder = Callable[[int, int, "RecomputePlan | None"], list[list[Instruction]]]
@@ -53,6 +54,16 @@ _VIRTUAL: dict[str, tuple[str, int | None]] = {
 SCHEDULES = ("gpipe", "1f1b", "shifted_critical_path", "zero_bubble", "interleaved_1f1b", "zb_v", "dualpipe_v")
 #: The ones that run several model chunks per rank.
 VIRTUAL_SCHEDULES = tuple(_VIRTUAL)
+
+
+#: Schedules that split backwards into input-gradient and weight-gradient passes.
+_WEIGHT_PASSES = frozenset({"zero_bubble", "zb_v", "dualpipe_v"})
+
+
+def uses_weight_passes(name: str) -> bool:
+    """Whether schedule ``name`` issues separate ``W`` passes, so the executor must defer
+    weight gradients out of ``BI`` (``PipelineExecutor(zero_bubble=True)``)."""
+    return name in _WEIGHT_PASSES
 
 
 def placement_for(name: str, num_stages: int, num_chunks: int | None = None) -> Placement:
