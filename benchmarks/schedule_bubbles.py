@@ -44,6 +44,12 @@ CONFIGS: tuple[tuple[str, str], ...] = (
     ("shifted_critical_path", "stage_aware"),
     ("zero_bubble", "none"),
     ("zero_bubble", "full"),
+    ("interleaved_1f1b", "none"),
+    ("interleaved_1f1b", "full"),
+    ("zb_v", "none"),
+    ("zb_v", "full"),
+    ("dualpipe_v", "none"),
+    ("dualpipe_v", "full"),
 )
 #: Drawn as Gantt charts at P=4, M=8.
 TIMELINES = (
@@ -52,6 +58,10 @@ TIMELINES = (
     ("1f1b", "full"),
     ("shifted_critical_path", "full"),
     ("zero_bubble", "none"),
+    ("interleaved_1f1b", "none"),
+    ("zb_v", "none"),
+    ("zb_v", "full"),
+    ("dualpipe_v", "none"),
 )
 _COLOURS = {"F": "tab:blue", "B": "tab:green", "BI": "tab:cyan", "W": "tab:orange", "R": "tab:red"}
 
@@ -71,12 +81,16 @@ def simulate_config(schedule: str, recompute: str, p: int, m: int, costs: Costs)
 
 
 def grid(stages: Sequence[int], factors: Sequence[int], costs: Costs) -> list[Row]:
-    return [
-        simulate_config(name, mode, p, f * p, costs)
-        for p in stages
-        for f in factors
-        for name, mode in CONFIGS
-    ]
+    """Every config at every (P, M = f·P) it accepts (DualPipeV needs M >= 2P)."""
+    rows = []
+    for p in stages:
+        for f in factors:
+            for name, mode in CONFIGS:
+                try:
+                    rows.append(simulate_config(name, mode, p, f * p, costs))
+                except ValueError:
+                    continue
+    return rows
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -107,7 +121,8 @@ def reference_figures(rows: Sequence[Row]) -> str:
         return ""
     parts = [f"{name} + {mode} recompute {found[(name, mode)]:g}" for name, mode in CONFIGS if (name, mode) in found]
     return "Makespans at P=4, M=8 (DESIGN.md's reference: 1F1B + full recompute 44, Merak's shifted 38, " \
-        "shifted + stage-aware 35.5, no recompute 33): " + "; ".join(parts) + "."
+        "shifted + stage-aware 35.5, no recompute 33; issue 17's targets: interleaved v=2 ≤ 28.5, " \
+        "zb_v ≤ 26 (its bound 25.5), zb_v + full recompute ≤ 33): " + "; ".join(parts) + "."
 
 
 def plot_timeline(result: SimulationResult, path: Path, title: str) -> None:
@@ -120,10 +135,11 @@ def plot_timeline(result: SimulationResult, path: Path, title: str) -> None:
             ins = interval.instruction
             width = interval.end - interval.start
             ax.broken_barh([(interval.start, width)], (s - 0.4, 0.8),
-                           facecolors=_COLOURS.get(ins.op.value, "grey"), edgecolor="black", linewidth=0.4)
+                           facecolors=_COLOURS.get(ins.op.value, "grey"), edgecolor="black", linewidth=0.4,
+                           hatch="///" if ins.chunk else None)  # hatched: a rank's second chunk
             if width >= 0.5:
                 ax.text(interval.start + width / 2, s, f"{ins.op.value}{ins.microbatch}",
-                        ha="center", va="center", fontsize=6, color="white")
+                        ha="center", va="center", fontsize=6 if width >= 1 else 5, color="white")
     ax.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
     ax.invert_yaxis()
     ax.set_xlim(0, result.makespan)
@@ -199,7 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "makespans (`× 1f1b` = makespan / 1F1B-without-recomputation's). *peak in-flight*: most "
         "micro-batches held by one stage (forwarded, backward not finished). *peak activations*: "
         "most saved activations alive on one stage, in micro-batches (a recomputed one keeps "
-        "1 − fraction until its recomputation).",
+        "1 − fraction until its recomputation). Virtual-stage schedules (interleaved_1f1b with v = 2, "
+        "zb_v, dualpipe_v) cut the model into 2P chunks, each costing half a stage; their peak "
+        "in-flight counts (chunk, micro-batch) pairs, their peak activations stage-sized micro-batches; "
+        "hatched boxes in their timelines are a rank's second chunk. DualPipeV needs M >= 2P.",
         reference_figures(rows),
         table(rows),
         "![bubble ratio vs M](schedule_bubble_vs_m.png)",

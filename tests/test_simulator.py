@@ -168,6 +168,33 @@ def test_zero_bubble_idles_a_third_of_1f1b(p: int) -> None:
         assert zb.makespan == (m + p - 1) * 3 - 2 * (p - 1)  # bubble (P-1)·F instead of (P-1)·3F
 
 
+def test_virtual_stage_targets_p4_m8() -> None:
+    """Issue 17's simulated targets (P=4, M=8, a chunk costs 1/v of its stage's F:B:W = 1:1:1)."""
+    one_f_one_b = run("1f1b", 4, 8)
+    interleaved = run("interleaved_1f1b", 4, 8)
+    assert interleaved.makespan - 24 <= (one_f_one_b.makespan - 24) / 2 and interleaved.makespan <= 28.5
+    zb_v = run("zb_v", 4, 8)
+    assert 25.5 <= zb_v.makespan <= 26  # 25.5: busy 24 plus (P-1) half-stage forwards before rank P-1 starts
+    assert max(zb_v.peak_activations) <= max(one_f_one_b.peak_activations)
+    assert run("dualpipe_v", 4, 8).makespan <= 26
+    assert run("zb_v", 4, 8, REFERENCE, "full").makespan <= 33  # 1F1B + recompute 44, shifted 38
+
+
+@pytest.mark.parametrize("name", ["interleaved_1f1b", "zb_v", "dualpipe_v"])
+def test_virtual_stages_never_lose_to_1f1b(name: str) -> None:
+    """Never slower than 1F1B with the same recompute mode (interleaved: than 1F1B with full
+    recompute, DESIGN.md's bound for recompute-aware schedules); the V schedules' full
+    recompute form never needs more activation memory than 1F1B's."""
+    for p in (2, 3, 5):
+        for m in (2 * p, 3 * p):
+            for mode in ("none", "full"):
+                result, baseline = run(name, p, m, REFERENCE, mode), run("1f1b", p, m, REFERENCE, mode)
+                bound = run("1f1b", p, m, REFERENCE, "full") if name == "interleaved_1f1b" else baseline
+                assert result.makespan <= bound.makespan + 1e-9, (p, m, mode)
+                if name != "interleaved_1f1b" and mode == "full":
+                    assert max(result.peak_activations) <= max(baseline.peak_activations) + 1e-9, (p, m)
+
+
 # --- CLI and drawing ---------------------------------------------------------------------
 
 CLI = ["--schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--costs", "1,1,1,0,0"]
