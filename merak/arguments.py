@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-SCHEDULE_CHOICES = ("gpipe", "1f1b", "shifted_critical_path", "zero_bubble")
+SCHEDULE_CHOICES = ("gpipe", "1f1b", "shifted_critical_path", "zero_bubble", "interleaved_1f1b", "zb_v",
+                    "dualpipe_v")
 RECOMPUTE_CHOICES = ("none", "full", "selective", "stage_aware")
 PARTITION_CHOICES = ("cost", "parameters", "uniform", "manual")
 ZERO_CHOICES = (0, 1)
@@ -42,8 +43,16 @@ class MerakArguments(TrainingArguments):
 
     schedule: str = field(
         default="1f1b",
-        metadata={"help": "Pipeline schedule: gpipe | 1f1b | shifted_critical_path | zero_bubble.",
+        metadata={"help": "Pipeline schedule: gpipe | 1f1b | shifted_critical_path | zero_bubble, or one with "
+                          "virtual stages (several model chunks per rank): interleaved_1f1b (needs "
+                          "gradient_accumulation_steps a multiple of pp) | zb_v | dualpipe_v (needs "
+                          "gradient_accumulation_steps >= 2*pp).",
                   "choices": SCHEDULE_CHOICES},
+    )
+    chunks_per_stage: int = field(
+        default=2,
+        metadata={"help": "Model chunks per pipeline rank under interleaved_1f1b (>= 2); zb_v and dualpipe_v "
+                          "always use 2, the other schedules 1."},
     )
     recompute: str = field(
         default="none",

@@ -35,7 +35,7 @@ import merak
 from merak.arguments import MerakArguments
 from merak.data import StepBatches, eval_microbatches
 from merak.launch.env import read_launch_env
-from merak.partitioner import build_stage, shard, trace
+from merak.partitioner import StageChunks, build_chunks, build_stage, shard, trace
 from merak.partitioner.meta import meta_like
 from merak.runtime.pipeline.executor import LossFn, PipelineExecutor, all_reduce_mean_loss
 from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel, tp_grad_norm_squared
@@ -43,7 +43,9 @@ from merak.runtime.distributed.p2p import wait_with_timeout
 from merak.runtime.memory.precision import MixedPrecision
 from merak.runtime.memory.zero import shard_optimizer_states
 from merak.runtime.memory.policy import ActivationPlan
-from merak.runtime.pipeline.schedule import build as build_schedule
+from merak.runtime.memory.recompute_plan import RecomputePlan
+from merak.runtime.pipeline.placement import Placement
+from merak.runtime.pipeline.schedule import build as build_schedule, placement_for, uses_weight_passes
 from merak.runtime.pipeline.schedules import forward_only
 
 logger = logging.getLogger("merak")
@@ -89,9 +91,10 @@ class MerakTrainer(Trainer):
                 "gradient_accumulation_steps=%d micro-batches < pp=%d stages: the pipeline will mostly "
                 "idle; use at least %d (4x pp keeps the bubble under ~20%%)",
                 args.gradient_accumulation_steps, self.grid.num_stages, 4 * self.grid.num_stages)
+        self.placement = _placement(args, self.grid)
         start = time.perf_counter()
         graph = trace(model, {k: meta_like(v) for k, v in example.items()}, leaf_modules=args.leaf_modules)
-        self.plan = shard(graph, self.grid.num_stages, method=args.partition_method,
+        self.plan = shard(graph, self.placement.num_virtual, method=args.partition_method,
                           manual_cuts=args.partition_cuts or None,
                           cost_model=_partition_cost_model(args, graph, example))
         if args.partition_calibration_rounds and self.grid.num_stages > 1:
@@ -99,8 +102,13 @@ class MerakTrainer(Trainer):
             self.plan = calibration.plan
             if self.grid.rank == 0:
                 logger.info("%s", calibration.table())
-        stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed,
-                            fuse=args.fuse_ops)
+        stage: nn.Module
+        if self.placement.num_chunks > 1:
+            stage = StageChunks(build_chunks(self.plan, self.placement.chunks_of(self.grid.stage_id),
+                                             device=merak.get_device(), seed=args.seed, fuse=args.fuse_ops))
+        else:
+            stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed,
+                                fuse=args.fuse_ops)
         if args.load_weights_from:
             from merak.checkpoint import load_pretrained_weights
 
@@ -145,11 +153,12 @@ class MerakTrainer(Trainer):
         stage's parameters (and patches layers for zero-bubble), which must happen only once.
         ``train`` hands it the optimizer, which may not exist yet when ``evaluate`` runs first."""
         if self.executor is None:
+            chunks = list(self.stage.chunks) if isinstance(self.stage, StageChunks) else self.stage
             self.executor = PipelineExecutor(
-                self.stage, self.grid, None, device=merak.get_device(), loss_fn=self.loss_fn,
-                timeout_s=self.args.p2p_timeout, zero_bubble=self.args.schedule == "zero_bubble",
+                chunks, self.grid, None, device=merak.get_device(), loss_fn=self.loss_fn,
+                timeout_s=self.args.p2p_timeout, zero_bubble=uses_weight_passes(self.args.schedule),
                 before_optimizer_step=self._clip_gradients, precision=self.precision,
-                activation_plan=self._activation_plan(),
+                activation_plan=self._activation_plan(), placement=self.placement,
             )
         self.executor.optimizer = self.optimizer
         return self.executor
@@ -180,9 +189,9 @@ class MerakTrainer(Trainer):
         return self._layer_actions
 
     def _instructions(self) -> list:
-        plan = self._activation_plan().recompute_plan()
-        return build_schedule(self.args.schedule, self.grid.num_stages,
-                              self.args.gradient_accumulation_steps, self.grid.stage_id, plan)
+        plan = _per_rank(self._activation_plan().recompute_plan(), self.placement)
+        return build_schedule(self.args.schedule, self.grid.num_stages, self.args.gradient_accumulation_steps,
+                              self.grid.stage_id, plan, self.placement.num_chunks)
 
     def _step_batches(self) -> StepBatches:
         return StepBatches(self.train_dataset, self.data_collator, self.args.per_device_train_batch_size,
@@ -194,8 +203,8 @@ class MerakTrainer(Trainer):
         ``max_grad_norm``. DP replicas hold identical reduced gradients, so the sum runs over
         the pipeline group, after TP-sharded gradients were summed over the tensor-parallel
         group (replicated ones, identical on every TP rank, count once)."""
-        tied_elsewhere = set() if self.grid.is_first_stage else {
-            id(self.stage.get_parameter(local)) for local in self.stage.tied_parameters.values()}
+        tied = self.executor.tied.values() if self.executor is not None else ()
+        tied_elsewhere = set() if self.grid.is_first_stage else {id(p) for p in tied}
         sharded, sq = tp_grad_norm_squared(self.stage, exclude=tied_elsewhere)
         sq = sq.to(merak.get_device())
         if self.grid.tp_group is not None and self.grid.dims.tp > 1:
@@ -323,7 +332,7 @@ class MerakTrainer(Trainer):
             for i in range(0, len(mbs), chunk):
                 part = mbs[i:i + chunk]
                 result = executor.run(forward_only.build(self.grid.num_stages, len(part),
-                                                              self.grid.stage_id), part)
+                                                         self.grid.stage_id, self.placement), part)
                 if result.loss is not None:
                     total += torch.tensor([result.loss * len(part), len(part)], dtype=torch.float64)
         self.stage.train()
@@ -380,6 +389,45 @@ class MerakTrainer(Trainer):
 
 
 # ---- helpers ------------------------------------------------------------------------------
+#: What does not work with several model chunks per rank yet, and the argument that asks for it.
+_NOT_WITH_CHUNKS = {
+    "load_weights_from": "loading pretrained weights into model chunks",
+    "partition_calibration_rounds": "calibrating the partition (it times one stage per rank)",
+    "max_memory_per_device": "the memory-budget planner (it sizes one stage per rank)",
+}
+
+
+def _placement(args: MerakArguments, grid: Any) -> Placement:
+    """Which rank holds which model chunk under ``args.schedule``; refuses, naming the argument,
+    what virtual stages do not support yet."""
+    placement = placement_for(args.schedule, grid.num_stages,
+                              args.chunks_per_stage if args.schedule == "interleaved_1f1b" else None)
+    if placement.num_chunks == 1:
+        return placement
+    for name, what in _NOT_WITH_CHUNKS.items():
+        if getattr(args, name):
+            raise ValueError(f"schedule={args.schedule!r} runs {placement.num_chunks} model chunks per rank, which "
+                             f"does not support {what} yet: unset {name} or use a schedule without virtual "
+                             f"stages (1f1b, zero_bubble, ...)")
+    if grid.dims.tp > 1:
+        raise ValueError(f"schedule={args.schedule!r} (virtual stages) does not support tensor parallelism yet; "
+                         f"use tp=1 or a schedule without virtual stages")
+    if args.recompute == "stage_aware":
+        raise ValueError(f"recompute='stage_aware' sizes recomputation for 1F1B's uneven in-flight counts; "
+                         f"schedule={args.schedule!r} keeps the same count on every rank: use 'full' or 'selective'")
+    return placement
+
+
+def _per_rank(plan: RecomputePlan, placement: Placement) -> RecomputePlan:
+    """The schedules' recompute plan (one fraction per rank) from one per virtual stage: a
+    rank drops the mean share of its chunks (each chunk weighs ``1/v`` of the rank)."""
+    if placement.num_chunks == 1:
+        return plan
+    return RecomputePlan(tuple(
+        sum(plan.fraction(k) for k in placement.chunks_of(r)) / placement.num_chunks
+        for r in range(placement.num_ranks)))
+
+
 def _partition_cost_model(args: MerakArguments, graph: Any, example: Mapping[str, Any]) -> Any:
     """``None`` (the partitioner's FLOP roofline) or, with ``partition_cost_model="profile"``,
     node times measured on this device and averaged over all ranks so every stage cuts alike."""

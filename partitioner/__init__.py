@@ -11,12 +11,13 @@ from .cost_model import CostModel, FlopCostModel, NodeCost
 from .meta import init_empty_weights
 from .proxy_graph import ProxyGraph, ProxyNode, TensorMeta, trace
 from .sharding import METHODS, PartitionPlan, StageStats, shard
-from .stage import StageModule, build_chunks, build_stage, run_sequentially
+from .stage import StageChunks, StageModule, build_chunks, build_stage, run_sequentially
 from .tracer import TraceError
 
 __all__ = [
     "trace",
     "shard",
+    "StageChunks",
     "build_chunks",
     "build_stage",
     "init_empty_weights",

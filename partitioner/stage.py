@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -306,6 +306,40 @@ def build_chunks(
             else:
                 first[key] = owner._parameters[attr]
     return chunks
+
+
+class StageChunks(nn.Module):
+    """A rank's model chunks as one module, for code that wants one model per rank (the
+    trainer's optimizer, ``train()``/``eval()``, checkpoints, export): parameters shared by two
+    chunks appear once, and ``state_dict`` / ``load_state_dict`` use the model's own names (the
+    chunks hold disjoint parts of one model), so checkpoints and exports read like a stage's.
+    ``tied_parameters`` maps canonical names to those names."""
+
+    def __init__(self, chunks: Sequence[StageModule]) -> None:
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+        tied: dict[str, str] = {}
+        for chunk in chunks:
+            for key, local in chunk.tied_parameters.items():
+                tied.setdefault(key, local)
+        self.tied_parameters = tied
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        merged: dict[str, Any] = {}
+        for chunk in self.chunks:
+            for name, value in chunk.state_dict(*args, **kwargs).items():
+                merged.setdefault(name, value)
+        return merged
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        expected = set(self.state_dict())
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"loading model chunks: missing keys {missing[:20]}, unexpected keys {unexpected[:20]}")
+        for chunk in self.chunks:
+            own = chunk.state_dict().keys()
+            chunk.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 
 def _restore_buffer_persistence(stage: nn.Module, model: nn.Module, attrs: list[str], constants: dict[str, Any]) -> None:

@@ -60,6 +60,17 @@ def test_loss_curve_is_layout_invariant(dist_run, kind):
                                        msg=f"{kind} dp={dp} pp={pp} rank {rank}")
 
 
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("schedule", [pytest.param("interleaved_1f1b", marks=pytest.mark.slow), "zb_v",
+                                      pytest.param("dualpipe_v", marks=pytest.mark.slow)])
+def test_virtual_stage_schedules_match_single_process(dist_run, kind, schedule):
+    """MerakTrainer(schedule=...) with two model chunks per rank (pp=2, M=4): the same loss
+    curve as one process, with clipping (GPT-2's tied embedding counted once) and AdamW."""
+    ref = single_process_curve(kind)
+    for rank, curve in enumerate(dist_run(_train, 2, kind, 1, 2, schedule, timeout=600)):
+        torch.testing.assert_close(curve, ref, rtol=2e-5, atol=2e-6, msg=f"{kind} {schedule} rank {rank}")
+
+
 def test_meta_model_gets_the_same_weights_in_every_layout(dist_run):
     """Built under init_empty_weights, each stage initializes only its own parameters, seeded
     per parameter name: layouts must agree on the weights, hence on the whole loss curve."""
@@ -196,6 +207,39 @@ def test_resume_from_checkpoint_is_bitwise(dist_run, tmp_path):
                        timeout=600)[0]
     assert [s for s, _ in full] == [1, 2, 3, 4, 5, 6]
     assert resumed == full  # steps 1-3 from the checkpoint's history, 4-6 recomputed: exactly equal
+
+
+def _virtual_train_evaluate_export(out: str, resume: str | None) -> tuple[list[tuple[int, float]], float]:
+    import merak
+
+    merak.init(pp=2)
+    model, make_batch = tiny_model("gpt2")
+    args = merak.MerakArguments(
+        output_dir=out, per_device_train_batch_size=MICRO, gradient_accumulation_steps=GLOBAL_MICROBATCHES,
+        max_steps=4, logging_steps=1, save_strategy="steps", save_steps=2, learning_rate=1e-2,
+        seed=3, report_to="none", disable_tqdm=True, schedule="zb_v")
+    trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch), eval_dataset=dataset(make_batch, 8))
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(f"{out}/export")
+    return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e], trainer.evaluate()["eval_loss"]
+
+
+@pytest.mark.slow
+def test_virtual_stages_evaluate_resume_and_export(dist_run, tmp_path):
+    """zb_v (GPT-2's embedding and LM head on one rank): evaluation equals the exported model's
+    loss, resuming from a checkpoint is bitwise, and the export loads in transformers."""
+    from transformers import AutoModelForCausalLM, default_data_collator
+
+    full, eval_loss = dist_run(_virtual_train_evaluate_export, 2, str(tmp_path), None, timeout=600)[0]
+    resumed, _ = dist_run(_virtual_train_evaluate_export, 2, str(tmp_path), str(tmp_path / "checkpoint-2"),
+                          timeout=600)[0]
+    assert [s for s, _ in full] == [1, 2, 3, 4] and resumed == full
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    _, make_batch = tiny_model("gpt2")
+    samples = dataset(make_batch, 8)
+    with torch.no_grad():
+        losses = [exported(**default_data_collator(samples[i:i + MICRO])).loss for i in range(0, 8, MICRO)]
+    torch.testing.assert_close(eval_loss, float(torch.stack(losses).mean()), rtol=1e-5, atol=1e-6)
 
 
 def _import_train_export(weights: str, export: str) -> tuple[float, list[float]]:
