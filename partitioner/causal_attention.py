@@ -228,6 +228,9 @@ def rewrite_causal_attention(graph: fx.Graph) -> int:
         for new, value in ((decision, (traced, False)), (kept, traced), (causal, False)):
             new.meta.update(mask.meta)
             new.meta["merak_value"] = value
+        # The graph passes that planned on the traced graph (tensor parallelism: a scatter of the
+        # mask over heads) find the value they planned for under this name.
+        kept.meta["merak_stands_for"] = mask.name
         for call in calls:
             _set_mask(call, kept, causal)
         _erase_unused(interior)

@@ -19,6 +19,13 @@ mask is built from shapes alone a per-shape cached decision: ``is_causal=True`` 
 the causal triangle (what the eager model would have passed), the mask otherwise. On meta tensors
 (the memory estimator) the decision keeps the mask.
 ``build_stage(..., fuse=False)`` / ``MerakArguments(fuse_ops=False)`` turns all rules off.
+
+The contract every rule keeps, because plans made on the *traced* graph (tensor parallelism's
+layouts, edits and inserted collectives, keyed by node name) are applied to the *rewritten*
+stage: a node whose value survives keeps its name; a new node that carries an old value in the
+old one's place (the causal rule's ``mask or None``) records the old name in
+``meta["merak_stands_for"]``; nodes that vanish are interior to a rewrite, with nothing for a
+plan to change (no sizes to divide). ``tests/test_tensor_parallel.py`` runs each rule under tp=2.
 """
 
 from __future__ import annotations

@@ -25,6 +25,27 @@ from tiny_models import tiny_model
 
 KINDS = ("gpt2", "llama", "bert", "t5")
 MICRO, SEQ, M, STEPS, LR = 4, 8, 2, 2, 0.05
+#: parity cases beyond the plain tiny kinds: name -> (tiny kind, overrides, trace flavour, a rewrite that must fire)
+CASES: dict[str, tuple[str, dict, str, str | None]] = {
+    # fx traces OPT with this transformers; forcing torch.export covers the graph OPT gets where it does not
+    "opt": ("opt", {}, "export", None),
+    "bart": ("bart", {}, "auto", None),  # fx fails in BART's top-level forward: an export graph
+    "gemma2": ("gemma2", {}, "auto", None),  # scaled nn.Embedding subclass tied to the LM head
+    # no attention mask + SDPA: the causal-attention rule rewrites the stage the plan was made for
+    "t5-sdpa": ("t5", {"attn_implementation": "sdpa", "attention_mask": False}, "auto", "causal-attention"),
+    "llama-sdpa": ("llama", {"attn_implementation": "sdpa", "attention_mask": False}, "auto", "causal-attention"),
+    "gpt2": ("gpt2", {}, "auto", "tanh-gelu"),  # gelu_new, fused into one kernel
+}
+
+
+def _case(name: str) -> tuple[str, dict, str, str | None]:
+    kind, overrides, flavour, rewrite = CASES.get(name, (name, {}, "auto", None))
+    return kind, dict(overrides), flavour, rewrite
+
+
+def _case_model(name: str):
+    kind, overrides, _, _ = _case(name)
+    return tiny_model(kind, **overrides)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -47,7 +68,7 @@ def _steps(make_batch) -> list[list[dict[str, torch.Tensor]]]:
 
 def _reference(kind: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single-process losses and first-step gradients, under every name of a tied parameter."""
-    model, make_batch = tiny_model(kind)
+    model, make_batch = _case_model(kind)
     losses, grads = single_process_run(model, _steps(make_batch), torch.optim.SGD(model.parameters(), lr=LR))
     first = {id(p): n for n, p in model.named_parameters()}
     aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
@@ -196,9 +217,10 @@ def _tp_stage_run(kind: str, grid, k: int, schedule: str = "1f1b", recompute: st
     from merak.runtime.pipeline.schedule import build
     from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 
-    model, make_batch = tiny_model(kind)
-    graph = trace(model, make_batch(batch_size=MICRO, seq_len=SEQ))
+    model, make_batch = _case_model(kind)
+    graph = trace(model, make_batch(batch_size=MICRO, seq_len=SEQ), flavour=_case(kind)[2])
     stage = build_stage(shard(graph, grid.dims.pp), grid.stage_id)
+    fusions = dict(stage.fusions)
     apply_tensor_parallel(stage, grid, plan_tensor_parallel(graph, grid.dims.tp), sub_microbatches=k)
     canonical = {local: key for key, local in stage.tied_parameters.items()}
     grads: dict[str, tuple[torch.Tensor, object]] = {}
@@ -212,7 +234,8 @@ def _tp_stage_run(kind: str, grid, k: int, schedule: str = "1f1b", recompute: st
                                 before_optimizer_step=keep_first, zero_bubble=schedule == "zero_bubble")
     instructions = build(schedule, grid.dims.pp, M, grid.stage_id, RecomputePlan.from_mode(recompute, grid.dims.pp))
     losses = [all_reduce_mean_loss(executor.run(instructions, mbs).loss, grid) for mbs in _steps(make_batch)]
-    return {"losses": losses, "grads": grads, "sharded": len(stage.tp_param_specs)}
+    return {"losses": losses, "grads": grads, "sharded": len(stage.tp_param_specs), "fusions": fusions,
+            "flavour": graph.flavour}
 
 
 def _deepcopy_keeps_tp(grid) -> bool:

@@ -14,7 +14,10 @@ deterministic and parity tests can use tight tolerances. ``meta=True`` builds th
 
 Kinds: ``gpt2`` (tied embeddings), ``llama`` (grouped-query attention), ``bert`` (masked LM),
 ``t5`` (encoder-decoder), ``vit`` (image classifier), ``mlp`` (plain torch: a skip connection
-spanning the network and a non-tensor value passed between blocks).
+spanning the network and a non-tensor value passed between blocks), ``opt`` and ``bart`` (fx
+tracing of BART fails in its top-level forward: these exercise the torch.export graph),
+``gemma2`` (a scaled ``nn.Embedding`` subclass tied to the LM head, soft-capped logits),
+``mixtral`` (sparse mixture of experts with the router's auxiliary loss).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ __all__ = ["TINY_KINDS", "tiny_model", "tiny_config", "SkipMLP"]
 
 BatchFn = Callable[..., dict[str, torch.Tensor]]
 
-TINY_KINDS = ("gpt2", "llama", "bert", "t5", "vit", "mlp")
+TINY_KINDS = ("gpt2", "llama", "bert", "t5", "vit", "mlp", "opt", "bart", "gemma2", "mixtral")
 VOCAB = 96
 
 _CONFIGS: dict[str, dict[str, Any]] = {
@@ -49,6 +52,20 @@ _CONFIGS: dict[str, dict[str, Any]] = {
                 image_size=16, patch_size=4, num_channels=3, num_labels=5, hidden_dropout_prob=0.0,
                 attention_probs_dropout_prob=0.0),
     "mlp": dict(hidden=32, blocks=4, classes=5),
+    "opt": dict(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
+                max_position_embeddings=64, vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0,
+                pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    "bart": dict(encoder_layers=2, decoder_layers=2, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                 encoder_attention_heads=4, decoder_attention_heads=4, max_position_embeddings=64,
+                 vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                 pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
+    "gemma2": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=64, vocab_size=VOCAB,
+                   attention_dropout=0.0, pad_token_id=0),
+    "mixtral": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                    max_position_embeddings=64, vocab_size=VOCAB, attention_dropout=0.0,
+                    router_aux_loss_coef=0.02, output_router_logits=True, tie_word_embeddings=False),
 }
 
 
@@ -67,6 +84,10 @@ def tiny_config(kind: str, **overrides: Any) -> Any:
         "bert": transformers.BertConfig,
         "t5": transformers.T5Config,
         "vit": transformers.ViTConfig,
+        "opt": transformers.OPTConfig,
+        "bart": transformers.BartConfig,
+        "gemma2": transformers.Gemma2Config,
+        "mixtral": transformers.MixtralConfig,
     }[kind]
     attn = values.pop("attn_implementation", "eager")
     config = config_cls(**values)
@@ -77,10 +98,13 @@ def tiny_config(kind: str, **overrides: Any) -> Any:
 def tiny_model(kind: str, meta: bool = False, seed: int = 0, **overrides: Any) -> tuple[nn.Module, BatchFn]:
     """``(model, make_batch)`` for a tiny model of ``kind`` with config ``overrides``.
 
-    ``attn_implementation`` may be passed as an override (default ``"eager"``).
+    ``attn_implementation`` may be passed as an override (default ``"eager"``), and
+    ``attention_mask=False`` makes batches without an attention mask (decoders then build their
+    causal mask from shapes alone, which the causal-attention rewrite turns into ``is_causal``).
     ``make_batch(batch_size=2, seq_len=8, seed=0, device="cpu")`` returns the model's keyword
     inputs including ``labels``.
     """
+    with_mask = overrides.pop("attention_mask", True)
     config = tiny_config(kind, **overrides)
     torch.manual_seed(seed)
     if meta:
@@ -90,7 +114,7 @@ def tiny_model(kind: str, meta: bool = False, seed: int = 0, **overrides: Any) -
             model = _build(kind, config)
     else:
         model = _build(kind, config)
-    return model, _batch_fn(kind, config)
+    return model, _batch_fn(kind, config, with_mask)
 
 
 def _build(kind: str, config: Any) -> nn.Module:
@@ -104,11 +128,15 @@ def _build(kind: str, config: Any) -> nn.Module:
         "bert": transformers.BertForMaskedLM,
         "t5": transformers.T5ForConditionalGeneration,
         "vit": transformers.ViTForImageClassification,
+        "opt": transformers.OPTForCausalLM,
+        "bart": transformers.BartForConditionalGeneration,
+        "gemma2": transformers.Gemma2ForCausalLM,
+        "mixtral": transformers.MixtralForCausalLM,
     }[kind]
     return cls(config)
 
 
-def _batch_fn(kind: str, config: Any) -> BatchFn:
+def _batch_fn(kind: str, config: Any, with_mask: bool = True) -> BatchFn:
     def make_batch(batch_size: int = 2, seq_len: int = 8, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         if kind == "vit":
@@ -126,12 +154,12 @@ def _batch_fn(kind: str, config: Any) -> BatchFn:
             ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=g)
             mask = torch.ones(batch_size, seq_len, dtype=torch.long)
             mask[0, -2:] = 0  # some padding, so masks matter
-            batch = {"input_ids": ids, "attention_mask": mask}
+            batch = {"input_ids": ids, "attention_mask": mask} if with_mask else {"input_ids": ids}
             if kind == "bert":
                 labels = torch.full_like(ids, -100)
                 labels[:, 1::3] = ids[:, 1::3]
                 batch["labels"] = labels
-            elif kind == "t5":
+            elif kind in ("t5", "bart"):
                 batch["labels"] = torch.randint(1, VOCAB, (batch_size, max(2, seq_len // 2)), generator=g)
             else:
                 batch["labels"] = ids.clone()

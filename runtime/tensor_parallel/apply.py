@@ -26,28 +26,35 @@ import logging
 import operator
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from merak.runtime.distributed.grid import Grid
 from merak.runtime.tensor_parallel.layers import (
     CopyToTP,
+    ReduceFromTP,
     RowParallelLinear,
     ScatterToTP,
     ShardSpec,
     TPGroup,
     VocabParallelCrossEntropy,
     VocabParallelEmbedding,
+    VocabShardLookup,
 )
 from merak.runtime.tensor_parallel.plan import Edit, LayerPlan, TPError, TPPlan
+from merak.runtime.tensor_parallel.sites import EmbeddingSite, LinearSite
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["apply_tensor_parallel", "tp_local_shape", "sharded_parameters", "COPY_MODULE", "SCATTER_MODULE",
-           "CROSS_ENTROPY_MODULE"]
+           "CROSS_ENTROPY_MODULE", "REDUCE_MODULE", "LOOKUP_MODULE"]
 
 COPY_MODULE = "_merak_tp_copy"
 SCATTER_MODULE = "_merak_tp_scatter"
 CROSS_ENTROPY_MODULE = "_merak_tp_cross_entropy"
+REDUCE_MODULE = "_merak_tp_reduce"
+LOOKUP_MODULE = "_merak_tp_vocab_lookup"
 _TP_ATTRIBUTES = ("tp_plan", "tp_group", "tp_param_specs", "tp_sharded_outputs", "tp_sub_microbatches")
 
 
@@ -164,6 +171,7 @@ def _shard_modules(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> dict[str, Sh
         if id(module) not in replaced:
             replaced[id(module)] = _sharded_layer(module, layer, tpg, done)[0]
         _set_module(stage, target, replaced[id(module)])
+    functional = _shard_functional_sites(stage, plan, tpg, done)
     # Other holders of a sharded parameter (a shared module under another name, a get_attr of a
     # tied bias): point them at the shard too, copying user modules before touching them.
     for path, module in list(stage.named_modules(remove_duplicate=False)):
@@ -172,19 +180,55 @@ def _shard_modules(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> dict[str, Sh
         hits = [n for n, p in module._parameters.items() if p is not None and id(p) in done]
         if not hits:
             continue
-        owner = module if type(module) is nn.Module else _clone(module)
+        owner = module if (type(module) is nn.Module or module is stage) else _clone(module)
         for n in hits:
             owner._parameters[n] = done[id(module._parameters[n])]
         if owner is not module and path:
             _set_module(stage, path, owner)
     specs: dict[str, ShardSpec] = {}
-    by_param: dict[int, ShardSpec] = {}
+    by_param: dict[int, ShardSpec] = dict(functional)
     for module in replaced.values():
         for name, spec in getattr(module, "tp_spec", {}).items():
             by_param[id(getattr(module, name))] = spec
     for name, p in stage.named_parameters(remove_duplicate=False):
         if id(p) in by_param:
             specs[name] = by_param[id(p)]
+    return specs
+
+
+def _functional_specs(site: LinearSite | EmbeddingSite, layer: LayerPlan, tp: int) -> list[tuple[int, ShardSpec]]:
+    """(argument position, spec) of each parameter a functional site shards."""
+    if isinstance(site, EmbeddingSite):
+        return [(site.weight, ShardSpec(0, tp))]
+    if layer.style == "column":
+        out = [(site.weight, ShardSpec(1 if site.transposed else 0, tp, layer.blocks))]
+        return out + ([(site.bias, ShardSpec(0, tp, layer.blocks))] if site.bias is not None else [])
+    return [(site.weight, ShardSpec(0 if site.transposed else 1, tp))]  # row: the bias stays whole
+
+
+def _shard_functional_sites(stage: nn.Module, plan: TPPlan, tpg: TPGroup,
+                            done: dict[int, nn.Parameter]) -> dict[int, ShardSpec]:
+    """Shard the parameters that functional sites read through ``get_attr`` (new parameter id -> spec).
+
+    Only the shard is created here; every holder of the old parameter (the get_attr's owner, a
+    tied module elsewhere in the stage) is pointed at it by the caller.
+    """
+    specs: dict[int, ShardSpec] = {}
+    for node in stage.graph.nodes:
+        site = plan.sites.get(node.name)
+        if site is None:
+            continue
+        for position, spec in _functional_specs(site, plan.layers[site.module], tpg.size):
+            attr = node.args[position]
+            if not (isinstance(attr, fx.Node) and attr.op == "get_attr"):
+                raise TPError(f"plan and stage do not match: argument {position} of {node.name} ({site.module}) is "
+                              f"not the parameter the plan shards")
+            old = stage.get_parameter(str(attr.target))
+            new = _new_param(old, spec, tpg, done)
+            if specs.get(id(new), spec) != spec:
+                raise TPError(f"parameter {attr.target} would be sharded two ways ({specs[id(new)]} and {spec}); "
+                              f"map {site.module} to 'replicate' in tp_mapping")
+            specs[id(new)] = spec
     return specs
 
 
@@ -238,6 +282,8 @@ def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
     stage.add_submodule(COPY_MODULE, CopyToTP(tpg))
     stage.add_submodule(SCATTER_MODULE, ScatterToTP(tpg))
     stage.add_submodule(CROSS_ENTROPY_MODULE, VocabParallelCrossEntropy(tpg))
+    stage.add_submodule(REDUCE_MODULE, ReduceFromTP(tpg))
+    stage.add_submodule(LOOKUP_MODULE, VocabShardLookup(tpg))
     for edit in plan.edits:
         if edit.node in nodes:
             _apply_edit(graph, nodes[edit.node], edit, tpg.size)
@@ -246,9 +292,8 @@ def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
         consumer, value = nodes.get(ins.consumer), nodes.get(ins.value)
         if consumer is None:
             continue
-        if value is None:
-            raise TPError(f"the stage uses {ins.consumer} but not its input {ins.value}: plan and stage do not match")
-        key = (ins.kind, ins.value, ins.dim)
+        value = _stage_value(consumer, ins.value, value)
+        key = (ins.kind, value.name, ins.dim)
         if key not in inserted:
             with graph.inserting_after(value):
                 if ins.kind == "copy":
@@ -256,12 +301,71 @@ def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
                 else:
                     inserted[key] = graph.call_module(SCATTER_MODULE, (value, ins.dim))
         consumer.replace_input_with(value, inserted[key])
+    for node in list(graph.nodes):
+        site = plan.sites.get(node.name)
+        if site is None:
+            continue
+        if isinstance(site, EmbeddingSite):
+            _vocab_lookup(graph, node, site)
+        elif plan.layers[site.module].style == "row":
+            _row_reduce(graph, node, site)
     for name, opts in plan.losses.items():
         node = nodes.get(name)
         if node is not None:
             _replace_cross_entropy(graph, node, opts)
     graph.lint()
     stage.recompile()
+
+
+def _stage_value(consumer: fx.Node, name: str, node: fx.Node | None) -> fx.Node:
+    """The input of ``consumer`` that carries the planned value ``name``.
+
+    A stage's graph rewrites (:mod:`merak.partitioner.fusion`) keep a node's name when they
+    keep its value; a rewrite that substitutes another node for an input records the name it
+    stands for in ``meta["merak_stands_for"]`` (the causal-attention rule's ``mask or None``).
+    """
+    inputs = consumer.all_input_nodes
+    if node is not None and node in inputs:
+        return node
+    standing = [n for n in inputs if n.meta.get("merak_stands_for") == name]
+    if len(standing) == 1:
+        return standing[0]
+    raise TPError(f"the stage uses {consumer.name} but not its input {name} (a graph rewrite replaced it without "
+                  f"recording meta['merak_stands_for']): plan and stage do not match")
+
+
+def _row_reduce(graph: fx.Graph, node: fx.Node, site: LinearSite) -> None:
+    """A functional row-parallel op: partial product, all-reduce, then the (replicated) bias.
+
+    ``node`` keeps its name and users and becomes the bias addition (or is replaced by the
+    reduce when there is no bias)."""
+    x, weight = node.args[site.input_pos], node.args[site.weight]
+    with graph.inserting_before(node):
+        if site.bias is None:
+            partial = graph.node_copy(node)
+        else:
+            op = F.linear if site.kind == "linear" else torch.matmul
+            partial = graph.call_function(op, (x, weight))
+        reduced = graph.call_module(REDUCE_MODULE, (partial,))
+    for n in (partial, reduced):
+        n.meta.update({k: v for k, v in node.meta.items() if k in ("merak_module", "nn_module_stack")})
+    if site.bias is None:
+        node.replace_all_uses_with(reduced)
+        graph.erase_node(node)
+        return
+    node.target, node.args, node.kwargs = operator.add, (reduced, node.args[site.bias]), {}
+
+
+def _vocab_lookup(graph: fx.Graph, node: fx.Node, site: EmbeddingSite) -> None:
+    """A functional embedding on a vocab-sharded weight: local lookup, then all-reduce."""
+    with graph.inserting_before(node):
+        local = graph.call_module(LOOKUP_MODULE, (node.args[site.weight], node.args[site.ids]),
+                                  {"padding_idx": site.padding_idx})
+        reduced = graph.call_module(REDUCE_MODULE, (local,))
+    for n in (local, reduced):
+        n.meta.update({k: v for k, v in node.meta.items() if k in ("merak_module", "nn_module_stack")})
+    node.replace_all_uses_with(reduced)
+    graph.erase_node(node)
 
 
 def _replace_cross_entropy(graph: fx.Graph, node: fx.Node, opts: dict[str, Any]) -> None:

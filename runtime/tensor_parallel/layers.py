@@ -53,6 +53,9 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "ForwardReduceLayer",
+    "ReduceFromTP",
+    "VocabShardLookup",
+    "vocab_shard_lookup",
     "AsyncForward",
     "GradPair",
 ]
@@ -290,12 +293,14 @@ class GradPair:
         self.what = ("all-reduce of an input gradient" if dim is None else "all-gather of a scattered gradient") \
             + " (sub-micro-batch)"
 
-    def wait_op(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and x.requires_grad):
+    def wait_op(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None or not (torch.is_grad_enabled() and x.requires_grad):
             return x
         return _GradWait.apply(x, self.box, self.what, self.tpg)
 
-    def launch_op(self, x: torch.Tensor) -> torch.Tensor:
+    def launch_op(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
         if not (torch.is_grad_enabled() and x.requires_grad):
             return x if self.dim is None else self.tpg.chunk(x, self.dim)
         return _GradLaunch.apply(x, self.box, self.dim, self.tpg)
@@ -322,8 +327,8 @@ def _deepcopy(value: Any, memo: dict[int, Any]) -> Any:
 class CopyToTP(_TPModule):
     """``y = copy_to_tp(x)``: where a replicated value enters a tensor-parallel region."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return copy_to_tp(x, self.tpg)
+    def forward(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else copy_to_tp(x, self.tpg)
 
     def pair(self, dim: None = None) -> GradPair:
         return GradPair(self.tpg, None)
@@ -332,8 +337,9 @@ class CopyToTP(_TPModule):
 class ScatterToTP(_TPModule):
     """``y = scatter_to_tp(x, dim)``: this rank's part of a replicated value that meets a sharded one."""
 
-    def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return scatter_to_tp(x, dim, self.tpg)
+    def forward(self, x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+        # None: an optional input a graph rewrite dropped (SDPA's mask once found causal)
+        return None if x is None else scatter_to_tp(x, dim, self.tpg)
 
     def pair(self, dim: int) -> GradPair:
         return GradPair(self.tpg, dim)
@@ -428,6 +434,20 @@ class ForwardReduceLayer(nn.Module):
         return new
 
 
+class ReduceFromTP(ForwardReduceLayer):
+    """``y = reduce_from_tp(x)`` as a graph-callable layer: the all-reduce that ends a row-parallel
+    op applied functionally (``aten.linear`` in an export graph; its bias is added after it).
+    A :class:`ForwardReduceLayer`, so the sub-micro-batch runner overlaps it like the others."""
+
+    def __init__(self, tpg: TPGroup) -> None:
+        super().__init__()
+        self.tpg = tpg
+        self.tp_spec = {}
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class RowParallelLinear(ForwardReduceLayer):
     """A linear layer with its input features split over the TP ranks: each rank multiplies its
     slice, the partial sums are all-reduced, then the replicated bias is added once.
@@ -454,6 +474,27 @@ class RowParallelLinear(ForwardReduceLayer):
                 + (", Conv1D layout" if self.transposed else ""))
 
 
+def vocab_shard_lookup(weight: torch.Tensor, ids: torch.Tensor, vocab_start: int,
+                       local_padding_idx: int | None = None) -> torch.Tensor:
+    """This rank's part of an embedding lookup: rows of ``weight`` (vocabulary rows
+    ``vocab_start ..``) for the ids it owns, zeros for the others (the all-reduce adds them up)."""
+    outside = (ids < vocab_start) | (ids >= vocab_start + weight.shape[0])
+    local = torch.where(outside, torch.zeros_like(ids), ids - vocab_start)
+    out = F.embedding(local, weight, local_padding_idx)
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+class VocabShardLookup(_TPModule):
+    """Graph-callable :func:`vocab_shard_lookup` for a functional embedding (``F.embedding`` /
+    ``aten.embedding`` on a vocab-sharded parameter); ``padding_idx`` is a full-vocabulary id.
+    The graph follows it with :class:`ReduceFromTP`."""
+
+    def forward(self, weight: torch.Tensor, ids: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
+        start = self.tpg.rank * weight.shape[0]
+        inside = padding_idx is not None and start <= padding_idx < start + weight.shape[0]
+        return vocab_shard_lookup(weight, ids, start, padding_idx - start if inside else None)
+
+
 class VocabParallelEmbedding(ForwardReduceLayer):
     """``nn.Embedding`` with its rows (the vocabulary) split: a rank looks up the ids it owns,
     writes zeros for the others, and the all-reduce assembles every row."""
@@ -474,10 +515,7 @@ class VocabParallelEmbedding(ForwardReduceLayer):
                                  f"map this embedding to 'replicate' in tp_mapping")
 
     def partial(self, ids: torch.Tensor) -> torch.Tensor:
-        outside = (ids < self.vocab_start) | (ids >= self.vocab_start + self.local_rows)
-        local = torch.where(outside, torch.zeros_like(ids), ids - self.vocab_start)
-        out = F.embedding(local, self.weight, self.padding_idx)
-        return out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return vocab_shard_lookup(self.weight, ids, self.vocab_start, self.padding_idx)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rows {self.vocab_start}.."

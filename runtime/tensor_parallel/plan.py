@@ -53,9 +53,6 @@ from merak.runtime.tensor_parallel.propagate import (
     NeedsColumns,
     Region,
     Violation,
-    in_features,
-    linear_kind,
-    out_features,
 )
 
 __all__ = ["TPError", "TPPlan", "LayerPlan", "Edit", "Insert", "plan_tensor_parallel", "STYLES"]
@@ -96,6 +93,8 @@ class TPPlan:
     node -> ``{ignore_index, reduction}``. ``sharded_outputs``: model output key -> dim (the
     logits of a vocab-parallel head stay sharded). ``unmatched``: linear module -> why it stays
     replicated. ``batch_values``: nodes whose dim 0 is the batch (for sub-micro-batching).
+    ``sites``: graph node -> the site (:mod:`.sites`) of every *functional* linear or embedding the plan shards
+    (``F.linear`` / ``aten.linear`` / ``aten.addmm`` ... on a parameter; see :mod:`.sites`).
     """
 
     tp: int
@@ -111,6 +110,7 @@ class TPPlan:
     batch_values: frozenset[str]
     required: list[tuple[int, str, bool]]
     groups: int = 0
+    sites: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def style(self, module: str) -> str:
         plan = self.layers.get(module)
@@ -212,9 +212,6 @@ def plan_tensor_parallel(graph: Any, tp: int, mapping: Mapping[str, str] | Itera
     """
     if not isinstance(tp, int) or tp < 1:
         raise TPError(f"tp={tp!r} must be a positive integer")
-    if getattr(graph, "flavour", "fx") != "fx":
-        raise TPError("tensor parallelism needs the fx-traced graph (linear layers as call_module nodes), but this "
-                      "model was traced with torch.export; make fx tracing succeed (leaf_modules=...) to use tp > 1")
     mapping = _parse_mapping(mapping)
     ctx = GraphContext(graph, tp, mapping)
     plan = TPPlan(tp=tp, model_name=type(ctx.model).__name__, layers={}, layouts={}, edits=[], inserts=[],
@@ -355,7 +352,7 @@ def _grow(ctx: GraphContext, seed: str, errors: list[tuple[str, str, int, bool]]
 
 def _kv_requirement(ctx: GraphContext, linear: str) -> tuple[int, str, bool]:
     """A K/V projection left replicated: its head count must divide tp (or be divisible by it)."""
-    out = out_features(ctx.module(ctx.by_name[linear]))
+    out = ctx.sites[linear].out_features
     head = None
     for user in ctx.by_name[linear].users:
         shape = ctx.shape(user)
@@ -368,20 +365,24 @@ def _commit(ctx: GraphContext, plan: TPPlan, regions: list[Region]) -> None:
     for gid, region in enumerate(regions):
         for column, blocks in region.columns.items():
             ctx.assigned[column] = "column"
-            module = ctx.linears[column]
-            features = out_features(ctx.module(ctx.by_name[column]))
+            site = ctx.sites[column]
+            module, features = site.module, site.out_features
             note = "vocab-parallel LM head + cross-entropy" if region.vocab_head else ""
             if blocks and len(blocks) > 1:
                 note = f"fused: {len(blocks)} blocks split separately"
-            _set_layer(plan, LayerPlan(module, "column", linear_kind(ctx.module(ctx.by_name[column])) or "",
-                                       features, tuple(blocks or ()), gid, note, region.vocab_head))
+            _set_layer(plan, LayerPlan(module, "column", site.kind, features, tuple(blocks or ()), gid, note,
+                                       region.vocab_head))
+            if site.functional:
+                plan.sites[column] = site
         for row in region.rows:
             ctx.assigned[row] = "row"
-            module = ctx.linears[row]
-            _set_layer(plan, LayerPlan(module, "row", linear_kind(ctx.module(ctx.by_name[row])) or "",
-                                       in_features(ctx.module(ctx.by_name[row])), (), gid,
-                                       "bias replicated" if getattr(ctx.module(ctx.by_name[row]), "bias", None)
-                                       is not None else ""))
+            site = ctx.sites[row]
+            has_bias = site.bias is not None if site.functional else \
+                getattr(ctx.module(ctx.by_name[row]), "bias", None) is not None
+            _set_layer(plan, LayerPlan(site.module, "row", site.kind, site.in_features, (), gid,
+                                       "bias replicated" if has_bias else ""))
+            if site.functional:
+                plan.sites[row] = site
         plan.layouts.update(region.sharded_dims())
         plan.edits.extend(region.edits)
         plan.inserts.extend(region.inserts.values())
@@ -403,39 +404,56 @@ def _set_layer(plan: TPPlan, layer: LayerPlan) -> None:
 
 
 def _embeddings(ctx: GraphContext, plan: TPPlan, regions: list[Region]) -> None:
-    """Vocab-parallel input embeddings: the vocabulary of a vocab-parallel LM head, or mapped."""
-    lm_heads = [p for p in plan.layers.values() if p.style == "column" and p.lm_head]
-    heads = {p.features for p in lm_heads}
+    """Vocab-parallel input embeddings: the vocabulary of a vocab-parallel LM head, or mapped.
+
+    Every lookup counts, whether a module call or ``F.embedding`` / ``aten.embedding`` on a
+    parameter (an ``nn.Embedding`` subclass traced through, an export graph). A lookup that would
+    read a vocab-sharded weight but cannot be made vocab-parallel is refused here, naming the
+    module and the ``tp_mapping`` that works, rather than failing inside a step.
+    """
+    heads = {p.features for p in plan.layers.values() if p.style == "column" and p.lm_head}
     canonical = {id(p): n for n, p in ctx.model.named_parameters(remove_duplicate=True)}
-    head_params = {canonical.get(id(ctx.model.get_submodule(p.module).weight)) for p in lm_heads}
-    for node in ctx.nodes:
-        if node.op != "call_module":
-            continue
-        module = ctx.module(node)
-        if not isinstance(module, nn.Embedding):
-            continue
-        name = str(node.target)
+    head_modules = {node: name for node, name in ctx.linears.items()
+                    if plan.layers.get(name) is not None and plan.layers[name].lm_head}
+    head_params = {canonical.get(id(ctx.site_weight(node))): module for node, module in head_modules.items()}
+    for node, site in ctx.embeddings.items():
+        name = site.module
         style = ctx.style_of(name)
-        tied = canonical.get(id(module.weight)) in head_params
+        tied = head_params.get(canonical.get(id(ctx.site_weight(node))))
+        replicate_both = json.dumps({name: "replicate", tied: "replicate"}) if tied else ""
         if style == "replicate":
             if tied:
-                raise TPError(f"{name} is mapped to 'replicate' but shares its weight with the vocab-parallel LM head; "
-                              f"map the head to 'replicate' too")
+                raise TPError(f"{name} is mapped to 'replicate' but shares its weight with the vocab-parallel LM head "
+                              f"{tied}; map the head to 'replicate' too: tp_mapping={replicate_both}")
             continue
-        if style == "vocab" or tied or (module.num_embeddings in heads and style is None):
-            if module.num_embeddings % ctx.tp:
-                raise TPError(f"{ctx.size_name(module.num_embeddings, 'vocab')} of {name} is not divisible by "
-                              f"tp={ctx.tp}; valid tp values: {', '.join(map(str, _valid_tps([(module.num_embeddings, '', False)], 64)))}."
-                              f" Pad the vocabulary (model.resize_token_embeddings(n, pad_to_multiple_of={ctx.tp})) "
-                              f"or map {name} to 'replicate'")
-            plan.required.append((module.num_embeddings, "vocab", False))
-            _set_layer(plan, LayerPlan(name, "vocab", "Embedding", module.num_embeddings, (), -1,
-                                       "tied with the LM head" if tied else ""))
+        if not (style == "vocab" or tied or (site.num_embeddings in heads and style is None)):
+            continue
+        fix = f"tp_mapping={replicate_both}" if tied else f"tp_mapping={json.dumps({name: 'replicate'})}"
+        if site.num_embeddings % ctx.tp:
+            raise TPError(f"{ctx.size_name(site.num_embeddings, 'vocab')} of {name} is not divisible by "
+                          f"tp={ctx.tp}; valid tp values: {', '.join(map(str, _valid_tps([(site.num_embeddings, '', False)], 64)))}."
+                          f" Pad the vocabulary (model.resize_token_embeddings(n, pad_to_multiple_of={ctx.tp})) "
+                          f"or keep it replicated with {fix}")
+        if site.options:
+            raise TPError(f"embedding {name} ({site.module_type}) uses {', '.join(site.options)}, which a vocab-parallel "
+                          f"lookup does not support; keep it replicated with {fix}")
+        module = ctx.module(ctx.by_name[node]) if not site.functional else None
+        if module is not None and type(module).forward is not nn.Embedding.forward:
+            raise TPError(f"embedding {name} ({site.module_type}) is an nn.Embedding subclass with its own forward, kept "
+                          f"as one leaf module, so a vocab-parallel lookup would drop what its forward adds; remove it "
+                          f"from leaf_modules (its F.embedding call is then sharded) or keep it replicated with {fix}")
+        plan.required.append((site.num_embeddings, "vocab", False))
+        kind = "Embedding" if not site.functional else f"{site.module_type} (embedding op)"
+        _set_layer(plan, LayerPlan(name, "vocab", kind, site.num_embeddings, (), -1,
+                                   "tied with the LM head" if tied else ""))
+        if site.functional:
+            plan.sites[node] = site
 
 
 def _check_mapping(ctx: GraphContext, plan: TPPlan) -> None:
     for pattern, style in ctx.mapping.items():
-        matched = [m for m in {*ctx.linears.values(), *(str(n.target) for n in ctx.nodes if n.op == "call_module")}
+        matched = [m for m in {*ctx.linears.values(), *(e.module for e in ctx.embeddings.values()),
+                               *(str(n.target) for n in ctx.nodes if n.op == "call_module")}
                    if fnmatch.fnmatchcase(m, pattern)]
         if not matched:
             raise TPError(f"tp_mapping pattern {pattern!r} matches no module the model calls "

@@ -28,8 +28,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["Edit", "Insert", "GraphContext", "Region", "Violation", "Blocked", "NeedsColumns", "linear_kind",
-           "out_features", "in_features"]
+from merak.runtime.tensor_parallel.sites import (
+    EmbeddingSite,
+    LinearSite,
+    find_embedding_sites,
+    find_linear_sites,
+    op_name,
+)
+
+__all__ = ["Edit", "Insert", "GraphContext", "Region", "Violation", "Blocked", "NeedsColumns"]
 
 _MAX_UPSTREAM = 400  # nodes visited when looking for the linear layer behind a replicated operand
 
@@ -142,16 +149,6 @@ _ELEMENTWISE_MODULES: tuple[type, ...] = (
 )
 
 
-def _op_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op == "call_function":
-        if node.target is getattr:
-            return "getattr"
-        return getattr(node.target, "__name__", str(node.target))
-    return node.op
-
-
 def _aten_pointwise(name: str) -> bool:
     packet = getattr(torch.ops.aten, name.rstrip("_"), None)
     if packet is None:
@@ -160,22 +157,6 @@ def _aten_pointwise(name: str) -> bool:
         return any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads())
     except Exception:  # noqa: BLE001 - an odd op: not pointwise
         return False
-
-
-def linear_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "Linear"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return "Conv1D"
-    return None
-
-
-def out_features(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else int(module.nf)
-
-
-def in_features(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else int(module.weight.shape[0])
 
 
 # ---- the propagation context -------------------------------------------------------------------------
@@ -193,10 +174,10 @@ class GraphContext:
         self.by_name = {n.name: n for n in self.nodes}
         self.mapping = dict(mapping)
         self.config = getattr(self.model, "config", None)
-        self.linears: dict[str, str] = {}  # node -> module target
-        for n in self.nodes:
-            if n.op == "call_module" and linear_kind(self.model.get_submodule(str(n.target))):
-                self.linears[n.name] = str(n.target)
+        module_of = {n.name: graph.by_name[n.name].module for n in self.nodes}
+        self.sites: dict[str, LinearSite] = find_linear_sites(graph.graph, self.model, module_of)
+        self.embeddings: dict[str, EmbeddingSite] = find_embedding_sites(graph.graph, self.model, module_of)
+        self.linears: dict[str, str] = {n: site.module for n, site in self.sites.items()}  # node -> module name
         self.vocab_sizes = {m.num_embeddings for m in self.model.modules() if isinstance(m, nn.Embedding)}
         self.assigned: dict[str, str] = {}  # linear node -> "column" | "row"
 
@@ -220,6 +201,17 @@ class GraphContext:
     def module(self, node: fx.Node) -> nn.Module:
         return self.model.get_submodule(str(node.target))
 
+    def site_weight(self, node: str) -> nn.Parameter:
+        """The weight parameter a linear or embedding site applies."""
+        site = self.sites.get(node) or self.embeddings[node]
+        n = self.by_name[node]
+        if not site.functional:
+            return self.module(n).weight
+        obj: Any = self.model
+        for part in str(n.args[site.weight].target).split("."):
+            obj = getattr(obj, part)
+        return obj
+
     def style_of(self, module: str) -> str | None:
         for pattern, style in self.mapping.items():
             if fnmatch.fnmatchcase(module, pattern):
@@ -230,7 +222,7 @@ class GraphContext:
         node = self.by_name[name]
         src = node.meta.get("merak_source") or ""
         module = self.pg.by_name[name].module
-        return f"{module or 'the model'}: {_op_name(node)} node {name!r}{' at ' + src if src else ''}"
+        return f"{module or 'the model'}: {op_name(node)} node {name!r}{' at ' + src if src else ''}"
 
     def size_name(self, size: int, what: str) -> str:
         """``num_attention_heads=12`` style name of a size, from the model config when it matches."""
@@ -307,7 +299,7 @@ class Region:
         self.inserts[(kind, value.name, consumer.name, dim)] = Insert(kind, value.name, consumer.name, dim)
 
     def edit(self, node: fx.Node, path: tuple[Any, ...], kind: str, value: int = 0, old: int | None = None) -> None:
-        self.edits.append(Edit(node.name, path, kind, value, _op_name(node), old))
+        self.edits.append(Edit(node.name, path, kind, value, op_name(node), old))
 
     # -- driver
     def run(self) -> None:
@@ -315,7 +307,7 @@ class Region:
         heap: list[int] = []
         for seed in sorted(self.seeds, key=ctx.index.__getitem__):
             node = ctx.by_name[seed]
-            x = node.args[0]
+            x = node.args[ctx.sites[seed].input_pos]
             if self.lay(x) is not None or not ctx.is_tensor(x):
                 raise self.fail(node, "a column layer's input must be replicated", {seed})
             self.layouts[seed] = _S(len(ctx.shape(node)) - 1, frozenset({seed}), column=seed)
@@ -336,8 +328,7 @@ class Region:
                 for user in node.users:
                     heapq.heappush(heap, ctx.index[user.name])
         for column, blocks in self.columns.items():
-            module = ctx.module(ctx.by_name[column])
-            out = out_features(module)
+            out = ctx.sites[column].out_features
             what = "vocab" if self.vocab_head else "features"
             for b in blocks or (out,):
                 self.require(b, what, ctx.by_name[column], frozenset({column}))
@@ -346,9 +337,11 @@ class Region:
     def visit(self, node: fx.Node) -> Any:
         if node.op == "output":
             return self._output(node)
+        if node.name in self.ctx.sites:
+            return self._linear(node)
         if node.op == "call_module":
             return self._call_module(node)
-        name = _op_name(node)
+        name = op_name(node)
         inputs = self._input_layouts(node)
         if not inputs:
             return None
@@ -358,8 +351,12 @@ class Region:
             return self._getitem(node)
         if name == "getattr":
             return self._getattr(node)
-        if name in ("size", "dim", "numel", "stride"):
-            return self._size(node, name)
+        if name in ("size", "sym_size", "dim", "numel", "sym_numel", "stride"):
+            return self._size(node, "size" if name == "sym_size" else name)
+        if name == "slice":
+            return self._slice(node)
+        if name == "select":
+            return self._select(node)
         if name in _VIEWS:
             return self._view(node)
         if name in _SHAPE_ONLY_VIEWS:
@@ -381,6 +378,10 @@ class Region:
         if name == "cross_entropy":
             return self._cross_entropy(node, node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("target"),
                                        dict(node.kwargs))
+        if name == "cross_entropy_loss":  # ATen: (input, target, weight, reduction enum, ignore_index, label_smoothing)
+            return self._cross_entropy(node, node.args[0], node.args[1], _aten_cross_entropy_options(node))
+        if name == "embedding":
+            raise self.fail(node, "a sharded value is used as embedding weights or indices")
         if name in _REDUCTIONS:
             return self._reduction(node)
         if name in _POINTWISE or _aten_pointwise(name):
@@ -402,25 +403,27 @@ class Region:
                 self.outputs[str(key)] = l.dim
         return None
 
-    # -- modules
+    # -- linear layers (modules or functional sites) and other modules
+    def _linear(self, node: fx.Node) -> None:
+        ctx = self.ctx
+        site = ctx.sites[node.name]
+        x = node.args[site.input_pos] if len(node.args) > site.input_pos else None
+        l = self.lay(x)
+        if not isinstance(l, _S):
+            raise self.fail(node, f"linear layer {site.module} reads a sharded value through a non-input argument")
+        style = ctx.style_of(site.module)
+        if style in ("replicate", "column") or node.name in self.excluded:
+            raise self.fail(node, f"sharded value reaches {site.module}, mapped to {style or 'replicate'}", l.origins)
+        if l.dim != len(ctx.shape(x)) - 1:
+            raise self.fail(node, f"linear layer {site.module} reads a value sharded on dim {l.dim}, "
+                                  f"not on its input features")
+        self.rows.add(node.name)
+        self.require(site.in_features, "features", node, l.origins)
+        return None
+
     def _call_module(self, node: fx.Node) -> Any:
         ctx = self.ctx
         module = ctx.module(node)
-        x = node.args[0] if node.args else None
-        l = self.lay(x)
-        kind = linear_kind(module)
-        if kind is not None:
-            if not isinstance(l, _S):
-                raise self.fail(node, "linear layer reads a sharded value through a non-input argument")
-            style = ctx.style_of(str(node.target))
-            if style in ("replicate", "column") or node.name in self.excluded:
-                raise self.fail(node, f"sharded value reaches {node.target}, mapped to {style or 'replicate'}", l.origins)
-            if l.dim != len(ctx.shape(x)) - 1:
-                raise self.fail(node, f"linear layer {node.target} reads a value sharded on dim {l.dim}, "
-                                      f"not on its input features")
-            self.rows.add(node.name)
-            self.require(in_features(module), "features", node, l.origins)
-            return None
         if isinstance(module, _ELEMENTWISE_MODULES):
             return self._pointwise(node, type(module).__name__)
         if isinstance(module, nn.CrossEntropyLoss):
@@ -502,6 +505,33 @@ class Region:
                 return _S(ndim - 1 - l.dim, l.origins)
             return _S({ndim - 1: ndim - 2, ndim - 2: ndim - 1}.get(l.dim, l.dim), l.origins, l.column)
         raise self.fail(node, f"attribute {attr!r} of a sharded tensor")
+
+    def _slice(self, node: fx.Node) -> Any:
+        """ATen's ``slice(x, dim, start, end, step)`` (fx graphs show ``x[..., a:b]`` as getitem)."""
+        x = node.args[0]
+        l = self.lay(x)
+        if not isinstance(l, _S):
+            raise self.fail(node, "slicing with a per-rank bound")
+        args = list(node.args) + [None] * (5 - len(node.args))
+        dim, start, end, step = (node.kwargs.get(k, a) for k, a in zip(("dim", "start", "end", "step"), args[1:5]))
+        shape = self.ctx.shape(x)
+        if (dim or 0) % len(shape) != l.dim:
+            return _S(l.dim, l.origins, l.column)
+        whole = start in (None, 0) and step in (None, 1) and (end is None or (isinstance(end, int) and end >= shape[l.dim]))
+        if not whole:
+            raise self.fail(node, "slicing the sharded dimension")
+        return _S(l.dim, l.origins, l.column)
+
+    def _select(self, node: fx.Node) -> Any:
+        """ATen's ``select(x, dim, index)``: an integer index into one dim."""
+        x = node.args[0]
+        l = self.lay(x)
+        if not isinstance(l, _S):
+            raise self.fail(node, "selecting with a per-rank index")
+        dim = node.args[1] % len(self.ctx.shape(x))
+        if dim == l.dim:
+            raise self.fail(node, "integer index into the sharded dimension")
+        return _S(l.dim - (1 if dim < l.dim else 0), l.origins)
 
     def _getitem(self, node: fx.Node) -> Any:
         src, index = node.args[0], node.args[1]
@@ -791,12 +821,12 @@ class Region:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
         if dim is None:
-            raise self.fail(node, f"'{_op_name(node)}' over all dims of a sharded value")
+            raise self.fail(node, f"'{op_name(node)}' over all dims of a sharded value")
         dims = {d % ndim for d in (dim if isinstance(dim, (tuple, list)) else [dim])}
         if l.dim in dims:
-            raise self.fail(node, f"'{_op_name(node)}' over the sharded dimension")
+            raise self.fail(node, f"'{op_name(node)}' over the sharded dimension")
         if not isinstance(self.ctx.meta(node.name), self.ctx.TensorMeta):
-            raise self.fail(node, f"'{_op_name(node)}' returning several values")
+            raise self.fail(node, f"'{op_name(node)}' returning several values")
         return _S(l.dim if keep else l.dim - sum(1 for d in dims if d < l.dim), l.origins)
 
     def _cat(self, node: fx.Node) -> Any:
@@ -884,7 +914,7 @@ class Region:
             raise self.fail(node, "cross-entropy over a value not sharded on its class dim")
         heads = [c for c in l.origins if c in self.columns]
         classes = shape[l.dim]
-        if not any(out_features(self.ctx.module(self.ctx.by_name[c])) == classes for c in heads) or \
+        if not any(self.ctx.sites[c].out_features == classes for c in heads) or \
                 classes not in self.ctx.vocab_sizes:
             raise self.fail(node, f"cross-entropy over {classes} classes that are not the vocabulary of an "
                                   f"input embedding (only LM heads are vocab-parallel)")
@@ -899,6 +929,19 @@ class Region:
         self.losses[node.name] = {"ignore_index": int(opts.get("ignore_index", -100)), "reduction": reduction}
         self.vocab_head = True
         return None
+
+
+_ATEN_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+
+
+def _aten_cross_entropy_options(node: fx.Node) -> dict[str, Any]:
+    """``F.cross_entropy`` keyword options of an ``aten.cross_entropy_loss`` node."""
+    names = ("weight", "reduction", "ignore_index", "label_smoothing")
+    defaults = (None, 1, -100, 0.0)
+    args = list(node.args[2:])
+    values = {k: (args[i] if i < len(args) else node.kwargs.get(k, d)) for i, (k, d) in enumerate(zip(names, defaults))}
+    values["reduction"] = _ATEN_REDUCTIONS.get(values["reduction"], values["reduction"])
+    return values
 
 
 def _view_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
