@@ -212,7 +212,20 @@ def _mutated_input(node: fx.Node) -> str | None:
     else:
         inplace = False
     first = node.args[0] if node.args else None
-    return first.name if inplace and isinstance(first, fx.Node) else None
+    if not (inplace and isinstance(first, fx.Node)):
+        return None
+    while _is_aten_view(first):  # ``x[:, 1:].copy_(y)`` (export: slice, then copy_) updates x itself
+        first = first.args[0]
+    return first.name
+
+
+def _is_aten_view(node: fx.Node) -> bool:
+    """An ATen op whose output aliases its first input without writing it (slice, select, view ...)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None or not schema.returns or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
 
 
 def _is_random(node: fx.Node) -> bool:
