@@ -31,6 +31,7 @@ RECOMPUTE_CHOICES = ("none", "full", "selective", "stage_aware")
 PARTITION_CHOICES = ("cost", "parameters", "uniform", "manual")
 ZERO_CHOICES = (0, 1)
 COST_MODEL_CHOICES = ("flops", "profile")
+MOE_CHOICES = ("tensor", "expert")
 
 
 class DeepSpeedConfigError(ValueError):
@@ -71,6 +72,14 @@ class MerakArguments(TrainingArguments):
         metadata={"help": "Tensor-parallel overrides, 'module.name.pattern=style' (fnmatch patterns on "
                           "qualified module names; style: column | row | replicate | vocab), e.g. "
                           "'*.c_attn=column' '*.attn.c_proj=row'. Completes or overrides the automatic plan."},
+    )
+    moe_parallel: str = field(
+        default="tensor",
+        metadata={"help": "How tensor parallelism shards mixture-of-experts layers (the router stays "
+                          "replicated): tensor (every expert's feed-forward split over the tp ranks, one "
+                          "all-reduce) | expert (num_experts/tp whole experts per rank, tokens exchanged "
+                          "with all-to-all, as Megatron-core's expert parallelism over the tp group).",
+                  "choices": MOE_CHOICES},
     )
     partition_method: str = field(
         default="cost",
@@ -161,7 +170,7 @@ class MerakArguments(TrainingArguments):
     def __post_init__(self) -> None:
         for name, choices in (("schedule", SCHEDULE_CHOICES), ("recompute", RECOMPUTE_CHOICES),
                               ("partition_method", PARTITION_CHOICES),
-                              ("partition_cost_model", COST_MODEL_CHOICES)):
+                              ("partition_cost_model", COST_MODEL_CHOICES), ("moe_parallel", MOE_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
         if self.zero_stage not in ZERO_CHOICES:

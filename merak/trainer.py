@@ -122,7 +122,7 @@ class MerakTrainer(Trainer):
                 raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} cannot be split "
                                  f"into tp_sub_microbatches={args.tp_sub_microbatches} equal parts; use a multiple of "
                                  f"{args.tp_sub_microbatches} (or tp_sub_microbatches=1)")
-            self.tp_plan = plan_tensor_parallel(graph, self.grid.dims.tp, args.tp_mapping)
+            self.tp_plan = plan_tensor_parallel(graph, self.grid.dims.tp, args.tp_mapping, args.moe_parallel)
             apply_tensor_parallel(stage, self.grid, self.tp_plan, args.tp_sub_microbatches, args.p2p_timeout)
             if self.grid.rank == 0:
                 logger.info("%s", self.tp_plan.table())

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                         "vocab-parallel head; errors name sizes not divisible by N)")
     p.add_argument("--tp-mapping", nargs="+", default=None, metavar="PATTERN=STYLE",
                    help="with --tp: overrides of the automatic plan, e.g. '*.c_attn=column' '*.mlp.*=replicate'")
+    p.add_argument("--moe", choices=("tensor", "expert"), default="tensor",
+                   help="with --tp: shard mixture-of-experts banks inside each expert (tensor) or spread "
+                        "whole experts over the tp ranks (expert)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -80,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tp > 1 or args.tp_mapping:
             from merak.runtime.tensor_parallel import plan_tensor_parallel
 
-            tp_plan = plan_tensor_parallel(plan.graph, args.tp, args.tp_mapping)
+            tp_plan = plan_tensor_parallel(plan.graph, args.tp, args.tp_mapping, args.moe)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

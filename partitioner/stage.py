@@ -158,6 +158,7 @@ def _stage_graph(graph: ProxyGraph, plan: PartitionPlan, stage_id: int) -> tuple
             env[node] = g.create_node("call_function", operator.getitem, (data, node.target), name=node.name)
         elif node.name in received:
             env[node] = g.create_node("call_function", operator.getitem, (recv, node.name), name=node.name)
+            env[node].meta["merak_received"] = True  # named as the op, computed by an earlier stage
             if "merak_value" in node.meta:  # what arrives (e.g. a torch.Size), for graph rewrites
                 env[node].meta["merak_value"] = node.meta["merak_value"]
     for node in src.nodes:

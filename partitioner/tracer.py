@@ -51,7 +51,7 @@ from .meta import first_device, is_meta_module, meta_like
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TraceError", "TracedGraph", "MetaTracer", "trace_graph", "default_leaf_types", "resolve_path"]
+__all__ = ["TraceError", "TracedGraph", "MetaTracer", "trace_graph", "default_leaf_types", "is_expert_bank", "resolve_path"]
 
 LeafSpec = type | str
 
@@ -93,6 +93,23 @@ def default_leaf_types() -> tuple[type, ...]:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     return tuple(types)
+
+
+def is_expert_bank(module: nn.Module) -> bool:
+    """Whether ``module`` is a mixture-of-experts *bank*: every expert's weights stacked in 3-D
+    parameters (``gate_up_proj`` or ``up_proj``, and ``down_proj``, first dim ``num_experts``), as
+    transformers' MoE models store them (Mixtral, Qwen-MoE, OLMoE, ...).
+
+    Why it matters here: a bank's forward routes tokens with data-dependent control flow (fx
+    cannot trace it) and tensor parallelism must replace it as a whole (its weights sharded per
+    expert or experts spread over ranks), so the tracer keeps it as one opaque node.
+    """
+    experts = getattr(module, "num_experts", None)
+    if not isinstance(experts, int):
+        return False
+    up = module._parameters.get("gate_up_proj", module._parameters.get("up_proj"))
+    down = module._parameters.get("down_proj")
+    return all(p is not None and p.dim() == 3 and p.shape[0] == experts for p in (up, down))
 
 
 def resolve_path(root: Any, target: str) -> Any:
@@ -210,7 +227,8 @@ class MetaTracer(fx.Tracer):
     """fx tracer that propagates meta values alongside proxies (see the module docstring).
 
     ``leaf_modules`` are module types, class names or qualified module names that are kept as
-    ``call_module`` nodes in addition to the defaults (all of ``torch.nn`` and HF ``Conv1D``).
+    ``call_module`` nodes in addition to the defaults (all of ``torch.nn``, HF ``Conv1D`` and
+    mixture-of-experts banks, see :func:`is_expert_bank`).
     """
 
     def __init__(self, leaf_modules: Sequence[LeafSpec] = ()) -> None:
@@ -229,7 +247,7 @@ class MetaTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
-        if isinstance(m, self.leaf_types):
+        if isinstance(m, self.leaf_types) or is_expert_bank(m):
             return True
         if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TINY_KINDS", "tiny_model", "tiny_config", "SkipMLP"]
+__all__ = ["TINY_KINDS", "tiny_model", "tiny_config", "SkipMLP", "tiny_family", "decoder_families", "FamilyUnavailable"]
 
 BatchFn = Callable[..., dict[str, torch.Tensor]]
 
@@ -204,3 +204,56 @@ class SkipMLP(nn.Module):
         if labels is not None:
             out["loss"] = nn.functional.cross_entropy(logits, labels)
         return out
+
+
+# ---- every decoder family of the installed transformers --------------------------------------------
+#: config fields shrunk wherever a family's config has them (names differ between families)
+_FAMILY_SIZES: dict[str, Any] = dict(
+    hidden_size=32, n_embd=32, d_model=32, dim=32, num_hidden_layers=2, n_layer=2, num_layers=2,
+    num_attention_heads=4, n_head=4, num_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+    ffn_dim=64, n_inner=64, d_ff=64, vocab_size=VOCAB, max_position_embeddings=64, n_positions=64,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, num_local_experts=4, num_experts=4,
+    n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=0, decoder_layers=2, decoder_ffn_dim=64,
+    decoder_attention_heads=4, encoder_layers=2, encoder_ffn_dim=64, encoder_attention_heads=4,
+)
+
+
+class FamilyUnavailable(RuntimeError):
+    """The family's tiny model cannot be built or does not run a plain training step on one
+    process: nothing tensor parallelism could be blamed for."""
+
+
+def tiny_family(model_type: str, seed: int = 0) -> tuple[nn.Module, BatchFn]:
+    """``(model, make_batch)``: the causal-LM class of ``model_type`` from its default config with
+    every size field shrunk (``_FAMILY_SIZES``), dropout off and eager attention; its batch is
+    token ids with a padded attention mask and ``labels``. :class:`FamilyUnavailable` if it cannot
+    be built or its single-process loss is not finite."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config_cls = CONFIG_MAPPING[model_type]
+        defaults = config_cls()
+        values = {k: v for k, v in _FAMILY_SIZES.items() if hasattr(defaults, k)}
+        values.update({k: 0.0 for k, v in vars(defaults).items() if ("dropout" in k or k.endswith("pdrop")) and isinstance(v, float)})
+        config = config_cls(**values)
+        config._attn_implementation = "eager"
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        make_batch = _batch_fn("llama", config)
+        with torch.no_grad():
+            loss = model(**make_batch(batch_size=2, seq_len=8)).loss
+        if loss is None or not torch.isfinite(loss):
+            raise FamilyUnavailable(f"{model_type}: the tiny model's loss is {loss}")
+    except FamilyUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run is the family's, not TP's
+        raise FamilyUnavailable(f"{model_type}: {type(exc).__name__}: {exc}") from exc
+    return model, make_batch
+
+
+def decoder_families() -> list[str]:
+    """Every ``model_type`` with a causal-LM head in the installed transformers."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)

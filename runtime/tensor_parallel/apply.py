@@ -8,7 +8,8 @@ torchtitan shape: a parallelism is a function of a module and a mesh):
    the original model is still needed for export). Column layers stay ``nn.Linear`` / ``Conv1D``
    with fewer output features (so zero-bubble's weight-gradient deferral still applies to them);
    row layers become :class:`RowParallelLinear` (either layout); embeddings become
-   :class:`VocabParallelEmbedding`. Parameters keep their names; a parameter shared by several
+   :class:`VocabParallelEmbedding`; mixture-of-experts banks become the sharded banks of
+   :mod:`.experts`. Parameters keep their names; a parameter shared by several
    modules (GPT-2's ``wte`` / ``lm_head``) is sharded once and stays shared.
 2. **Graph.** Constants recorded by the plan are rewritten (``split(768)`` -> ``split(384)``),
    ``copy`` / ``scatter`` ops are inserted where replicated values enter sharded regions, and the
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from merak.runtime.distributed.grid import Grid
+from merak.runtime.tensor_parallel.experts import shard_expert_bank
 from merak.runtime.tensor_parallel.layers import (
     CopyToTP,
     ReduceFromTP,
@@ -80,6 +82,10 @@ def apply_tensor_parallel(stage: nn.Module, grid: Grid, plan: TPPlan, sub_microb
         raise TPError(f"the plan was made for tp={plan.tp} but the grid has tp={tp}; plan again with tp={tp}")
     if getattr(stage, "tp_plan", None) is not None:
         raise TPError("tensor parallelism was already applied to this stage")
+    if sub_microbatches > 1 and plan.batch_coupled:
+        raise TPError(f"tp_sub_microbatches={sub_microbatches} computes the loss per slice of a micro-batch, but "
+                      f"{plan.batch_coupled}, so the loss would change; set tp_sub_microbatches=1 (or turn the "
+                      f"auxiliary loss off in the model's config)")
     tpg = TPGroup(grid.tp_group, grid.coord.tp, tp, timeout_s)
     specs = _shard_modules(stage, plan, tpg)
     _rewrite_graph(stage, plan, tpg)
@@ -171,6 +177,13 @@ def _shard_modules(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> dict[str, Sh
         if id(module) not in replaced:
             replaced[id(module)] = _sharded_layer(module, layer, tpg, done)[0]
         _set_module(stage, target, replaced[id(module)])
+    for target in targets:
+        if target in plan.experts:
+            module = stage.get_submodule(target)
+            if id(module) not in replaced:
+                replaced[id(module)] = shard_expert_bank(
+                    module, plan.experts[target], tpg, lambda p, spec: _new_param(p, spec, tpg, done))
+            _set_module(stage, target, replaced[id(module)])
     functional = _shard_functional_sites(stage, plan, tpg, done)
     # Other holders of a sharded parameter (a shared module under another name, a get_attr of a
     # tied bias): point them at the shard too, copying user modules before touching them.
@@ -216,7 +229,7 @@ def _shard_functional_sites(stage: nn.Module, plan: TPPlan, tpg: TPGroup,
     specs: dict[int, ShardSpec] = {}
     for node in stage.graph.nodes:
         site = plan.sites.get(node.name)
-        if site is None:
+        if site is None or _received(node):
             continue
         for position, spec in _functional_specs(site, plan.layers[site.module], tpg.size):
             attr = node.args[position]
@@ -278,7 +291,8 @@ def _apply_edit(graph: fx.Graph, node: fx.Node, edit: Edit, tp: int) -> None:
 
 def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
     graph: fx.Graph = stage.graph
-    nodes = {n.name: n for n in graph.nodes}
+    values = {n.name: n for n in graph.nodes}
+    nodes = {name: n for name, n in values.items() if not _received(n)}  # received ops were rewritten upstream
     stage.add_submodule(COPY_MODULE, CopyToTP(tpg))
     stage.add_submodule(SCATTER_MODULE, ScatterToTP(tpg))
     stage.add_submodule(CROSS_ENTROPY_MODULE, VocabParallelCrossEntropy(tpg))
@@ -289,7 +303,7 @@ def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
             _apply_edit(graph, nodes[edit.node], edit, tpg.size)
     inserted: dict[tuple[str, str, int | None], fx.Node] = {}
     for ins in plan.inserts:
-        consumer, value = nodes.get(ins.consumer), nodes.get(ins.value)
+        consumer, value = nodes.get(ins.consumer), values.get(ins.value)
         if consumer is None:
             continue
         value = _stage_value(consumer, ins.value, value)
@@ -303,7 +317,7 @@ def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
         consumer.replace_input_with(value, inserted[key])
     for node in list(graph.nodes):
         site = plan.sites.get(node.name)
-        if site is None:
+        if site is None or _received(node):
             continue
         if isinstance(site, EmbeddingSite):
             _vocab_lookup(graph, node, site)
@@ -315,6 +329,12 @@ def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
             _replace_cross_entropy(graph, node, opts)
     graph.lint()
     stage.recompile()
+
+
+def _received(node: fx.Node) -> bool:
+    """Whether ``node`` is a value an earlier stage computed and sent (it carries the op's name,
+    but the op, its parameters and its planned rewrites live on the sender)."""
+    return bool(node.meta.get("merak_received"))
 
 
 def _stage_value(consumer: fx.Node, name: str, node: fx.Node | None) -> fx.Node:

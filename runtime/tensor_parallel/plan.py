@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from merak.runtime.tensor_parallel.propagate import (
     Blocked,
@@ -111,6 +111,11 @@ class TPPlan:
     required: list[tuple[int, str, bool]]
     groups: int = 0
     sites: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: expert-bank module -> :class:`~merak.runtime.tensor_parallel.experts.ExpertPlan`
+    experts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: why the loss is not a sum over batch slices (a router load-balancing loss couples every
+    #: token of the micro-batch), so sub-micro-batching would change it; empty if it is
+    batch_coupled: str = ""
 
     def style(self, module: str) -> str:
         plan = self.layers.get(module)
@@ -137,6 +142,8 @@ class TPPlan:
             "edits": [dataclasses.asdict(e) for e in self.edits],
             "inserts": [dataclasses.asdict(i) for i in self.inserts],
             "comm_per_microbatch": self.comm_per_step, "notes": self.notes,
+            "experts": {k: {"mode": v.mode, "num_experts": v.num_experts, "intermediate": v.intermediate,
+                            "top_k": v.top_k, "describe": v.describe(self.tp)} for k, v in self.experts.items()},
             "valid_tp": self.valid_tp_values(),
         }
 
@@ -165,6 +172,13 @@ class TPPlan:
         for (name, style, what, note), count in rows.items():
             label = f"{name} (x{count})" if count > 1 else name
             lines.append(f"{label:<{width}} {style:<7} {what:<30} {note}".rstrip())
+        banks: dict[tuple[str, str, str], int] = {}
+        for e in self.experts.values():
+            key = (re.sub(r"\.\d+\.", ".*.", e.module) if collapse else e.module, e.mode, e.describe(self.tp))
+            banks[key] = banks.get(key, 0) + 1
+        for (name, mode, what), count in banks.items():
+            label = f"{name} (x{count})" if count > 1 else name
+            lines.append(f"{label:<{width}} {mode:<7} {what:<30} router replicated".rstrip())
         comm = self.comm_per_step
         lines.append(f"per micro-batch: {comm['forward_all_reduce']} forward all-reduces, "
                      f"{comm['backward_all_reduce']} backward all-reduces, {comm['scatter']} scatters, "
@@ -200,13 +214,16 @@ def _valid_tps(required: Iterable[tuple[int, str, bool]], limit: int) -> list[in
 
 
 # ---- the search -----------------------------------------------------------------------------------
-def plan_tensor_parallel(graph: Any, tp: int, mapping: Mapping[str, str] | Iterable[str] | None = None) -> TPPlan:
+def plan_tensor_parallel(graph: Any, tp: int, mapping: Mapping[str, str] | Iterable[str] | None = None,
+                         moe: str = "tensor") -> TPPlan:
     """Find the tensor-parallel plan of a traced model (a ``ProxyGraph`` from
     :func:`merak.partitioner.trace`) for ``tp`` ranks.
 
     ``mapping``: ``{"module.name.pattern": style}`` (fnmatch patterns on qualified module names,
     first match wins; styles ``column``, ``row``, ``replicate``, ``vocab``), or strings
-    ``"pattern=style"``. Raises :class:`TPError` when sizes are not divisible by ``tp`` (naming
+    ``"pattern=style"``. ``moe``: how mixture-of-experts banks are sharded, ``tensor`` (inside each
+    expert) or ``expert`` (experts spread over the ranks, tokens exchanged by all-to-all), see
+    :mod:`.experts`; a bank mapped to ``replicate`` stays whole. Raises :class:`TPError` when sizes are not divisible by ``tp`` (naming
     them and the valid tp values), when no column -> row pair exists, or when the mapping cannot
     be honoured.
     """
@@ -235,6 +252,11 @@ def plan_tensor_parallel(graph: Any, tp: int, mapping: Mapping[str, str] | Itera
             ctx.assigned.update({e: "replicate" for e in region.replicated})
     _commit(ctx, plan, regions)
     _embeddings(ctx, plan, regions)
+    _expert_banks(ctx, plan, moe)
+    coef = getattr(ctx.config, "router_aux_loss_coef", 0) or 0
+    if getattr(ctx.config, "output_router_logits", False) and coef:
+        plan.batch_coupled = (f"the router's load-balancing loss (output_router_logits=True, "
+                              f"router_aux_loss_coef={coef}) averages over every token of the micro-batch")
     for seed, reason in failed.items():
         module = ctx.linears[seed]
         if module not in plan.layers:
@@ -259,7 +281,7 @@ def plan_tensor_parallel(graph: Any, tp: int, mapping: Mapping[str, str] | Itera
         raise TPError("tensor parallelism with tp={} is impossible for {}:\n  {}\nValid tp values for this "
                       "model: {}. Choose one of them, or map the affected modules to 'replicate' in "
                       "tp_mapping.{}".format(tp, plan.model_name, "\n  ".join(lines), valid, pad))
-    if not any(p.style == "row" for p in plan.layers.values()) and not plan.losses:
+    if not any(p.style == "row" for p in plan.layers.values()) and not plan.losses and not plan.experts:
         unmatched = "\n  ".join(f"{m}: {r}" for m, r in list(_collapse_reasons(plan.unmatched).items())[:12])
         example = _mapping_example(ctx)
         raise TPError(
@@ -269,6 +291,23 @@ def plan_tensor_parallel(graph: Any, tp: int, mapping: Mapping[str, str] | Itera
             f"tp_mapping (module-name patterns), e.g. {example}; ops between a mapped column and its row are then "
             f"assumed to be pointwise. Or run this model with tp=1.")
     return plan
+
+
+def _expert_banks(ctx: GraphContext, plan: TPPlan, moe: str) -> None:
+    """Plan every mixture-of-experts bank the graph calls (an opaque ``call_module`` node)."""
+    from merak.partitioner.tracer import is_expert_bank
+    from merak.runtime.tensor_parallel.experts import plan_expert_bank
+
+    for node in ctx.nodes:
+        if node.op != "call_module" or str(node.target) in plan.experts:
+            continue
+        bank = ctx.module(node)
+        if not is_expert_bank(bank) or ctx.style_of(str(node.target)) == "replicate":
+            continue
+        index = node.args[1] if len(node.args) > 1 else node.kwargs.get("top_k_index")
+        shape = ctx.shape(index) if isinstance(index, fx.Node) else None
+        top_k = shape[-1] if shape else int(getattr(ctx.config, "num_experts_per_tok", 1) or 1)
+        plan.experts[str(node.target)] = plan_expert_bank(bank, str(node.target), ctx.tp, moe, top_k)
 
 
 def _parse_mapping(mapping: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:

@@ -1,0 +1,159 @@
+"""Tensor parallelism beyond the plain tiny kinds: mixture-of-experts banks, torch.export graphs,
+and every decoder family of the installed transformers.
+
+* MoE plans (single process): an expert bank is one opaque graph node; ``moe="tensor"`` splits
+  every expert's feed-forward per block, ``moe="expert"`` gives each rank whole experts; banks
+  that a mode cannot shard are refused up front, naming the module and the other mode.
+* The partitioner CLI prints the TP plan of a model it traced with torch.export.
+* Families (gloo ranks, tp=2): each decoder family either trains with parity (losses of two SGD
+  steps and every first-step gradient shard equal the single-process ones) or is refused at plan
+  time with a message that names what blocks it and the fix -- never an error in a step. The
+  default run takes a few families; ``-m slow`` enumerates every family transformers registers
+  for causal LM (``MERAK_FAMILIES=a,b`` picks some).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from tiny_models import FamilyUnavailable, decoder_families, tiny_family, tiny_model
+
+#: words a refusal must contain: it names a fix (a mapping, a valid tp, the other MoE mode, a leaf)
+FIX_WORDS = ("tp_mapping", "valid tp", "tp=1", "moe_parallel", "leaf_modules")
+#: families of the default run: dense GQA, a MoE bank with shared experts, a fused-qkv family
+FAST_FAMILIES = ("qwen2", "qwen2_moe", "phi3")
+
+
+# ---- mixture-of-experts plans ----------------------------------------------------------------------
+def _mixtral_graph():
+    from merak.partitioner import trace
+
+    model, make_batch = tiny_model("mixtral")
+    return trace(model, make_batch(batch_size=4, seq_len=8))
+
+
+def test_moe_bank_is_one_node_planned_inside_experts_or_over_ranks():
+    from merak.runtime.tensor_parallel import plan_tensor_parallel
+
+    graph = _mixtral_graph()
+    assert graph.flavour == "fx"  # the bank is a leaf, so fx traces Mixtral (no export fallback)
+    banks = [n for n in graph.graph.nodes if n.op == "call_module" and str(n.target).endswith("mlp.experts")]
+    assert len(banks) == 2
+    tensor = plan_tensor_parallel(graph, 2)
+    bank = tensor.experts["model.layers.0.mlp.experts"]
+    assert bank.mode == "tensor" and bank.top_k == 2
+    assert bank.specs["gate_up_proj"].dim == 1 and bank.specs["gate_up_proj"].blocks == (64, 64)
+    assert bank.specs["down_proj"].dim == 2
+    assert "model.layers.0.mlp.gate" in tensor.unmatched  # the router stays replicated
+    expert = plan_tensor_parallel(graph, 2, moe="expert")
+    assert {s.dim for s in expert.experts["model.layers.1.mlp.experts"].specs.values()} == {0}
+    assert "experts 4 -> 2 per rank" in expert.table()
+    kept = plan_tensor_parallel(graph, 2, ["*.mlp.experts=replicate"])
+    assert not kept.experts
+
+
+def test_sub_microbatches_are_refused_up_front_when_a_router_loss_couples_the_batch():
+    from merak.partitioner import build_stage, shard
+    from merak.runtime.tensor_parallel import TPError, apply_tensor_parallel, plan_tensor_parallel
+
+    graph = _mixtral_graph()
+    plan = plan_tensor_parallel(graph, 2)
+    assert "load-balancing loss" in plan.batch_coupled
+    grid = type("FakeGrid", (), {"dims": type("D", (), {"tp": 2})(), "tp_group": None,
+                                 "coord": type("C", (), {"tp": 0})()})()
+    with pytest.raises(TPError, match=r"tp_sub_microbatches=2 .*load-balancing loss.*set tp_sub_microbatches=1"):
+        apply_tensor_parallel(build_stage(shard(graph, 1), 0), grid, plan, sub_microbatches=2)
+
+
+class _BiasedBank(nn.Module):
+    """A bank whose down projection has a bias (gpt-oss style): a partial sum would add it twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = 3
+        self.gate_up_proj = nn.Parameter(torch.zeros(3, 16, 8))
+        self.down_proj = nn.Parameter(torch.zeros(3, 8, 8))
+        self.down_proj_bias = nn.Parameter(torch.zeros(3, 8))
+
+
+def test_moe_modes_refuse_banks_they_cannot_shard_and_name_the_fix():
+    from merak.runtime.tensor_parallel.experts import plan_expert_bank
+    from merak.runtime.tensor_parallel.plan import TPError
+
+    with pytest.raises(TPError, match=r"down_proj has a bias.*moe_parallel='expert'.*m\.experts=replicate"):
+        plan_expert_bank(_BiasedBank(), "m.experts", 2, "tensor", 2)
+    with pytest.raises(TPError, match=r"number of experts of m\.experts \(3\) to be divisible by 2.*moe_parallel='tensor'"):
+        plan_expert_bank(_BiasedBank(), "m.experts", 2, "expert", 2)
+    assert plan_expert_bank(_BiasedBank(), "m.experts", 3, "expert", 2).specs["down_proj_bias"].dim == 0
+
+
+def test_cli_prints_the_tp_plan_of_an_export_traced_model(capsys):
+    from merak.partitioner.cli import main
+
+    assert main(["--config", "opt", "hidden_size=32", "ffn_dim=64", "num_hidden_layers=2", "num_attention_heads=4",
+                 "word_embed_proj_dim=32", "vocab_size=96", "max_position_embeddings=64", "--stages", "1",
+                 "--seq-len", "8", "--flavour", "export", "--tp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Tensor-parallel plan for OPTForCausalLM, tp=2" in out
+    assert "model.decoder.layers.*.fc1 (x2)" in out and "vocab-parallel LM head" in out
+
+
+# ---- every decoder family ---------------------------------------------------------------------------
+def _family_job(families: tuple[str, ...]) -> dict:
+    """On each rank: per family, ("skipped" | "refused", why) or ("ran", the parity run's results)."""
+    import merak
+    from merak.partitioner import trace
+    from merak.partitioner.tracer import TraceError
+    from merak.runtime.tensor_parallel import TPError, plan_tensor_parallel
+    from test_tensor_parallel import MICRO, SEQ, _tp_stage_run
+
+    grid = merak.init(tp=2)
+    out: dict = {"tp_rank": grid.coord.tp}
+    for family in families:
+        try:
+            model, make_batch = tiny_family(family)
+        except FamilyUnavailable as exc:
+            out[family] = ("skipped", str(exc))
+            continue
+        try:
+            plan_tensor_parallel(trace(model, make_batch(batch_size=MICRO, seq_len=SEQ)), 2)
+        except (TPError, TraceError) as exc:
+            out[family] = ("refused", str(exc))
+            continue
+        out[family] = ("ran", _tp_stage_run(f"family:{family}", grid, 1))
+    return out
+
+
+def _check_families(per_rank: list[dict], families: tuple[str, ...]) -> dict[str, str]:
+    from test_tensor_parallel import _assert_parity
+
+    verdicts: dict[str, str] = {}
+    for family in families:
+        outcome, detail = per_rank[0][family]
+        assert all(r[family][0] == outcome for r in per_rank), f"{family}: ranks disagree"
+        if outcome == "ran":
+            _assert_parity([{"tp_rank": r["tp_rank"], (f"family:{family}", 1): r[family][1]} for r in per_rank],
+                           (f"family:{family}",))
+        elif outcome == "refused":
+            assert any(w in detail for w in FIX_WORDS), f"{family}: the refusal names no fix:\n{detail}"
+        verdicts[family] = outcome if outcome == "ran" else f"{outcome}: {detail.splitlines()[0][:200]}"
+    return verdicts
+
+
+def test_fast_families_train_with_parity_or_are_refused_up_front(dist_run):
+    per_rank = dist_run(_family_job, 2, FAST_FAMILIES, timeout=900)
+    verdicts = _check_families(per_rank, FAST_FAMILIES)
+    assert verdicts["qwen2"] == "ran" and verdicts["qwen2_moe"] == "ran", verdicts
+
+
+@pytest.mark.slow
+def test_every_decoder_family_trains_with_parity_or_is_refused_up_front(dist_run):
+    chosen = os.environ.get("MERAK_FAMILIES")
+    families = tuple(chosen.split(",")) if chosen else tuple(decoder_families())
+    per_rank = dist_run(_family_job, 2, families, timeout=60 * len(families) + 300)
+    verdicts = _check_families(per_rank, families)
+    print("\n".join(f"{f}: {v}" for f, v in verdicts.items()))
