@@ -203,6 +203,30 @@ def test_recomputation_costs_time_and_saves_memory(gpt2: TracedModel) -> None:
     assert shifted.step_seconds < full.step_seconds  # Merak's schedule takes recomputation off the path
 
 
+def test_virtual_stage_schedules_in_the_cluster_simulator(gpt2: TracedModel) -> None:
+    """zb_v and interleaved_1f1b plan and predict (a chunk costs 1/v of its rank's stage): faster
+    than 1F1B on the same layout; zb_v's memory estimate holds P micro-batches on every rank;
+    sizes a schedule refuses are refused with its reason."""
+    c = cluster(per_node=4)
+    base = Strategy(pp=4, micro_batch=2, schedule="1f1b")
+    one_f_one_b = predict(gpt2, base, 16, c)
+    for name in ("zb_v", "interleaved_1f1b"):
+        p = predict(gpt2, dataclasses.replace(base, schedule=name), 16, c)
+        assert p.pipeline_seconds < one_f_one_b.pipeline_seconds, name
+    zb_v = plan_step(gpt2, dataclasses.replace(base, schedule="zb_v"), 16, c)
+    assert [round(float(h.sum(axis=1).max()), 9) for h in _holders(zb_v)] == [4.0] * 4
+    with pytest.raises(ValueError, match="multiple of the pipeline stages"):
+        predict(gpt2, dataclasses.replace(base, schedule="interleaved_1f1b"), 10, c)
+    with pytest.raises(ValueError, match="at least 2P"):
+        predict(gpt2, dataclasses.replace(base, schedule="dualpipe_v"), 12, c)
+
+
+def _holders(sp):  # the in-flight micro-batch counts the memory model charged, per rank
+    from merak.planner.memory import holder_profile
+
+    return [holder_profile(ops, num_chunks=sp.schedule.placement.num_chunks) for ops in sp.schedule]
+
+
 def test_strategy_errors_name_the_fix(gpt2: TracedModel) -> None:
     c = cluster(per_node=4)
     with pytest.raises(ValueError, match="product is 4"):

@@ -179,27 +179,35 @@ def stage_footprints(plan: PartitionPlan, precision: Precision, tp_plan: Any = N
     return out
 
 
-def holder_profile(ops: Sequence[Instruction], recomputed: Collection[int] | None = None) -> np.ndarray:
+def holder_profile(ops: Sequence[Instruction], recomputed: Collection[Any] | None = None,
+                   num_chunks: int = 1) -> np.ndarray:
     """Per instruction of a stage's list, ``(reduced, materialized, kept)`` micro-batch counts
     (rows; see the module docstring). ``recomputed`` defaults to the micro-batches with a
     RECOMPUTE in ``ops``; passing every micro-batch prices a plan on its schedule without
-    recomputation (a recomputed micro-batch is then materialized from its backward)."""
+    recomputation (a recomputed micro-batch is then materialized from its backward).
+
+    With virtual stages (``num_chunks`` per rank) state is per ``(chunk, micro-batch)`` and a
+    chunk counts ``1/num_chunks`` of a micro-batch (the chunks of a rank are taken as equal
+    shares of its footprint, as the simulator takes them for time); ``recomputed`` may hold
+    micro-batch numbers (every chunk) or ``(chunk, micro-batch)`` keys.
+    """
     if recomputed is None:
-        recomputed = {i.microbatch for i in ops if i.op is Op.RECOMPUTE}
-    state: dict[int, int] = {}  # micro-batch -> 0 reduced, 1 materialized, 2 kept
+        recomputed = {i.key for i in ops if i.op is Op.RECOMPUTE}
+    weight = 1.0 / num_chunks
+    state: dict[tuple[int, int], int] = {}  # (chunk, micro-batch) -> 0 reduced, 1 materialized, 2 kept
     rows = []
     for ins in ops:
-        mb = ins.microbatch
+        key = ins.key if ins.microbatch is not None else None
         if ins.op is Op.FORWARD:
-            state[mb] = 0 if mb in recomputed else 2
-        elif ins.op in _MATERIALIZING and state.get(mb) == 0:
-            state[mb] = 1
-        counts = [0, 0, 0]
+            state[key] = 0 if (key in recomputed or ins.microbatch in recomputed) else 2
+        elif ins.op in _MATERIALIZING and state.get(key) == 0:
+            state[key] = 1
+        counts = [0.0, 0.0, 0.0]
         for v in state.values():
-            counts[v] += 1
+            counts[v] += weight
         rows.append(counts)
         if ins.op in FREEING_OPS:
-            state.pop(mb, None)
+            state.pop(key, None)
     return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
 

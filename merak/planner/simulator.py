@@ -39,8 +39,10 @@ from merak.planner.cost import NodeTimes, RankCostModel, op_kinds, tp_boundary_e
 from merak.planner.memory import (Precision, StageMemory, attention_core_nodes, holder_profile,
                                           stage_footprints, stage_memory)
 from merak.runtime.pipeline.instructions import Instruction, Op
+from merak.runtime.pipeline.placement import PlacedSchedule
 from merak.runtime.memory.recompute_plan import RecomputePlan
-from merak.runtime.pipeline.schedule import SCHEDULES, build_all
+from merak.runtime.pipeline.schedule import SCHEDULES, VIRTUAL_SCHEDULES, build_all
+from merak.runtime.pipeline.schedule import check_sizes as check_schedule_sizes
 from merak.runtime.pipeline.simulate import Costs, SimulationResult, simulate
 
 __all__ = ["TracedModel", "Strategy", "Prediction", "StageCosts", "StepPlan", "RECOMPUTE_CHOICES", "lower_bound",
@@ -180,7 +182,11 @@ class Strategy:
         if global_batch % (self.dp * self.micro_batch):
             raise ValueError(f"global batch {global_batch} is not a multiple of dp x micro-batch = "
                              f"{self.dp} x {self.micro_batch}")
-        return global_batch // (self.dp * self.micro_batch)
+        m = global_batch // (self.dp * self.micro_batch)
+        if self.schedule in VIRTUAL_SCHEDULES and self.pp == 1:
+            raise ValueError(f"{self.schedule} with pp=1 is one rank running its chunks in turn; use 1f1b")
+        check_schedule_sizes(self.schedule, self.pp, m)
+        return m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +260,11 @@ class _Schedule:
 
 @functools.lru_cache(maxsize=512)
 def _schedule(name: str, p: int, m: int, plan: RecomputePlan) -> _Schedule:
-    ops = tuple(tuple(stage) for stage in build_all(name, p, m, plan))
-    return _Schedule(ops, tuple(holder_profile(o) for o in ops))
+    built = build_all(name, p, m, plan)
+    chunks = built.placement.num_chunks
+    # Keeps its placement: virtual-stage schedules route (and are simulated) by it.
+    ops = PlacedSchedule([tuple(stage) for stage in built], built.placement)
+    return _Schedule(ops, tuple(holder_profile(o, num_chunks=chunks) for o in ops))
 
 
 @functools.lru_cache(maxsize=128)
@@ -263,7 +272,8 @@ def _all_recomputed_holders(name: str, p: int, m: int) -> tuple[np.ndarray, ...]
     """Per stage, the holders of the schedule without recomputation as if every micro-batch
     were recomputed (pricing a plan before building its schedule)."""
     everything = frozenset(range(m))
-    return tuple(holder_profile(o, everything) for o in _schedule(name, p, m, RecomputePlan.none(p)).ops)
+    ops = _schedule(name, p, m, RecomputePlan.none(p)).ops
+    return tuple(holder_profile(o, everything, ops.placement.num_chunks) for o in ops)
 
 
 def simulate_pipeline(schedule: str, num_stages: int, num_microbatches: int, costs: StageCosts | Costs,

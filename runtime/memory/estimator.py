@@ -45,7 +45,7 @@ from merak.runtime.memory.policy import ActivationPlan, LayerAction
 from merak.planner.cluster import parse_bytes as _parse_size
 from merak.runtime.pipeline.instructions import Instruction, Op
 from merak.runtime.memory.recompute_plan import RECOMPUTE_MODES, RecomputePlan
-from merak.runtime.pipeline.schedule import SCHEDULES, build_all
+from merak.runtime.pipeline.schedule import SCHEDULES, build_all, placement_for
 from merak.runtime.pipeline.schedules.memory import FREEING_OPS
 
 __all__ = ["OPTIMIZERS", "Layout", "StageMemory", "MemoryModel", "estimate_memory", "parse_bytes",
@@ -197,37 +197,46 @@ def static_bytes(plan: Any, stage: int, layout: Layout, tp_plan: Any = None) -> 
 
 # ---- activations over a schedule ---------------------------------------------------------------------
 def _activation_peak(ops: Sequence[Instruction], fp: StageFootprint,
-                     actions: Mapping[str, LayerAction]) -> tuple[int, int, int]:
-    """``(peak activation bytes, peak in-flight micro-batches, peak host bytes)`` of one stage."""
+                     actions: Mapping[str, LayerAction], num_chunks: int = 1) -> tuple[int, int, int]:
+    """``(peak activation bytes, peak in-flight micro-batches, peak host bytes)`` of one stage.
+
+    With virtual stages (``num_chunks`` per rank, ``ops`` carrying chunk ids) the stage is
+    the rank's share of the model and each of its chunks is taken as an equal part of it
+    (what the simulator assumes for time); in-flight then counts ``(chunk, micro-batch)`` pairs.
+    """
     held = fp.outputs  # the executor keeps a micro-batch's outputs until its backward
-    full = fp.nbytes(fp.retained({}) | held)
-    reduced = fp.nbytes(fp.retained(actions) | held)
-    materialized = fp.nbytes(fp.retained(actions, materialized=True) | held)
+    share = 1.0 / num_chunks
+    full = fp.nbytes(fp.retained({}) | held) * share
+    reduced = fp.nbytes(fp.retained(actions) | held) * share
+    materialized = fp.nbytes(fp.retained(actions, materialized=True) | held) * share
     offloaded = [p for p in fp.layers if actions.get(p.name) is LayerAction.OFFLOAD]
-    host = sum(fp.nbytes(p.kept - fp.received) for p in offloaded)
+    host = sum(fp.nbytes(p.kept - fp.received) for p in offloaded) * share
     # Offloaded tensors come back as backward reaches their layer, one layer at a time.
-    returning = max((fp.nbytes(p.kept - fp.received) for p in offloaded), default=0)
-    recomputed = {i.microbatch for i in ops if i.op is Op.RECOMPUTE}
-    held: dict[int, int] = {}
-    parked: dict[int, int] = {}
-    peak = peak_inflight = peak_host = 0
+    returning = max((fp.nbytes(p.kept - fp.received) for p in offloaded), default=0) * share
+    recomputed = {i.key for i in ops if i.op is Op.RECOMPUTE}
+    live: dict[tuple[int, int], float] = {}
+    parked: dict[tuple[int, int], float] = {}
+    peak = peak_host = 0.0
+    peak_inflight = 0
     for ins in ops:
-        mb = ins.microbatch
+        if ins.microbatch is None:
+            continue
+        key = ins.key
         transient = 0
         if ins.op is Op.FORWARD:
-            held[mb] = reduced if mb in recomputed else full
-            parked[mb] = host if mb in recomputed else 0
+            live[key] = reduced if key in recomputed else full
+            parked[key] = host if key in recomputed else 0
         elif ins.op is Op.RECOMPUTE:
-            held[mb] = materialized
-        elif ins.op in (Op.BACKWARD, Op.BACKWARD_INPUT) and mb in recomputed:
+            live[key] = materialized
+        elif ins.op in (Op.BACKWARD, Op.BACKWARD_INPUT) and key in recomputed:
             transient = returning
-        peak = max(peak, sum(held.values()) + transient)
-        peak_inflight = max(peak_inflight, len(held))
+        peak = max(peak, sum(live.values()) + transient)
+        peak_inflight = max(peak_inflight, len(live))
         peak_host = max(peak_host, sum(parked.values()))
         if ins.op in FREEING_OPS:
-            held.pop(mb, None)
-            parked.pop(mb, None)
-    return peak, peak_inflight, peak_host
+            live.pop(key, None)
+            parked.pop(key, None)
+    return int(round(peak)), peak_inflight, int(round(peak_host))
 
 
 def _workspace(fp: StageFootprint, plan: Any, stage: int) -> int:
@@ -265,6 +274,11 @@ class MemoryModel:
     def _build(self, fractions: tuple[float, ...]) -> list[list[Instruction]]:
         return build_all(self.layout.schedule, self.layout.pp, self.layout.num_microbatches, RecomputePlan(fractions))
 
+    @property
+    def num_chunks(self) -> int:
+        """Model chunks per rank under the layout's schedule (1 without virtual stages)."""
+        return placement_for(self.layout.schedule, self.layout.pp).num_chunks
+
     def instructions(self, activation_plan: ActivationPlan, stage: int) -> list[Instruction]:
         return self._schedules(activation_plan.recompute_plan().fractions)[stage]
 
@@ -272,7 +286,8 @@ class MemoryModel:
         """The estimate for one stage under ``activation_plan``."""
         fp = self.footprints[stage]
         actions = activation_plan.actions(stage)
-        peak, inflight, host = _activation_peak(self.instructions(activation_plan, stage), fp, actions)
+        peak, inflight, host = _activation_peak(self.instructions(activation_plan, stage), fp, actions,
+                                                self.num_chunks)
         params, grads, optimizer = self.static[stage]
 
         def named(action: LayerAction) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from merak.runtime.pipeline.schedules import (
 from merak.runtime.pipeline.validate import ScheduleError, validate
 
 __all__ = [
-    "SCHEDULES", "VIRTUAL_SCHEDULES", "ScheduleError", "build", "build_all", "main", "placement_for",
+    "SCHEDULES", "VIRTUAL_SCHEDULES", "ScheduleError", "build", "build_all", "check_sizes", "main", "placement_for",
     "uses_weight_passes",
 ]
 
@@ -83,6 +83,16 @@ def placement_for(name: str, num_stages: int, num_chunks: int | None = None) -> 
     if chunks < 2:
         raise ValueError(f"schedule {name!r} needs >= 2 chunks per stage, got {chunks}; use 1f1b for one")
     return Placement(num_stages, chunks, style)
+
+
+def check_sizes(name: str, num_stages: int, num_microbatches: int) -> None:
+    """Raise the schedule's own ``ValueError`` (naming the valid sizes) when ``name`` does not
+    take ``num_stages`` x ``num_microbatches``; planners call it to skip such layouts cheaply."""
+    placement_for(name, num_stages)
+    if name == "interleaved_1f1b":
+        interleaved.check_microbatches(num_stages, num_microbatches)
+    elif name == "dualpipe_v":
+        dualpipe_v.check_microbatches(num_stages, num_microbatches)
 
 
 def build_all(

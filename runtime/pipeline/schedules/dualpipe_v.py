@@ -45,16 +45,21 @@ def build_all(
     num_stages: int, num_microbatches: int, recompute_plan: RecomputePlan | None = None
 ) -> list[list[Instruction]]:
     plan = check_sizes(num_stages, num_microbatches, recompute_plan)
+    check_microbatches(num_stages, num_microbatches)
+    where = Placement(num_stages, 2, "v")
+    compute = [_RankOrder(r).build(num_stages, num_microbatches) for r in range(num_stages)]
+    recomputed = plan_recomputation(compute, plan, where, num_microbatches)
+    return lower(compute, recomputed, early_recompute=True, placement=where)
+
+
+def check_microbatches(num_stages: int, num_microbatches: int) -> None:
+    """Every rank must reach the paired phase: ``M >= 2P``."""
     if num_microbatches < 2 * num_stages:
         raise ValueError(
             f"dualpipe_v needs at least 2P = {2 * num_stages} micro-batches for P={num_stages} "
             f"pipeline stages, got M={num_microbatches}; raise gradient_accumulation_steps to "
             f">= {2 * num_stages} or use zb_v (any M)"
         )
-    where = Placement(num_stages, 2, "v")
-    compute = [_RankOrder(r).build(num_stages, num_microbatches) for r in range(num_stages)]
-    recomputed = plan_recomputation(compute, plan, where, num_microbatches)
-    return lower(compute, recomputed, early_recompute=True, placement=where)
 
 
 class _RankOrder(ChunkCounter):
