@@ -217,6 +217,23 @@ def stage_module(model: nn.Module, cfg: BenchConfig, stage: int) -> nn.Sequentia
     raise ValueError(f"stage must be 0 or 1, got {stage}")
 
 
+def chunk_module(model: nn.Module, cfg: BenchConfig, chunk: int, num_chunks: int) -> nn.Sequential:
+    """Virtual stage ``chunk`` of ``num_chunks`` (``num_stages`` x chunks per rank) for the
+    peers' virtual-stage schedules: the blocks split evenly, the first chunk also embeds and
+    the last also applies the final layer norm and the (tied) LM head - the fixed cut of
+    :func:`stage_module`, refined. Chunks built from one model share one embedding matrix."""
+    if cfg.n_layer % num_chunks:
+        raise ValueError(f"n_layer={cfg.n_layer} does not split evenly into {num_chunks} chunks")
+    per = cfg.n_layer // num_chunks
+    embedding = TokenEmbedding(model.transformer.wte.weight)
+    body: list[nn.Module] = list(model.transformer.h[chunk * per:(chunk + 1) * per])
+    if chunk == 0:
+        body = [embedding, PositionEmbedding(model.transformer.wpe), *body]
+    if chunk == num_chunks - 1:
+        body = [*body, model.transformer.ln_f, LMHead(embedding)]
+    return nn.Sequential(*body)
+
+
 def tied_parameter(stage: nn.Sequential) -> nn.Parameter:
     """The token-embedding copy inside a module built by :func:`stage_module`."""
     for module in stage.modules():

@@ -32,7 +32,7 @@ CALIBRATION_ROUNDS, CALIBRATION_STEPS = 3, 2
 #: make recomputation cheap, so it is measured with it (and 1F1B with full recompute beside it,
 #: the configuration it improves on).
 RECOMPUTE = {"1f1b": "none", "1f1b+recompute": "full", "shifted_critical_path": "full",
-             "zero_bubble": "none"}
+             "zero_bubble": "none", "interleaved_1f1b": "none", "zb_v": "none"}
 
 
 def merak_unavailable() -> str | None:
@@ -57,11 +57,13 @@ def run_merak(ctx: BenchContext, entry: str, fuse: bool = True) -> RankResult:
     from merak.runtime.pipeline.executor import PipelineExecutor
     from merak.runtime.pipeline.calibration import calibrate_in_pipeline
     from merak.runtime.memory.recompute_plan import RecomputePlan
-    from merak.runtime.pipeline.schedule import build
+    from merak.runtime.pipeline.schedule import VIRTUAL_SCHEDULES, build
 
     schedule = entry.split("+")[0]
     cfg = ctx.cfg
     grid = merak.init(pp=ctx.world_size)
+    if schedule in VIRTUAL_SCHEDULES:
+        return _run_virtual(ctx, schedule, grid, fuse)
     model = ctx.build_model()
     ids = ctx.microbatches(ctx.batches()[0])[0]  # profile on real tokens of the benchmark's shape
     example = {"input_ids": ids, "labels": ids}
@@ -89,6 +91,42 @@ def run_merak(ctx: BenchContext, entry: str, fuse: bool = True) -> RankResult:
     return ctx.measure(step)
 
 
+def _run_virtual(ctx: BenchContext, schedule: str, grid, fuse: bool) -> RankResult:  # noqa: ANN001
+    """A virtual-stage schedule: ``P·v`` chunks cut on profiled node costs (averaged over the
+    ranks, as ``run_merak`` does); no in-pipeline calibration (it times one stage per rank)."""
+    import torch
+
+    from benchmarks.bench_model import make_optimizer
+    from merak.partitioner import build_chunks, shard, trace
+    from merak.partitioner.profiler import profile_costs
+    from merak.runtime.memory.recompute_plan import RecomputePlan
+    from merak.runtime.pipeline.executor import PipelineExecutor
+    from merak.runtime.pipeline.schedule import build, placement_for, uses_weight_passes
+
+    cfg = ctx.cfg
+    placement = placement_for(schedule, grid.num_stages)
+    model = ctx.build_model()
+    ids = ctx.microbatches(ctx.batches()[0])[0]
+    example = {"input_ids": ids, "labels": ids}
+    graph = trace(model, example)
+    plan = shard(graph, placement.num_virtual, cost_model=profile_costs(graph, example).averaged())
+    if ctx.rank == 0:
+        print(plan.table(), flush=True)
+    chunks = build_chunks(plan, placement.chunks_of(grid.stage_id), fuse=fuse)
+    params = list({id(p): p for c in chunks for p in c.parameters()}.values())
+    executor = PipelineExecutor(chunks, grid, make_optimizer(params, cfg), placement=placement,
+                                zero_bubble=uses_weight_passes(schedule))
+    recompute = RecomputePlan.from_mode(RECOMPUTE[schedule], grid.num_stages)
+    instructions = build(schedule, grid.num_stages, cfg.num_microbatches, grid.stage_id, recompute,
+                         placement.num_chunks)
+
+    def step(batch: torch.Tensor) -> float | None:
+        mbs = [{"input_ids": m, "labels": m} for m in ctx.microbatches(batch)]
+        return executor.run(instructions, mbs).loss
+
+    return ctx.measure(step)
+
+
 def _merak_entry(entry: str) -> Callable[[BenchContext], RankResult]:
     def run(ctx: BenchContext) -> RankResult:
         return run_merak(ctx, entry)
@@ -101,6 +139,8 @@ def _merak_entry(entry: str) -> Callable[[BenchContext], RankResult]:
 for _entry, _what in [("1f1b", "Merak executor, 1F1B"),
                       ("1f1b+recompute", "Merak executor, 1F1B with full recomputation"),
                       ("shifted_critical_path", "Merak executor, shifted critical path (full recompute)"),
-                      ("zero_bubble", "Merak executor, zero bubble (ZB-H1)")]:
+                      ("zero_bubble", "Merak executor, zero bubble (ZB-H1)"),
+                      ("interleaved_1f1b", "Merak executor, interleaved 1F1B (2 chunks per rank)"),
+                      ("zb_v", "Merak executor, ZB-V (2 chunks per rank in a V)")]:
     register_runner(f"merak-{_entry}", group="merak", launcher="torchrun", nprocs=2,
                     description=_what, unavailable=merak_unavailable)(_merak_entry(_entry))
