@@ -61,13 +61,17 @@ def test_loss_curve_is_layout_invariant(dist_run, kind):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("schedule", [pytest.param("interleaved_1f1b", marks=pytest.mark.slow), "zb_v",
-                                      pytest.param("dualpipe_v", marks=pytest.mark.slow)])
-def test_virtual_stage_schedules_match_single_process(dist_run, kind, schedule):
+@pytest.mark.parametrize("schedule, recompute", [
+    pytest.param("interleaved_1f1b", "none", marks=pytest.mark.slow), ("zb_v", "none"),
+    pytest.param("dualpipe_v", "none", marks=pytest.mark.slow),
+    pytest.param("zb_v", "full", marks=pytest.mark.slow),
+    pytest.param("interleaved_1f1b", "selective", marks=pytest.mark.slow)])
+def test_virtual_stage_schedules_match_single_process(dist_run, kind, schedule, recompute):
     """MerakTrainer(schedule=...) with two model chunks per rank (pp=2, M=4): the same loss
-    curve as one process, with clipping (GPT-2's tied embedding counted once) and AdamW."""
+    curve as one process, with clipping (GPT-2's tied embedding counted once) and AdamW, also
+    with per-layer recomputation planned per chunk."""
     ref = single_process_curve(kind)
-    for rank, curve in enumerate(dist_run(_train, 2, kind, 1, 2, schedule, timeout=600)):
+    for rank, curve in enumerate(dist_run(_train, 2, kind, 1, 2, schedule, recompute=recompute, timeout=600)):
         torch.testing.assert_close(curve, ref, rtol=2e-5, atol=2e-6, msg=f"{kind} {schedule} rank {rank}")
 
 
