@@ -37,6 +37,7 @@ class SearchSpace:
     recomputes: tuple[str, ...] = ("none", "full", "stage_aware")
     micro_batches: tuple[int, ...] = (1, 2, 4, 8)
     tp_sub_microbatches: tuple[int, ...] = (1, 2, 4)
+    moe_modes: tuple[str, ...] = ("tensor", "expert")  # tried only for models with expert banks
     tp_degrees: tuple[int, ...] | None = None
     pp_degrees: tuple[int, ...] | None = None
     template: Strategy = Strategy()
@@ -79,10 +80,30 @@ def _strategies(model: TracedModel, cluster: Cluster, global_batch: int, space: 
             for k in (space.tp_sub_microbatches if tp > 1 else (1,)):
                 if b % k:
                     continue
-                for schedule in space.schedules:
-                    for recompute in space.recomputes:
-                        yield dataclasses.replace(space.template, dp=dp, tp=tp, pp=pp, micro_batch=b, schedule=schedule,
-                                                  recompute=recompute, tp_sub_microbatches=k)
+                for moe in _moe_modes(model, tp, space):
+                    for schedule in space.schedules:
+                        for recompute in space.recomputes:
+                            yield dataclasses.replace(space.template, dp=dp, tp=tp, pp=pp, micro_batch=b,
+                                                      schedule=schedule, recompute=recompute, tp_sub_microbatches=k,
+                                                      moe=moe)
+
+
+def _moe_modes(model: TracedModel, tp: int, space: SearchSpace) -> Iterator[str]:
+    """The MoE modes worth pricing at ``tp``: all of ``space.moe_modes`` the planner accepts when
+    the model has expert banks, else just the template's (the choice changes nothing)."""
+    try:
+        banks = tp > 1 and bool(model.tp_plan(tp, space.template.moe).experts)
+    except ValueError:  # the template's mode refuses a bank; another mode may not
+        banks = True
+    if not banks:
+        yield space.template.moe
+        return
+    for moe in space.moe_modes:
+        try:
+            model.tp_plan(tp, moe)
+        except ValueError:
+            continue
+        yield moe
 
 
 def search(model: TracedModel, cluster: Cluster, global_batch: int, space: SearchSpace = SearchSpace(),

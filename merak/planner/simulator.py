@@ -64,7 +64,7 @@ class TracedModel:
     graph: ProxyGraph
     seq_len: int
     trace_batch: int = 1
-    _tp_plans: dict[int, Any] = dataclasses.field(default_factory=dict, repr=False)
+    _tp_plans: dict[tuple[int, str], Any] = dataclasses.field(default_factory=dict, repr=False)
     _shards: dict[Any, PartitionPlan] = dataclasses.field(default_factory=dict, repr=False)
     _cores: frozenset[str] | None = dataclasses.field(default=None, repr=False)
     _kinds: dict[str, str] | None = dataclasses.field(default=None, repr=False)
@@ -108,26 +108,30 @@ class TracedModel:
             self._kinds = op_kinds(self.graph)
         return self._kinds
 
-    def tp_plan(self, tp: int) -> Any:
-        """The automatic TP plan for ``tp`` ranks (``None`` for tp=1); raises TPError naming the
-        sizes that ``tp`` does not divide."""
+    def tp_plan(self, tp: int, moe: str = "tensor") -> Any:
+        """The automatic TP plan for ``tp`` ranks with mixture-of-experts banks sharded by ``moe``
+        (``None`` for tp=1); raises TPError naming the sizes that ``tp`` does not divide."""
         if tp <= 1:
             return None
-        if tp not in self._tp_plans:
+        if (tp, moe) not in self._tp_plans:
             from merak.runtime.tensor_parallel.plan import plan_tensor_parallel
 
-            self._tp_plans[tp] = plan_tensor_parallel(self.graph, tp)
-        return self._tp_plans[tp]
+            self._tp_plans[tp, moe] = plan_tensor_parallel(self.graph, tp, moe=moe)
+        return self._tp_plans[tp, moe]
 
     def valid_tp(self, limit: int) -> list[int]:
         """tp degrees up to ``limit`` the TP planner accepts for this model."""
         out = [1]
+        from merak.runtime.tensor_parallel.experts import MOE_MODES
+
         for tp in range(2, limit + 1):
-            try:
-                self.tp_plan(tp)
-                out.append(tp)
-            except ValueError:
-                continue
+            for moe in MOE_MODES:  # valid if some way of sharding the MoE banks (if any) works
+                try:
+                    self.tp_plan(tp, moe)
+                    out.append(tp)
+                    break
+                except ValueError:
+                    continue
         return out
 
 
@@ -152,6 +156,7 @@ class Strategy:
     zero1: bool = False
     recompute_granularity: str = "stage"
     precision: Precision = Precision()
+    moe: str = "tensor"  # MerakArguments.moe_parallel: how tp shards mixture-of-experts banks
 
     @property
     def devices(self) -> int:
@@ -159,8 +164,9 @@ class Strategy:
 
     def label(self) -> str:
         k = f" k={self.tp_sub_microbatches}" if self.tp_sub_microbatches > 1 else ""
+        moe = " moe=expert" if self.moe != "tensor" and self.tp > 1 else ""
         return (f"dp{self.dp} tp{self.tp} pp{self.pp} b{self.micro_batch} {self.schedule} "
-                f"{self.recompute}{k}")
+                f"{self.recompute}{k}{moe}")
 
     def check(self, cluster: Cluster, global_batch: int) -> int:
         """Validate against the cluster and batch; returns the number of micro-batches M."""
@@ -298,7 +304,7 @@ def _pipeline_link(strategy: Strategy, cluster: Cluster) -> Any:
 
 
 def _cost_model(model: TracedModel, strategy: Strategy, cluster: Cluster) -> RankCostModel:
-    tp_plan = model.tp_plan(strategy.tp)
+    tp_plan = model.tp_plan(strategy.tp, strategy.moe)
     base = RankCostModel(cluster.device, batch_scale=strategy.micro_batch / model.trace_batch,
                          byte_scale=strategy.precision.byte_scale, tp=strategy.tp, tp_plan=tp_plan,
                          link_bytes_per_s=_pipeline_link(strategy, cluster).bytes_per_s, op_kinds=model.op_kinds)
@@ -475,7 +481,7 @@ def plan_step(model: TracedModel, strategy: Strategy, global_batch: int, cluster
     plan, cost_model = _partition(model, strategy, cluster)
     batch_scale = strategy.micro_batch / model.trace_batch
     costs = _stage_costs(plan, cost_model, strategy, cluster, batch_scale, model.attention_cores)
-    footprints = tuple(stage_footprints(plan, strategy.precision, model.tp_plan(strategy.tp), model.attention_cores))
+    footprints = tuple(stage_footprints(plan, strategy.precision, model.tp_plan(strategy.tp, strategy.moe), model.attention_cores))
     usable = cluster.device.usable_bytes
     rplan = _recompute_plan(strategy, footprints, m, batch_scale, usable)
     schedule = _schedule(strategy.schedule, strategy.pp, m, rplan)

@@ -152,6 +152,9 @@ def _tp_sharded(name: str, tp_plan: Any) -> bool:
     if tp_plan is None:
         return False
     module, _, leaf = name.rpartition(".")
+    bank = tp_plan.experts.get(module)
+    if bank is not None:  # either MoE mode keeps 1/tp of a bank: a slice of each expert, or whole experts
+        return leaf in bank.specs
     style = tp_plan.style(module)
     return style == "column" or (style in ("row", "vocab") and leaf == "weight")
 
@@ -265,7 +268,9 @@ class MemoryModel:
 
             tp_plan = plan_tensor_parallel(plan.graph, layout.tp)
         self.plan, self.layout, self.tp_plan = plan, layout, tp_plan
-        sharded = frozenset(tp_plan.layouts) if tp_plan is not None else frozenset()
+        # an expert bank's internal activations are 1/tp per rank in both MoE modes (1/tp of each
+        # expert's features, or the tokens of 1/tp of the experts)
+        sharded = frozenset((*tp_plan.layouts, *(e.node for e in tp_plan.experts.values()))) if tp_plan is not None else frozenset()
         self.footprints = stage_footprints(plan, layout.precision, sharded, layout.tp)
         self.static = [static_bytes(plan, s, layout, tp_plan) for s in range(plan.num_stages)]
         self.workspace = [_workspace(fp, plan, s) for s, fp in enumerate(self.footprints)]

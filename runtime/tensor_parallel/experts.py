@@ -54,7 +54,8 @@ class ExpertPlan:
     """How one expert bank (by qualified module name) is sharded.
 
     ``mode``: ``tensor`` or ``expert`` (see the module docstring); ``specs``: parameter name ->
-    :class:`ShardSpec`; ``intermediate``: each expert's intermediate features (full).
+    :class:`ShardSpec`; ``intermediate``: each expert's intermediate features (full); ``top_k``:
+    experts per token.
     """
 
     module: str
@@ -64,6 +65,7 @@ class ExpertPlan:
     intermediate: int
     top_k: int
     specs: dict[str, ShardSpec]
+    node: str = ""  # the graph node that calls the bank
 
     def describe(self, tp: int) -> str:
         if self.mode == "expert":

@@ -15,8 +15,9 @@ Model, per TP rank (all ranks are symmetric):
   (:class:`~merak.partitioner.FlopCostModel`), divided by tp for nodes that are sharded, plus a
   kernel-launch overhead per node and per sub-micro-batch (what splitting costs);
 * a collective of ``b`` bytes over ``n`` ranks takes ``latency + b * 2(n-1)/n / bus_bandwidth``
-  (ring all-reduce; an all-gather moves half of that), on one communication stream, in launch
-  order;
+  (ring all-reduce; an all-gather or all-to-all moves half of that), on one communication
+  stream, in launch order; a mixture-of-experts bank is a cut in both directions
+  (:func:`moe_comm`: an all-reduce in ``tensor`` mode, all-to-alls + all-gather in ``expert`` mode);
 * one compute stream runs the runner's order: segment s for sub-micro-batch 0..k-1, then s+1;
   sub-micro-batch j's segment s+1 starts after its collective of segment s has finished. While a
   collective is in flight, compute is slowed by ``interference`` (NCCL kernels occupy SMs).
@@ -30,7 +31,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Segment", "Link", "OverlapResult", "simulate_overlap", "layer_segments"]
+__all__ = ["Segment", "Link", "OverlapResult", "simulate_overlap", "layer_segments", "moe_comm"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Segment:
     compute_s: float
     kernels: int
     comm_bytes: int = 0
-    comm: str = "all_reduce"  # or "all_gather"
+    comm: str = "all_reduce"  # or "all_gather" / "all_to_all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Link:
     def time(self, kind: str, nbytes: float) -> float:
         if nbytes <= 0:
             return 0.0
+        # all-gather and all-to-all: each rank receives (n-1)/n of the payload
         factor = (self.ranks - 1) / self.ranks * (2.0 if kind == "all_reduce" else 1.0)
         return self.latency_s + nbytes * factor / self.bus_bytes_per_s
 
@@ -117,6 +119,20 @@ def simulate_overlap(segments: Sequence[Segment], k: int, link: Link, launch_ove
     return OverlapResult(k, max(compute_free, comm_free), compute_total, comm_total)
 
 
+def moe_comm(bank: Any, output_bytes: int, tp: int) -> tuple[int, str]:
+    """(bytes, kind) a mixture-of-experts bank communicates per pass, forward or backward alike.
+
+    ``tensor`` mode: one all-reduce of the output (forward) or of the input gradient (backward),
+    as a dense MLP. ``expert`` mode: two all-to-alls of the dispatched rows (each rank sends
+    ``top_k/tp`` of the tokens' hidden states and gets as many back) and one all-gather of the
+    token slices (output forward, input gradient backward), priced together as one collective
+    whose ranks each receive ``(n-1)/n`` of the payload (latency counted once).
+    """
+    if bank.mode == "expert":
+        return int(output_bytes * (2 * bank.top_k / tp + 1)), "all_to_all"
+    return output_bytes, "all_reduce"
+
+
 def layer_segments(graph: Any, plan: Any, cost_model: Any, layer: str, backward: bool = False) -> list[Segment]:
     """The TP segments of one repeated block ``layer`` (e.g. ``transformer.h.0``) of a traced
     model, forward or backward, for one TP rank (see the module docstring for the cuts)."""
@@ -139,6 +155,7 @@ def layer_segments(graph: Any, plan: Any, cost_model: Any, layer: str, backward:
         segments.append(Segment(f"{where(first)} … {where(last)}", compute, kernels, comm_bytes, comm))
         compute, kernels, first, last = 0.0, 0, None, None
 
+    banks = {e.node: e for e in getattr(plan, "experts", {}).values()}
     for node in (reversed(nodes) if backward else nodes):
         if backward and node.name in bwd_cuts and (compute or kernels):
             close(node.output_bytes, bwd_cuts[node.name])
@@ -148,7 +165,9 @@ def layer_segments(graph: Any, plan: Any, cost_model: Any, layer: str, backward:
         compute += t / tp if sharded else t
         kernels += 1 if (node.flops or node.memory_bytes) and (not backward or node.requires_grad) else 0
         first, last = first or node, node
-        if not backward and node.name in fwd_cuts:
+        if node.name in banks:
+            close(*moe_comm(banks[node.name], node.output_bytes, tp))
+        elif not backward and node.name in fwd_cuts:
             close(node.output_bytes)
     if compute or kernels:
         close(0)

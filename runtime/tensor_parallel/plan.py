@@ -118,8 +118,11 @@ class TPPlan:
     batch_coupled: str = ""
 
     def style(self, module: str) -> str:
+        """``column`` / ``row`` / ``vocab``, ``experts`` for a sharded MoE bank, else ``replicate``."""
         plan = self.layers.get(module)
-        return plan.style if plan is not None else "replicate"
+        if plan is None:
+            return "experts" if module in self.experts else "replicate"
+        return plan.style
 
     def valid_tp_values(self, limit: int = 64) -> list[int]:
         """Every tp in ``1..limit`` that divides the sizes this plan splits."""
@@ -307,7 +310,8 @@ def _expert_banks(ctx: GraphContext, plan: TPPlan, moe: str) -> None:
         index = node.args[1] if len(node.args) > 1 else node.kwargs.get("top_k_index")
         shape = ctx.shape(index) if isinstance(index, fx.Node) else None
         top_k = shape[-1] if shape else int(getattr(ctx.config, "num_experts_per_tok", 1) or 1)
-        plan.experts[str(node.target)] = plan_expert_bank(bank, str(node.target), ctx.tp, moe, top_k)
+        plan.experts[str(node.target)] = dataclasses.replace(
+            plan_expert_bank(bank, str(node.target), ctx.tp, moe, top_k), node=node.name)
 
 
 def _parse_mapping(mapping: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:

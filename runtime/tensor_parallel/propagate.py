@@ -322,7 +322,15 @@ class Region:
             visited.add(node.name)
             if node.name in self.seeds:
                 continue
-            layout = self.visit(node)
+            try:
+                layout = self.visit(node)
+            except (Blocked, NeedsColumns):
+                raise
+            except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+                # a rule met arguments it does not model (a dim computed at run time, ...): the
+                # region is not provably correct, so its layers stay replicated, with the reason
+                raise self.fail(node, f"the planner cannot follow '{op_name(node)}' with these arguments "
+                                      f"({type(exc).__name__}: {exc})") from exc
             if layout is not None:
                 self.layouts[node.name] = layout
                 for user in node.users:
@@ -814,6 +822,9 @@ class Region:
 
     def _reduction(self, node: fx.Node) -> Any:
         x = node.args[0]
+        other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        if op_name(node) in ("max", "min") and self.ctx.is_tensor(other):
+            return self._pointwise(node, op_name(node))  # torch.max(a, b): elementwise, not a reduction
         l = self.lay(x)
         if not isinstance(l, _S):
             raise self.fail(node, "reduction with a per-rank argument")
