@@ -101,14 +101,16 @@ def _micro_batch_choices(global_batch: int) -> tuple[int, ...]:
 
 
 def choose_layout(graph: Any, seq_len: int, trace_batch: int, global_batch: int, cluster: Cluster,
-                  keep: int = 5) -> LayoutChoice:
+                  keep: int = 5, virtual_stages: bool = True) -> LayoutChoice:
     """Search the layouts of ``cluster`` for ``graph`` (traced at ``trace_batch`` sequences of
-    ``seq_len``) training ``global_batch`` sequences per step; the fastest one that fits."""
+    ``seq_len``) training ``global_batch`` sequences per step; the fastest one that fits.
+    ``virtual_stages`` adds ``zb_v`` and ``interleaved_1f1b`` where the trainer runs them."""
     from merak.planner.search import SearchSpace, search
     from merak.planner.simulator import TracedModel
 
     model = TracedModel(type(graph.model).__name__, graph, seq_len, trace_batch=trace_batch)
-    space = SearchSpace(micro_batches=_micro_batch_choices(global_batch))
+    schedules = SearchSpace.schedules + (("zb_v", "interleaved_1f1b") if virtual_stages else ())
+    space = SearchSpace(micro_batches=_micro_batch_choices(global_batch), schedules=schedules, trainer_only=True)
     result = search(model, cluster, global_batch, space, keep=keep)
     if not result.best:
         raise ValueError(
@@ -145,7 +147,9 @@ def decide_on_rank0(graph: Any, example: Mapping[str, Any], per_device_batch: in
         try:
             cluster = local_cluster(world, _local_world_size(world),
                                     parse_bytes(max_memory) if max_memory else None)
-            box[0] = choose_layout(graph, seq_len, per_device_batch, global_batch, cluster)
+            # The trainer plans memory budgets one stage per rank: no virtual stages with a budget.
+            box[0] = choose_layout(graph, seq_len, per_device_batch, global_batch, cluster,
+                                   virtual_stages=max_memory is None)
         except Exception as exc:  # every rank must raise, not only rank 0
             box[0] = exc
     if world > 1:

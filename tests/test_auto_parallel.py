@@ -31,6 +31,18 @@ def test_choice_fills_the_devices_and_fits_memory() -> None:
     assert choice.table.count("\n") >= 1 and "dp" in choice.table  # the top layouts, for the log
 
 
+def test_virtual_stage_schedules_are_searched_only_where_the_trainer_runs_them() -> None:
+    from merak.planner.search import SearchSpace, _strategies
+    from merak.planner.simulator import TracedModel
+
+    model = TracedModel("gpt2", _graph(), 16, trace_batch=2)
+    space = SearchSpace(schedules=("1f1b", "zb_v", "interleaved_1f1b"), micro_batches=(2,), trainer_only=True)
+    found = {(s.schedule, s.tp, s.recompute) for s in _strategies(model, _cpu_cluster(4, 2**30), 16, space)}
+    assert ("zb_v", 1, "full") in found and ("interleaved_1f1b", 1, "none") in found
+    assert not {f for f in found if f[0] != "1f1b" and (f[1] > 1 or f[2] == "stage_aware")}
+    assert ("1f1b", 2, "stage_aware") in found
+
+
 def test_no_fitting_layout_is_refused_with_the_fix() -> None:
     with pytest.raises(ValueError, match="no layout .* fits"):
         choose_layout(_graph(), seq_len=16, trace_batch=2, global_batch=16, cluster=_cpu_cluster(4, 1e4))
