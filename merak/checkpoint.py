@@ -521,8 +521,12 @@ def load_checkpoint(
     grid: Grid,
     optimizer: torch.optim.Optimizer | None = None,
     lr_scheduler: Any | None = None,
+    restore_rng: bool = True,
 ) -> dict:
     """Restore a checkpoint written by :func:`save_checkpoint` and return its ``extra`` dict.
+
+    ``restore_rng=False`` restores weights only as far as randomness goes (loading the best
+    model at the end of training must not rewind the random streams).
 
     Collective. Restores the stage's tensors (in place, so an optimizer built over the stage
     keeps working), the optimizer and scheduler when given, and this rank's RNG states last, so
@@ -548,7 +552,8 @@ def load_checkpoint(
                                       "without a learning-rate scheduler; pass lr_scheduler=None")
             lr_scheduler.load_state_dict(torch.load(shard / SCHEDULER_FILE, weights_only=True))
         extra = json.loads((directory / EXTRA_FILE).read_text())
-        _set_rng_state(torch.load(directory / rank_dir_name(coord) / RNG_FILE, weights_only=True))
+        if restore_rng:
+            _set_rng_state(torch.load(directory / rank_dir_name(coord) / RNG_FILE, weights_only=True))
         return extra
 
     extra = _run_phase(f"loading checkpoint {directory}", restore)

@@ -81,3 +81,49 @@ def eval_microbatches(dataset: Sequence[Any], collate: Collate, micro_batch_size
     idx = list(range(dp_rank, len(dataset), dp_size))
     return [collate([dataset[i] for i in idx[j:j + micro_batch_size]])
             for j in range(0, len(idx), micro_batch_size)]
+
+
+class TrainLoader:
+    """What HF's training loop sees as its train dataloader (``len``, ``dataset``, iteration):
+    one DP replica's micro-batches of an epoch. Merak's loop reads steps by index
+    (:meth:`step`), so the data position of a resumed run is its global step."""
+
+    def __init__(self, batches: StepBatches) -> None:
+        self.batches = batches
+        self.dataset = batches.dataset
+        self.batch_size = batches.micro_batch_size
+
+    def __len__(self) -> int:
+        return self.batches.steps_per_epoch * self.batches.num_microbatches
+
+    def step(self, index: int) -> list[dict[str, Any]]:
+        return self.batches.microbatches(index)
+
+    def __iter__(self) -> Any:
+        for step in range(self.batches.steps_per_epoch):
+            yield from self.batches.microbatches(step)
+
+
+class EvalLoader:
+    """One DP replica's share of an evaluation set: global micro-batch ``i`` (consecutive samples,
+    tail kept) goes to replica ``i % dp``. ``indices`` are the global micro-batch numbers, so
+    gathered predictions are put back in dataset order."""
+
+    def __init__(self, dataset: Sequence[Any], collate: Collate, micro_batch_size: int,
+                 dp_size: int, dp_rank: int) -> None:
+        self.dataset, self.batch_size = dataset, micro_batch_size
+        self._collate = collate
+        total = -(-len(dataset) // micro_batch_size)
+        self.indices = list(range(dp_rank, total, dp_size))
+        self.num_microbatches = total
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def microbatch(self, index: int) -> dict[str, Any]:
+        b = self.batch_size
+        return self._collate([self.dataset[i] for i in range(index * b, min((index + 1) * b, len(self.dataset)))])
+
+    def __iter__(self) -> Any:
+        for index in self.indices:
+            yield self.microbatch(index)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 import resource
 import time
 from typing import Any, Callable, Mapping
@@ -29,11 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, default_data_collator
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
 import merak
 from merak.arguments import MerakArguments
-from merak.data import StepBatches, eval_microbatches
+from merak.data import EvalLoader, StepBatches, TrainLoader
+from merak.hf_fields import check_training_arguments
 from merak.launch.env import read_launch_env
 from merak.partitioner import StageChunks, build_chunks, build_stage, shard, trace
 from merak.partitioner.meta import meta_like
@@ -46,7 +49,6 @@ from merak.runtime.memory.policy import ActivationPlan
 from merak.runtime.memory.recompute_plan import RecomputePlan
 from merak.runtime.pipeline.placement import Placement
 from merak.runtime.pipeline.schedule import build as build_schedule, placement_for, uses_weight_passes
-from merak.runtime.pipeline.schedules import forward_only
 
 logger = logging.getLogger("merak")
 
@@ -74,7 +76,16 @@ class MerakTrainer(Trainer):
         if not isinstance(args, MerakArguments):
             raise TypeError("MerakTrainer needs MerakArguments (a TrainingArguments subclass with "
                             "the pipeline fields); replace TrainingArguments(...) by MerakArguments(...)")
-        collate = data_collator or default_data_collator
+        check_training_arguments(args)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("compute_loss_func=(outputs, labels, num_items_in_batch) is not supported; pass "
+                             "loss_fn=(outputs, batch) -> per-micro-batch mean loss to MerakTrainer instead")
+        if kwargs.get("model_init") is not None:
+            raise ValueError("model_init is not supported (the model is partitioned once, at construction); "
+                             "pass the model itself")
+        collate = data_collator or _default_collator(kwargs.get("processing_class"))
+        train_dataset = _drop_unused_columns(train_dataset, model, args)
+        eval_dataset = _drop_unused_columns(eval_dataset, model, args)
         if args.auto_parallel:
             _apply_auto_parallel(model, args, collate, train_dataset if train_dataset is not None else eval_dataset)
         self.grid = _grid()
@@ -137,11 +148,47 @@ class MerakTrainer(Trainer):
         self.executor: PipelineExecutor | None = None
         self._layer_actions: ActivationPlan | None = None
         self._last_grad_norm: float | None = None
+        self._non_embedding_params: int | None = None
+        self._merak_window_start, self._merak_last_logged_step = time.perf_counter(), 0
+        self._substeps_pending = self._optimizer_events = 0
         self.precision = _mixed_precision(args, self.grid)
         super().__init__(model=stage, args=args, data_collator=collate, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, **kwargs)
+        self._introspect(model)
         if args.max_memory_per_device:
             self._activation_plan()  # an infeasible budget is refused here, identically on every rank
+
+    def _introspect(self, model: nn.Module) -> None:
+        """What HF's ``__init__`` reads from the model, read from the user's model rather than the
+        stage: loss kwargs (token-normalised loss), label names, label shifting, label smoothing
+        (a loss on the last stage's logits, through HF's ``LabelSmoother``)."""
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.utils.generic import can_return_loss, find_labels
+
+        if hasattr(model, "accepts_loss_kwargs"):
+            self.model_accepts_loss_kwargs = model.accepts_loss_kwargs
+        else:
+            self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in
+                                                 inspect.signature(model.forward).parameters.values())
+        self.label_names = find_labels(type(model)) if self.args.label_names is None else self.args.label_names
+        self.can_return_loss = can_return_loss(type(model))
+        config = getattr(model, "config", None)
+        self._loss_shifts_labels = (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+                                    and not getattr(config, "is_encoder_decoder", False))
+        self._token_weighted = self.model_accepts_loss_kwargs and self.loss_fn is None
+        if self.label_smoother is not None and self.loss_fn is None:
+            smoother = self.label_smoother
+            shift = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+            def smoothed(outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> torch.Tensor:
+                return smoother({"logits": outputs["logits"]}, batch["labels"], shift_labels=shift)
+
+            self.loss_fn = smoothed
+            self._token_weighted = self.model_accepts_loss_kwargs
+
+    def _without_unused_columns(self, dataset: Any) -> Any:
+        return _drop_unused_columns(dataset, self.original_model, self.args)
 
     # ---- the pipeline pieces --------------------------------------------------------------
     @property
@@ -157,8 +204,9 @@ class MerakTrainer(Trainer):
             self.executor = PipelineExecutor(
                 chunks, self.grid, None, device=merak.get_device(), loss_fn=self.loss_fn,
                 timeout_s=self.args.p2p_timeout, zero_bubble=uses_weight_passes(self.args.schedule),
-                before_optimizer_step=self._clip_gradients, precision=self.precision,
-                activation_plan=self._activation_plan(), placement=self.placement,
+                before_optimizer_step=self._before_optimizer_step, after_optimizer_step=self._after_optimizer_step,
+                precision=self.precision, activation_plan=self._activation_plan(), placement=self.placement,
+                bucket_bytes=int((self.args.ddp_bucket_cap_mb or 25) * 2**20),
             )
         self.executor.optimizer = self.optimizer
         return self.executor
@@ -194,9 +242,12 @@ class MerakTrainer(Trainer):
                               self.grid.stage_id, plan, self.placement.num_chunks)
 
     def _step_batches(self) -> StepBatches:
-        return StepBatches(self.train_dataset, self.data_collator, self.args.per_device_train_batch_size,
-                           self.args.gradient_accumulation_steps, self.grid.dims.dp, self.grid.coord.dp,
-                           self.args.seed)
+        args = self.args
+        return StepBatches(self.train_dataset, self.data_collator, args.per_device_train_batch_size,
+                           args.gradient_accumulation_steps, self.grid.dims.dp, self.grid.coord.dp,
+                           args.data_seed if args.data_seed is not None else args.seed,
+                           shuffle=str(getattr(args.train_sampling_strategy, "value", args.train_sampling_strategy))
+                           != "sequential")
 
     def _clip_gradients(self) -> bool:
         """Global gradient norm over every stage (tied parameters counted once); clip to
@@ -227,165 +278,322 @@ class MerakTrainer(Trainer):
                     p.grad.mul_(scale)
         return True
 
-    # ---- training -----------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
-              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any) -> TrainOutput:
+    # ---- training: HF's loop, a pipeline step where HF runs one -----------------------
+    def get_train_dataloader(self) -> TrainLoader:
+        """Layout-invariant step batches (:class:`~merak.data.StepBatches`) behind the dataloader
+        interface HF's loop sizes epochs with."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        return TrainLoader(self._step_batches())
+
+    def get_total_train_batch_size(self, args: Any) -> int:
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * self.grid.dims.dp
+
+    def get_tp_size(self) -> int:
+        return self.grid.dims.tp
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None
+                              ) -> tuple[nn.Module, Any]:
+        """HF's optimizer and scheduler over the local stage, no Accelerate wrapping (the executor
+        reduces gradients itself); a resumed run restores Merak's shards here, once the optimizer
+        exists (weights, optimizer, scheduler, RNG, loss scale)."""
+        if self._created_lr_scheduler:
+            self.lr_scheduler, self._created_lr_scheduler = None, False
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps=max_steps)
+        self.model_wrapped = self.stage
+        self._pipeline_executor()
+        if resume_from_checkpoint is not None:
+            self._restore_checkpoint(resume_from_checkpoint)
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, attr, getattr(self, attr))
+        self.callback_handler.train_dataloader = train_dataloader
+        return self.stage, train_dataloader
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Nothing yet: Merak's shards are restored with the optimizer in ``_prepare_for_training``."""
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Nothing: every rank's RNG came back with its shard (HF restores it per epoch)."""
+
+    def _run_epoch(self, model: nn.Module, epoch: int, train_dataloader: TrainLoader, steps_in_epoch: int,
+                   num_update_steps_per_epoch: int, trial: Any, ignore_keys_for_eval: list[str] | None,
+                   start_time: float, resume_from_checkpoint: str | None, epochs_trained: int,
+                   steps_trained_in_current_epoch: int) -> None:
+        """HF's ``_run_epoch`` with one pipeline schedule per optimizer step: the same events in the
+        same order (``on_substep_end`` per micro-batch but the last, ``on_pre_optimizer_step`` /
+        ``on_optimizer_step`` around the step), the same loss bookkeeping and
+        ``_maybe_log_save_evaluate``; data step ``k`` of an epoch is global batch
+        ``epoch * steps_per_epoch + k``."""
         args = self.args
-        batches = self._step_batches()
-        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
-            args.num_train_epochs * batches.steps_per_epoch)
-        self.create_optimizer_and_scheduler(num_training_steps=max_steps)
+        first = 0
+        if epoch == epochs_trained and resume_from_checkpoint is not None and not args.ignore_data_skip:
+            first = steps_trained_in_current_epoch // args.gradient_accumulation_steps
         executor = self._pipeline_executor()
         instructions = self._instructions()
-        self._init_state(max_steps, batches)
-        start_step = 0
-        if resume_from_checkpoint:
-            start_step = self._resume(resume_from_checkpoint)
-        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        total_loss, train_start = 0.0, time.perf_counter()
-        for step in range(start_step, max_steps):
+        grad_norm: float | None = None
+        learning_rate: float | None = None
+        ran = False
+        for update_step in range(first, num_update_steps_per_epoch):
+            ran = True
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            result = executor.run(instructions, batches.microbatches(step))
-            loss = all_reduce_mean_loss(result.loss, self.grid, args.p2p_timeout)
-            if not result.skipped:
+            microbatches = train_dataloader.step(epoch * num_update_steps_per_epoch + update_step)
+            weights, tokens = self._loss_weights(microbatches)
+            self._substeps_pending = len(microbatches) - 1
+            self._optimizer_events = 0
+            result = executor.run(instructions, microbatches, loss_weights=weights)
+            self._finish_step_events()
+            loss = torch.tensor(all_reduce_mean_loss(result.loss, self.grid, args.p2p_timeout), device=args.device)
+            if args.logging_nan_inf_filter and not torch.isfinite(loss):
+                self._tr_loss += self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+            else:
+                self._tr_loss += loss
+            self._count_flos_and_tokens(microbatches, tokens)
+            grad_norm = self._last_grad_norm
+            learning_rate = self._get_learning_rate()
+            if not result.skipped and not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.lr_scheduler.step()
-            self.state.global_step = step + 1
-            self.state.epoch = (step + 1) / batches.steps_per_epoch
-            self.state.num_input_tokens_seen += batches.global_batch_size * self._tokens_per_sample
-            window_loss, window_steps, total_loss = window_loss + loss, window_steps + 1, total_loss + loss
+            self.state.global_step += 1
+            self.state.epoch = epoch + (update_step + 1) * args.gradient_accumulation_steps / steps_in_epoch
+            if args.torch_empty_cache_steps and self.state.global_step % args.torch_empty_cache_steps == 0 \
+                    and torch.cuda.is_available():
+                torch.cuda.empty_cache()
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            if self.control.should_log or step + 1 == max_steps:
-                self._log_window(window_loss / window_steps, window_steps,
-                                 time.perf_counter() - window_start, batches)
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-            if self.control.should_evaluate and self.eval_dataset is not None:
-                self.evaluate(ignore_keys=ignore_keys_for_eval)
-            if self.control.should_save:
-                self._save_checkpoint(self.stage, trial)
-                self.control = self.callback_handler.on_save(args, self.state, self.control)
-            if self.control.should_training_stop:
+            self._maybe_log_save_evaluate(self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
+                                          start_time, learning_rate=learning_rate)
+            if self.control.should_epoch_stop or self.control.should_training_stop:
                 break
-        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        steps_run = max(self.state.global_step - start_step, 1)
-        runtime = time.perf_counter() - train_start
-        metrics = {"train_loss": total_loss / steps_run, "train_runtime": runtime,
-                   "train_samples_per_second": steps_run * batches.global_batch_size / runtime,
-                   "train_steps_per_second": steps_run / runtime,
-                   "train_plan_seconds": self._plan_seconds}
-        self.log({k: v for k, v in metrics.items() if k != "train_loss"})
-        return TrainOutput(self.state.global_step, total_loss / steps_run, metrics)
+        if not ran and first == 0:
+            logger.warning("an epoch without a single step: stopping training at step %d", self.state.global_step)
+            self.control.should_training_stop = True
+        self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+        self._maybe_log_save_evaluate(self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
+                                      start_time, learning_rate=learning_rate)
 
-    def _init_state(self, max_steps: int, batches: StepBatches) -> None:
-        from transformers.trainer_callback import TrainerState
+    def _before_optimizer_step(self) -> bool:
+        """Executor hook after the gradient reductions: clip (global norm), then HF's events."""
+        ok = self._clip_gradients()
+        self._finish_substeps()
+        self._optimizer_events = 1
+        self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
+        return ok
 
-        self.state = TrainerState(
-            stateful_callbacks=[cb for cb in self.callback_handler.callbacks
-                                if hasattr(cb, "state") and callable(getattr(cb, "state"))])
-        self.state.max_steps = max_steps
-        self.state.train_batch_size = batches.global_batch_size
-        self.state.num_train_epochs = math.ceil(max_steps / batches.steps_per_epoch)
-        for name in ("logging_steps", "eval_steps", "save_steps"):
-            value = getattr(self.args, name)
-            if value is not None and value < 1:  # HF: a float < 1 is a fraction of max_steps
-                value = math.ceil(max_steps * value)
-            setattr(self.state, name, value)
-        self.state.is_local_process_zero = self.is_local_process_zero()
-        self.state.is_world_process_zero = self.is_world_process_zero()
+    def _after_optimizer_step(self) -> None:
+        self._optimizer_events = 2
+        self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
 
-    def _log_window(self, mean_loss: float, steps: int, seconds: float, batches: StepBatches) -> None:
-        """Per logging step: loss, learning rate, grad norm, tokens/s, model TFLOP/s per device,
-        peak memory — the figures a user compares between layouts."""
-        samples = batches.global_batch_size * steps
-        logs: dict[str, float] = {"loss": round(mean_loss, 6), "learning_rate": self._get_learning_rate()}
-        if self._last_grad_norm is not None:
-            logs["grad_norm"] = self._last_grad_norm
+    def _finish_substeps(self) -> None:
+        for _ in range(getattr(self, "_substeps_pending", 0)):
+            self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
+        self._substeps_pending = 0
+
+    def _finish_step_events(self) -> None:
+        """A step the executor skipped (fp16 overflow, non-finite norm) still shows HF's events."""
+        self._finish_substeps()
+        if self._optimizer_events == 0:
+            self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
+        if self._optimizer_events < 2:
+            self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
+
+    def _loss_weights(self, microbatches: list[dict[str, Any]]) -> tuple[list[float] | None, int]:
+        """Per micro-batch loss weights, as HF normalises with ``num_items_in_batch``.
+
+        When HF would pass ``num_items_in_batch`` (the model takes ``**kwargs`` and the batch has
+        labels), the model's own loss is the mean over one micro-batch's ``n_i`` label tokens, so
+        weighting it by ``n_i / N`` (``N`` the step's label tokens over all DP replicas when
+        ``average_tokens_across_devices``; times ``dp`` since DP averages gradients) makes the
+        step's loss and gradient HF's token-weighted ones. Otherwise ``None``: HF's plain mean
+        over micro-batches. Also returns the step's input tokens for ``num_input_tokens_seen``.
+        """
+        counts = [self._num_items(mb) for mb in microbatches]
+        tokens = sum(self._input_tokens(mb) for mb in microbatches)
+        dp = self.grid.dims.dp
+        if any(c is None for c in counts) or not self._token_weighted:
+            if dp > 1 and self.args.include_num_input_tokens_seen != "no":
+                tokens = int(self._dp_sum([0, tokens])[1])
+            return None, tokens
+        total, scale = float(sum(counts)), 1.0
+        if dp > 1:
+            summed = self._dp_sum([total, tokens])
+            tokens = int(summed[1])
+            if self.args.average_tokens_across_devices:
+                total, scale = float(summed[0]), float(dp)
+        if total == 0:
+            return [0.0] * len(counts), tokens
+        return [c * scale / total for c in counts], tokens
+
+    def _dp_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=merak.get_device())
+        wait_with_timeout(dist.all_reduce(t, group=self.grid.dp_group, async_op=True), self.args.p2p_timeout,
+                          "the label-token count all-reduce over data-parallel replicas")
+        return t.tolist()
+
+    def _num_items(self, mb: Mapping[str, Any]) -> int | None:
+        """HF's ``_get_num_items_in_batch`` for one micro-batch (labels shifted for causal LMs)."""
+        labels = mb.get("shift_labels", mb.get("labels"))
+        if not isinstance(labels, torch.Tensor):
+            return None
+        if "shift_labels" not in mb and self._loss_shifts_labels:
+            labels = labels[..., 1:]
+        return int(labels.ne(-100).sum())
+
+    def _input_tokens(self, mb: Mapping[str, Any]) -> int:
+        if self.args.include_num_input_tokens_seen == "no":
+            return 0
+        ids = mb.get(getattr(self.original_model, "main_input_name", "input_ids"))
+        if not isinstance(ids, torch.Tensor):
+            return 0
+        if self.args.include_num_input_tokens_seen == "non_padding" and "attention_mask" in mb:
+            return int(mb["attention_mask"].sum())
+        return ids.numel()
+
+    def _count_flos_and_tokens(self, microbatches: list[dict[str, Any]], tokens: int) -> None:
+        """HF's ``current_flos`` (6 x tokens x non-embedding parameters), counted once per replica
+        (first stage, tp rank 0) since ``store_flos`` sums over all ranks; tokens seen likewise."""
+        self.state.num_input_tokens_seen += tokens
+        if self.grid.is_first_stage and self.grid.coord.tp == 0:
+            self.current_flos += float(sum(self.floating_point_ops(mb) for mb in microbatches))
+
+    def floating_point_ops(self, inputs: dict[str, torch.Tensor | Any]) -> int:
+        main = getattr(self.original_model, "main_input_name", "input_ids")
+        if main in inputs and hasattr(self.original_model, "num_parameters"):
+            if self._non_embedding_params is None:
+                self._non_embedding_params = self.original_model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main].numel() * self._non_embedding_params
+        return 0
+
+    def store_flos(self) -> None:
+        """HF's: a sum over all ranks, of a float on every rank (ranks that count none hold 0.0;
+        an int there would mismatch the collective's dtype)."""
+        self.current_flos = float(self.current_flos)
+        super().store_flos()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """HF's ``log``; a training log (it has ``loss``) also gets Merak's throughput figures."""
+        if "loss" in logs and "eval_loss" not in logs:
+            now = time.perf_counter()
+            steps = self.state.global_step - self._merak_last_logged_step
+            if steps > 0:
+                self._add_throughput(logs, steps, now - self._merak_window_start)
+            self._merak_window_start, self._merak_last_logged_step = now, self.state.global_step
+        super().log(logs, start_time)
+
+    def _add_throughput(self, logs: dict[str, float], steps: int, seconds: float) -> None:
+        """Per logging step: tokens/s, model TFLOP/s per device, peak memory, loss scale - the
+        figures a user compares between layouts."""
+        samples = self.get_total_train_batch_size(self.args) * steps
         logs["tokens_per_second"] = samples * self._tokens_per_sample / max(seconds, 1e-9)
-        # Model FLOPs (forward ×3 for forward+backward), excluding recomputation: the usual MFU convention.
+        # Model FLOPs (forward x3 for forward+backward), excluding recomputation: the usual MFU convention.
         flops = 3 * self._flops_per_microbatch / self.args.per_device_train_batch_size * samples
         logs["tflops_per_device"] = flops / max(seconds, 1e-9) / self.grid.dims.world_size / 1e12
         logs["peak_memory_mb"] = _peak_memory_mb()
         if self.precision.scaler is not None:
             logs["loss_scale"] = self.precision.scaler.scale
             logs["skipped_steps"] = self.precision.scaler.skipped_steps
-        self.log(logs)
+
+    def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> TrainOutput:
+        output = super()._finalize_training(trial, num_train_samples, start_time)
+        output.metrics["train_plan_seconds"] = self._plan_seconds
+        return output
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise NotImplementedError("MerakTrainer runs whole pipeline steps in train(); training_step "
+        raise NotImplementedError("MerakTrainer runs whole pipeline steps in _run_epoch(); training_step "
                                   "per micro-batch does not exist under pipeline parallelism")
 
-    # ---- evaluation ---------------------------------------------------------------------
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Pipelined forward over the evaluation set; returns ``{prefix}_loss`` (global mean)."""
+    # ---- evaluation and prediction: HF's evaluate/predict, a pipelined loop -----------------
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> EvalLoader:
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset (in the constructor or as argument)")
-        executor = self._pipeline_executor()
-        start = time.perf_counter()
-        mbs = eval_microbatches(dataset, self.data_collator, self.args.per_device_eval_batch_size,
-                                self.grid.dims.dp, self.grid.coord.dp)
-        chunk = max(self.args.gradient_accumulation_steps, 1)
-        total = torch.zeros(2, dtype=torch.float64)  # (sum of micro-batch losses, count)
-        self.stage.eval()
-        with torch.no_grad():
-            for i in range(0, len(mbs), chunk):
-                part = mbs[i:i + chunk]
-                result = executor.run(forward_only.build(self.grid.num_stages, len(part),
-                                                         self.grid.stage_id, self.placement), part)
-                if result.loss is not None:
-                    total += torch.tensor([result.loss * len(part), len(part)], dtype=torch.float64)
-        self.stage.train()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            wait_with_timeout(dist.all_reduce(total, async_op=True), self.args.p2p_timeout,
-                              "the evaluation-loss all-reduce")
-        metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1]) if total[1] else float("nan"),
-                   f"{metric_key_prefix}_runtime": time.perf_counter() - start}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        return self._eval_loader(dataset)
+
+    def get_test_dataloader(self, test_dataset: Any) -> EvalLoader:
+        return self._eval_loader(test_dataset)
+
+    def _eval_loader(self, dataset: Any) -> EvalLoader:
+        dataset = self._without_unused_columns(dataset)
+        return EvalLoader(dataset, self.data_collator, self.args.per_device_eval_batch_size,
+                          self.grid.dims.dp, self.grid.coord.dp)
+
+    def evaluation_loop(self, dataloader: EvalLoader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        """HF's ``evaluation_loop`` contract (``EvalLoopOutput``, ``compute_metrics``,
+        ``preprocess_logits_for_metrics``, ``batch_eval_metrics``, ``include_for_metrics``,
+        ``on_prediction_step``) over forward-only pipeline passes; see :mod:`merak.evaluation`."""
+        from merak.evaluation import pipelined_evaluation_loop
+
+        return pipelined_evaluation_loop(self, dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
 
     # ---- checkpoints and export ----------------------------------------------------------
-    def _save_checkpoint(self, model: nn.Module, trial: Any, metrics: Any = None) -> None:
-        from merak.checkpoint import save_checkpoint
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Collective. Inside a checkpoint (HF's ``_save_checkpoint`` calls it first): Merak's
+        shards. Otherwise: a consolidated ``save_pretrained`` directory from any layout. Either
+        way rank 0 adds what HF's ``_save`` writes beside the weights: the processing class
+        (tokenizer ...) and ``training_args.bin``."""
+        from merak.checkpoint import export_pretrained, save_checkpoint
 
-        directory = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
-        save_checkpoint(directory, stage=self.stage, grid=self.grid, optimizer=self.optimizer,
-                        lr_scheduler=self.lr_scheduler,
-                        extra={"global_step": self.state.global_step, **self._scaler_state()})
-        if self.grid.rank == 0:
-            self.state.save_to_json(f"{directory}/trainer_state.json")
+        directory = output_dir or self.args.output_dir
+        if _internal_call and self.is_in_train:
+            full = not self.args.save_only_model
+            save_checkpoint(directory, stage=self.stage, grid=self.grid,
+                            optimizer=self.optimizer if full else None,
+                            lr_scheduler=self.lr_scheduler if full else None,
+                            extra={"global_step": self.state.global_step, "partition_cuts": self._cuts(),
+                                   **self._scaler_state()})
+        else:
+            export_pretrained(directory, stage=self.stage, grid=self.grid, model=self.original_model)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(directory)
+            torch.save(self.args, f"{directory}/{TRAINING_ARGS_NAME}")
         _barrier(self.args.p2p_timeout)
 
-    def _resume(self, checkpoint: str | bool) -> int:
-        from transformers.trainer_callback import TrainerState
-        from transformers.trainer_utils import get_last_checkpoint
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The optimizer lives in Merak's shards (one per stage); HF's ``scheduler.pt`` (the same
+        on every rank) is written by rank 0 beside them."""
+        if self.args.should_save and self.lr_scheduler is not None:
+            torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{SCHEDULER_NAME}")
 
+    def _restore_checkpoint(self, directory: str) -> None:
         from merak.checkpoint import load_checkpoint
 
-        directory = get_last_checkpoint(self.args.output_dir) if checkpoint is True else checkpoint
-        if directory is None:
-            raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint-*")
-        extra = load_checkpoint(directory, stage=self.stage, grid=self.grid, optimizer=self.optimizer,
-                                lr_scheduler=self.lr_scheduler)
-        saved = TrainerState.load_from_json(f"{directory}/trainer_state.json")
-        self.state.log_history = saved.log_history
-        self.state.global_step = int(extra["global_step"])
+        self._check_cuts(directory)
+        full = os.path.exists(os.path.join(directory, "layout.json")) and _has_optimizer(directory)
+        extra = load_checkpoint(directory, stage=self.stage, grid=self.grid,
+                                optimizer=self.optimizer if full else None,
+                                lr_scheduler=self.lr_scheduler if full else None)
         if self.precision.scaler is not None and "loss_scaler" in extra:
             self.precision.scaler.load_state_dict(extra["loss_scaler"])
-        self.state.num_input_tokens_seen = saved.num_input_tokens_seen
-        return self.state.global_step
+
+    def _load_best_model(self) -> None:
+        """Reload the best checkpoint's stage weights on every rank (not its optimizer or RNG)."""
+        from merak.checkpoint import load_checkpoint
+
+        logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        load_checkpoint(self.state.best_model_checkpoint, stage=self.stage, grid=self.grid, restore_rng=False)
+
+    def _cuts(self) -> list[str]:
+        """The partition plan's cut points (first node of stages 1..P-1), saved with checkpoints."""
+        return [s.first_node for s in self.plan.stages[1:]]
+
+    def _check_cuts(self, directory: str) -> None:
+        import json
+
+        path = os.path.join(directory, "extra.json")
+        saved = json.load(open(path)).get("partition_cuts") if os.path.exists(path) else None
+        if saved is not None and list(saved) != self._cuts():
+            raise ValueError(
+                f"checkpoint {directory} was cut at {saved} but this run's plan cuts at {self._cuts()} (the "
+                f"profiler or calibration measured differently); resume with partition_method='manual' and "
+                f"partition_cuts set to the module names starting those stages, or with the same cost model")
 
     def _scaler_state(self) -> dict[str, Any]:
         scaler = self.precision.scaler
         return {} if scaler is None else {"loss_scaler": scaler.state_dict()}
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Collective: write a consolidated ``save_pretrained`` directory from any layout."""
-        from merak.checkpoint import export_pretrained
-
-        export_pretrained(output_dir or self.args.output_dir, stage=self.stage, grid=self.grid,
-                          model=self.original_model)
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -518,6 +726,33 @@ def _grid() -> Any:
         return merak.get_grid()
     except RuntimeError:  # no merak.init: pure data parallelism over whatever the launcher started
         return merak.init(dp=read_launch_env().world_size)
+
+
+def _default_collator(processing_class: Any) -> Callable[[list[Any]], dict[str, Any]]:
+    """HF's default: pad with the tokenizer when one is given, else stack."""
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+    if isinstance(processing_class, PreTrainedTokenizerBase):
+        return DataCollatorWithPadding(processing_class)
+    return default_data_collator
+
+
+def _drop_unused_columns(dataset: Any, model: nn.Module, args: MerakArguments) -> Any:
+    """HF's ``remove_unused_columns`` for a ``datasets.Dataset``: keep the columns the model's
+    forward takes (and label columns)."""
+    if dataset is None or not args.remove_unused_columns or not hasattr(dataset, "column_names") \
+            or not hasattr(dataset, "remove_columns"):
+        return dataset
+    params = inspect.signature(model.forward).parameters
+    keep = set(params) | {"label", "label_ids"} | set(args.label_names or [])
+    unused = [c for c in dataset.column_names if c not in keep]
+    return dataset.remove_columns(unused) if unused else dataset
+
+
+def _has_optimizer(directory: str) -> bool:
+    import json
+
+    return bool(json.load(open(os.path.join(directory, "layout.json"))).get("optimizer"))
 
 
 def _barrier(timeout_s: float) -> None:

@@ -17,7 +17,15 @@ Semantics that the schedules and the validator rely on:
   Without an ``activation_plan`` the whole stage is the one recomputed unit.
 * The last stage's loss is divided by the number of micro-batches before backward, so the
   accumulated gradient is that of the mean loss over the whole (global) batch, as in a single
-  process; DP then averages over replicas.
+  process; DP then averages over replicas. ``run(..., loss_weights=w)`` multiplies micro-batch
+  ``m``'s loss by ``w[m]`` instead (the trainer's per-token normalisation, as HF's
+  ``num_items_in_batch``); the step's reported loss is then the weighted sum.
+* A model that returns a tuple has its outputs named ``output_0, output_1, ...``; as in HF's
+  Trainer, the loss is then the first one.
+* In a forward-only list (no backward at all, e.g. evaluation) a micro-batch's tensors are
+  dropped as soon as they were sent; on the last stage ``on_output(m, outputs, loss)`` sees each
+  micro-batch's outputs right after its forward, and they are dropped after it returns, so a
+  pass never holds more than the micro-batches in flight.
 * Sends are asynchronous, receives block with a timeout (see :mod:`merak.runtime.distributed.p2p`).
 
 Virtual stages (:mod:`merak.runtime.pipeline.placement`): a rank may hold several model chunks
@@ -153,6 +161,7 @@ class PipelineExecutor:
         bucket_bytes: int = 25 * 2**20,
         zero_bubble: bool = False,
         before_optimizer_step: Callable[[], bool | None] | None = None,
+        after_optimizer_step: Callable[[], None] | None = None,
         precision: MixedPrecision | None = None,
         activation_plan: ActivationPlan | None = None,
         placement: Placement | None = None,
@@ -166,6 +175,7 @@ class PipelineExecutor:
         self.device = torch.device(device)
         self.loss_fn, self.timeout_s = loss_fn, timeout_s
         self.before_optimizer_step = before_optimizer_step
+        self.after_optimizer_step = after_optimizer_step
         self.precision = precision or MixedPrecision()
         self.p2p = P2P(self.device, timeout_s)
         self.is_first, self.is_last = grid.is_first_stage, grid.is_last_stage
@@ -229,8 +239,14 @@ class PipelineExecutor:
                       prev_rank, next_rank, local_prev, local_next, activations)
 
     # ---- the step ----------------------------------------------------------------------
-    def run(self, instructions: Sequence[Instruction], microbatches: Sequence[Mapping[str, Any]]) -> StepResult:
-        """Execute one step. Every stage of a pipeline gets the same ``microbatches`` list."""
+    def run(self, instructions: Sequence[Instruction], microbatches: Sequence[Mapping[str, Any]],
+            loss_weights: Sequence[float] | None = None,
+            on_output: Callable[[int, Mapping[str, Any], torch.Tensor | None], None] | None = None) -> StepResult:
+        """Execute one step. Every stage of a pipeline gets the same ``microbatches`` list.
+
+        ``loss_weights`` (one per micro-batch; default ``1/M`` each) scale the last stage's
+        micro-batch losses before backward. ``on_output`` is called on the last stage after each
+        forward (for predictions); see the module docstring."""
         start = time.perf_counter()
         loads = sorted({i.microbatch for i in instructions if i.op is Op.LOAD})
         if loads != list(range(len(microbatches))):
@@ -240,11 +256,15 @@ class PipelineExecutor:
             )
         self._batches = microbatches
         self._num_mb = len(microbatches)
+        self._weights = ([1.0 / self._num_mb] * self._num_mb if loss_weights is None
+                         else [float(w) for w in loss_weights])
+        self._on_output = on_output
         self._mb: dict[tuple[int, int], _MicroBatch] = {
             (c, m): _MicroBatch() for c in range(len(self.chunks)) for m in range(self._num_mb)}
         self._recomputed = {i.key for i in instructions if i.op is Op.RECOMPUTE}
         backward_ops = (Op.BACKWARD, Op.BACKWARD_INPUT)
         last_backward = max((n for n, i in enumerate(instructions) if i.op in backward_ops), default=-1)
+        self._forward_only = last_backward < 0
         self._skipped = False
         busy = [0.0, 0.0]  # forward, backward seconds
         for n, instruction in enumerate(instructions):
@@ -260,8 +280,13 @@ class PipelineExecutor:
             if kind is not None:
                 busy[kind] += time.perf_counter() - began
         self.p2p.wait_sends()
-        losses = [m.loss for m in self._mb.values() if m.loss is not None]
-        loss = float(torch.stack(losses).detach().mean()) if losses else None
+        losses = [(m.loss, self._weights[key[1]]) for key, m in self._mb.items() if m.loss is not None]
+        if not losses:
+            loss = None
+        elif loss_weights is None:
+            loss = float(torch.stack([l for l, _ in losses]).detach().mean())
+        else:
+            loss = float(sum(float(l.detach()) * w for l, w in losses))
         self._mb.clear()
         for chunk in self.chunks:
             chunk.activations.release_all()
@@ -305,16 +330,25 @@ class PipelineExecutor:
             mb.outputs = chunk.activations.forward(ins.microbatch, apply, mb.data, mb.received)
         if chunk.is_last:
             mb.loss = self._loss(mb.outputs, mb.data)
+            if self._forward_only:
+                if self._on_output is not None:
+                    self._on_output(ins.microbatch, mb.outputs, mb.loss)
+                mb.outputs, mb.data, mb.received = None, {}, {}
+                if mb.loss is not None:
+                    mb.loss = mb.loss.detach()
 
-    def _loss(self, outputs: Mapping[str, Any], data: Mapping[str, Any]) -> torch.Tensor:
+    def _loss(self, outputs: Mapping[str, Any], data: Mapping[str, Any]) -> torch.Tensor | None:
         if self.loss_fn is not None:
             return self.loss_fn(outputs, data)
-        if "loss" not in outputs:
+        key = loss_key(outputs)
+        if key is None:
+            if self._forward_only:
+                return None  # prediction without labels
             raise KeyError(
                 f"the last stage's outputs {sorted(outputs)} contain no 'loss': give the model "
                 f"labels in the batch, or pass loss_fn=(outputs, batch) -> loss"
             )
-        return outputs["loss"]
+        return outputs[key]
 
     def _forward(self, ins: Instruction) -> None:
         chunk, mb = self.chunks[ins.chunk], self._mb[ins.key]
@@ -331,6 +365,8 @@ class PipelineExecutor:
         assert chunk.next_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote successor"
         self.p2p.send(self.precision.on_wire({n: mb.outputs[n] for n in chunk.stage.send_outputs}),
                       chunk.next_rank, self._what("activations", ins, chunk.virtual_stage))
+        if self._forward_only:  # nothing will come back for it: drop what the forward held
+            mb.outputs, mb.data, mb.received = None, {}, {}
 
     def _recompute(self, ins: Instruction) -> None:
         if self._mb[ins.key].outputs is None:
@@ -352,7 +388,7 @@ class PipelineExecutor:
             assert consumer.input_grads is not None, f"{ins}: chunk {chunk.local_next} has not run backward"
             mb.output_grads, consumer.input_grads = consumer.input_grads, None
         if chunk.is_last:
-            tensors, grads = [self.precision.scale_loss(mb.loss / self._num_mb)], [None]
+            tensors, grads = [self.precision.scale_loss(mb.loss * self._weights[ins.microbatch])], [None]
         else:
             assert mb.output_grads is not None, f"{ins}: backward before its gradient was received"
             pairs = [(mb.outputs[n], mb.output_grads.get(n)) for n in chunk.stage.send_outputs]
@@ -402,6 +438,8 @@ class PipelineExecutor:
             self._skipped = True
         elif self.optimizer is not None:
             self.optimizer.step()
+            if self.after_optimizer_step is not None:
+                self.after_optimizer_step()
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -417,6 +455,16 @@ def all_reduce_mean_loss(loss: float | None, grid: Grid, timeout_s: float = 300.
         wait_with_timeout(work, timeout_s, "the loss all-reduce at the end of a step")
     contributors = grid.dims.dp * grid.dims.tp
     return float(t.item()) / contributors
+
+
+def loss_key(outputs: Mapping[str, Any]) -> str | None:
+    """Which output is the loss: ``loss``, or - for a model that returned a tuple, whose outputs
+    are named ``output_0, output_1, ...`` - the first one, as HF's Trainer takes ``outputs[0]``."""
+    if "loss" in outputs:
+        return "loss"
+    if "output_0" in outputs and all(k.startswith("output_") for k in outputs):
+        return "output_0"
+    return None
 
 
 def _stage_actions(plan: ActivationPlan | None, placement: Placement, virtual_stage: int) -> dict[str, LayerAction]:
