@@ -143,6 +143,12 @@ class MerakArguments(TrainingArguments):
                           "batch per_device_train_batch_size x gradient_accumulation_steps x world size. "
                           "Do not call merak.init yourself then."},
     )
+    log_throughput: bool = field(
+        default=False,
+        metadata={"help": "Add tokens_per_second, tflops_per_device, peak_memory_mb (and fp16's loss_scale / "
+                          "skipped_steps) to every training log entry. Off by default so log_history has exactly "
+                          "HF's keys; the figures are logged by the 'merak' logger either way."},
+    )
     p2p_timeout: float = field(
         default=300.0,
         metadata={"help": "Seconds any pipeline send/receive or collective may wait before failing "

@@ -480,21 +480,27 @@ class MerakTrainer(Trainer):
 
     def _add_throughput(self, logs: dict[str, float], steps: int, seconds: float) -> None:
         """Per logging step: tokens/s, model TFLOP/s per device, peak memory, loss scale - the
-        figures a user compares between layouts."""
+        figures a user compares between layouts. Logged by the ``merak`` logger (rank 0); added
+        to ``log_history`` only with ``log_throughput=True``, so that it keeps HF's keys."""
         samples = self.get_total_train_batch_size(self.args) * steps
-        logs["tokens_per_second"] = samples * self._tokens_per_sample / max(seconds, 1e-9)
+        figures: dict[str, float] = {"tokens_per_second": samples * self._tokens_per_sample / max(seconds, 1e-9)}
         # Model FLOPs (forward x3 for forward+backward), excluding recomputation: the usual MFU convention.
         flops = 3 * self._flops_per_microbatch / self.args.per_device_train_batch_size * samples
-        logs["tflops_per_device"] = flops / max(seconds, 1e-9) / self.grid.dims.world_size / 1e12
-        logs["peak_memory_mb"] = _peak_memory_mb()
+        figures["tflops_per_device"] = flops / max(seconds, 1e-9) / self.grid.dims.world_size / 1e12
+        figures["peak_memory_mb"] = _peak_memory_mb()
         if self.precision.scaler is not None:
-            logs["loss_scale"] = self.precision.scaler.scale
-            logs["skipped_steps"] = self.precision.scaler.skipped_steps
+            figures["loss_scale"] = self.precision.scaler.scale
+            figures["skipped_steps"] = self.precision.scaler.skipped_steps
+        if self.args.log_throughput:
+            logs.update(figures)
+        if self.grid.rank == 0:
+            logger.info("step %d: %s", self.state.global_step,
+                        ", ".join(f"{k}={v:.4g}" for k, v in figures.items()))
 
     def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> TrainOutput:
-        output = super()._finalize_training(trial, num_train_samples, start_time)
-        output.metrics["train_plan_seconds"] = self._plan_seconds
-        return output
+        if self.grid.rank == 0:
+            logger.info("partitioning took %.2fs", self._plan_seconds)
+        return super()._finalize_training(trial, num_train_samples, start_time)
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("MerakTrainer runs whole pipeline steps in _run_epoch(); training_step "
