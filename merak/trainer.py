@@ -177,6 +177,10 @@ class MerakTrainer(Trainer):
         self._loss_shifts_labels = (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
                                     and not getattr(config, "is_encoder_decoder", False))
         self._token_weighted = self.model_accepts_loss_kwargs and self.loss_fn is None
+        # HF hands num_items_in_batch to a model taking **kwargs and then skips its division by the
+        # number of micro-batches; a model whose loss ignores it (BERT classifiers, T5) is thereby
+        # trained on the *sum* of its micro-batch losses. Reproduce that, too.
+        self._loss_sums_microbatches = self._token_weighted and not _loss_reads_num_items(model)
         if self.label_smoother is not None and self.loss_fn is None:
             smoother = self.label_smoother
             shift = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
@@ -186,6 +190,7 @@ class MerakTrainer(Trainer):
 
             self.loss_fn = smoothed
             self._token_weighted = self.model_accepts_loss_kwargs
+            self._loss_sums_microbatches = False  # HF's LabelSmoother reads num_items_in_batch
 
     def _without_unused_columns(self, dataset: Any) -> Any:
         return _drop_unused_columns(dataset, self.original_model, self.args)
@@ -402,8 +407,10 @@ class MerakTrainer(Trainer):
         labels), the model's own loss is the mean over one micro-batch's ``n_i`` label tokens, so
         weighting it by ``n_i / N`` (``N`` the step's label tokens over all DP replicas when
         ``average_tokens_across_devices``; times ``dp`` since DP averages gradients) makes the
-        step's loss and gradient HF's token-weighted ones. Otherwise ``None``: HF's plain mean
-        over micro-batches. Also returns the step's input tokens for ``num_input_tokens_seen``.
+        step's loss and gradient HF's token-weighted ones. If that model's loss ignores
+        ``num_items_in_batch``, HF still skips its division by the number of micro-batches: each
+        weighs ``1`` (``dp`` with ``average_tokens_across_devices``, as HF scales by the world
+        size). Otherwise ``None``: HF's plain mean over micro-batches. Also returns the step's input tokens for ``num_input_tokens_seen``.
         """
         counts = [self._num_items(mb) for mb in microbatches]
         tokens = sum(self._input_tokens(mb) for mb in microbatches)
@@ -418,6 +425,8 @@ class MerakTrainer(Trainer):
             tokens = int(summed[1])
             if self.args.average_tokens_across_devices:
                 total, scale = float(summed[0]), float(dp)
+        if self._loss_sums_microbatches:
+            return [scale] * len(counts), tokens
         if total == 0:
             return [0.0] * len(counts), tokens
         return [c * scale / total for c in counts], tokens
@@ -753,6 +762,18 @@ def _drop_unused_columns(dataset: Any, model: nn.Module, args: MerakArguments) -
     keep = set(params) | {"label", "label_ids"} | set(args.label_names or [])
     unused = [c for c in dataset.column_names if c not in keep]
     return dataset.remove_columns(unused) if unused else dataset
+
+
+def _loss_reads_num_items(model: nn.Module) -> bool:
+    """Whether the model's loss depends on HF's ``num_items_in_batch``: its ``forward`` hands
+    ``**kwargs`` to HF's ``self.loss_function`` (causal LMs) or names the argument. Read from the
+    source, since a model with ``**kwargs`` may drop it (``BertForSequenceClassification``, T5
+    compute a plain mean); no source available: assume it does, HF's common case."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return True
+    return "loss_function(" in source or "num_items_in_batch" in source
 
 
 def _has_optimizer(directory: str) -> bool:
