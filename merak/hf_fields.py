@@ -22,6 +22,7 @@ from typing import Any
 logger = logging.getLogger("merak")
 
 HONOURED, MAPPED, REFUSED = "honoured", "mapped", "refused"
+POLICIES = (HONOURED, MAPPED, REFUSED)
 
 _H = HONOURED
 _M = MAPPED

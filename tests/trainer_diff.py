@@ -17,7 +17,8 @@ batches (Merak drops an incomplete last one; see docs/trainer.md).
 
 Model kinds: ``tuple`` (an ``nn.Module`` returning ``(loss, logits)``), ``dict`` (returning a
 dict), ``gpt2`` (a causal LM on padded rows of varying length with ``-100`` labels, padded per
-micro-batch by a collator), ``classifier`` (a BERT sequence classifier with ``compute_metrics``).
+micro-batch by a collator), ``classifier`` (a BERT sequence classifier with ``compute_metrics``),
+``seq2seq`` (a T5 conditional-generation model: encoder inputs, decoder labels).
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ def _data(kind: str, n: int, seed: int) -> list[dict[str, Any]]:
             ids = torch.randint(1, VOCAB, (length,), generator=g).tolist()
             labels = [t if i % 3 else -100 for i, t in enumerate(ids)]  # some -100 inside rows too
             rows.append({"input_ids": ids, "labels": labels})
+        elif kind == "seq2seq":
+            ids = torch.randint(1, VOCAB, (SEQ,), generator=g)
+            rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
+                         "labels": torch.randint(1, VOCAB, (SEQ // 2,), generator=g)})
         else:  # classifier
             ids = torch.randint(1, VOCAB, (SEQ,), generator=g)
             rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
@@ -141,6 +146,11 @@ def _model(kind: str) -> nn.Module:
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         config._attn_implementation = "eager"
         return transformers.GPT2LMHeadModel(config)
+    if kind == "seq2seq":
+        config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                       num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
+                                       decoder_start_token_id=0, pad_token_id=0)
+        return transformers.T5ForConditionalGeneration(config)
     config = transformers.BertConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                      max_position_embeddings=64, vocab_size=VOCAB, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0, num_labels=3)
@@ -153,7 +163,7 @@ def accuracy(prediction: Any) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == prediction.label_ids).mean())}
 
 
-def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 1, resume: str | None = None,
+def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 1, tp: int = 1, resume: str | None = None,
                early_stopping: int = 0, counter_start: int = 0, **overrides: Any) -> dict[str, Any]:
     """The user's script; only the two class names (and ``merak.init``) change with ``use_merak``."""
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
@@ -161,7 +171,7 @@ def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 
     if use_merak:
         import merak
 
-        merak.init(dp=dp, pp=pp)
+        merak.init(dp=dp, tp=tp, pp=pp)
         Trainer, TrainingArguments = merak.MerakTrainer, merak.MerakArguments  # noqa: N806 - the drop-in
     settings: dict[str, Any] = dict(
         output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=4 // dp,
@@ -223,13 +233,18 @@ def _close(a: Any, b: Any, rtol: float, where: str) -> None:
         assert a == b, f"{where}: HF {a!r} vs Merak {b!r}"
 
 
-def collapse_prediction_steps(events: list[str]) -> list[str]:
-    """One ``on_prediction_step*`` per run of them: the count depends on the eval batching per
-    process (as it does between HF runs on different world sizes)."""
+#: events fired once per micro-batch (or evaluation batch) of a process: their count depends on
+#: how many of them each process runs, as it does between HF runs on different world sizes
+PER_BATCH_EVENTS = ("on_prediction_step", "on_substep_end")
+
+
+def collapse_per_batch_events(events: list[str]) -> list[str]:
+    """One ``EVENT*`` per run of a per-batch event (compared so when dp > 1: a replica runs
+    ``gradient_accumulation_steps / dp`` micro-batches where the one-process HF run runs all)."""
     out: list[str] = []
     for e in events:
-        e = "on_prediction_step*" if e == "on_prediction_step" else e
-        if not (out and out[-1] == e == "on_prediction_step*"):
+        e = e + "*" if e in PER_BATCH_EVENTS else e
+        if not (out and out[-1] == e and e.endswith("*")):
             out.append(e)
     return out
 
@@ -248,7 +263,7 @@ def assert_same(hf: dict[str, Any], merak: dict[str, Any], rtol: float = 1e-5, e
     """What a user sees must match: events, logs, checkpoints, best model, metrics, predictions."""
     ev_hf, ev_mk = hf["events"], merak["events"]
     if not exact_events:
-        ev_hf, ev_mk = collapse_prediction_steps(ev_hf), collapse_prediction_steps(ev_mk)
+        ev_hf, ev_mk = collapse_per_batch_events(ev_hf), collapse_per_batch_events(ev_mk)
     assert ev_hf == ev_mk, _first_difference(ev_hf, ev_mk)
     _close([{k: v for k, v in e.items() if k not in UNCOMPARED} for e in hf["log_history"]],
            [{k: v for k, v in e.items() if k not in UNCOMPARED} for e in merak["log_history"]], rtol, "log_history")

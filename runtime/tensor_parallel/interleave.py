@@ -151,11 +151,10 @@ class SubMicrobatchRunner:
         if self.nodes is None:
             self._analyze()
         batch = self._batch_size(data, received)
-        if batch is None or self.k == 1:
+        # A batch that does not split into k equal parts (the tail of an evaluation set; the trainer
+        # refuses such a training micro-batch) runs whole: same values, no overlap for that one.
+        if batch is None or self.k == 1 or batch % self.k:
             return type(self.stage).forward(self.stage, data, received)
-        if batch % self.k:
-            raise ValueError(f"a micro-batch of {batch} samples cannot be split into tp_sub_microbatches={self.k} "
-                             f"equal parts; make per_device_train_batch_size a multiple of {self.k}")
         datas = self._split(data, batch, names=None)
         recvs = self._split(received, batch, names=self.batch_values)
         envs: list[dict[fx.Node, Any]] = [{} for _ in range(self.k)]
