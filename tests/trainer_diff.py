@@ -183,8 +183,8 @@ def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 
     if use_merak:
         settings.update(p2p_timeout=120.0)
     args = TrainingArguments(**settings)
-    recorder, counter = Recorder(), CountingCallback(counter_start)
-    callbacks: list[Any] = [recorder, counter]
+    recorder = Recorder()
+    callbacks: list[Any] = [recorder, CountingCallback(counter_start)]
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping))
     trainer = Trainer(model=_model(kind), args=args, train_dataset=_data(kind, N_TRAIN, 1),
@@ -210,7 +210,8 @@ def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 
         "global_step": train.global_step, "training_loss": train.training_loss, "eval": evaluation,
         "predict": {"predictions": prediction.predictions, "label_ids": prediction.label_ids,
                     "metrics": prediction.metrics},
-        "counter": counter.count,
+        # HF's callback-state restore replaces the instance in the handler: read the live one
+        "counter": next(c.count for c in trainer.callback_handler.callbacks if isinstance(c, CountingCallback)),
     }
 
 
@@ -227,8 +228,9 @@ def _close(a: Any, b: Any, rtol: float, where: str) -> None:
         for i, (x, y) in enumerate(zip(a, b)):
             _close(x, y, rtol, f"{where}[{i}]")
     elif isinstance(a, (np.ndarray, torch.Tensor, float)) and not isinstance(a, bool):
+        # atol: logits near zero after training differ by summation order (~1e-6) between layouts
         np.testing.assert_allclose(np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64), rtol=rtol,
-                                   atol=1e-6, err_msg=where)
+                                   atol=1e-5, err_msg=where)
     else:
         assert a == b, f"{where}: HF {a!r} vs Merak {b!r}"
 
