@@ -12,6 +12,7 @@ keys the stage reads, so labels are used only on the last stage and inputs on th
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -99,6 +100,10 @@ class TrainLoader:
     def step(self, index: int) -> list[dict[str, Any]]:
         return self.batches.microbatches(index)
 
+    def step_of(self, epoch: int, index: int) -> list[dict[str, Any]]:
+        """Step ``index`` of ``epoch``: global step ``epoch × steps_per_epoch + index``."""
+        return self.batches.microbatches(epoch * self.batches.steps_per_epoch + index)
+
     def __iter__(self) -> Any:
         for step in range(self.batches.steps_per_epoch):
             yield from self.batches.microbatches(step)
@@ -127,3 +132,48 @@ class EvalLoader:
     def __iter__(self) -> Any:
         for index in self.indices:
             yield self.microbatch(index)
+
+
+class StreamLoader:
+    """An ``IterableDataset`` (a stream, no ``len``) behind HF's loop, which then sizes training
+    by ``max_steps``: every rank reads the same stream, global step ``k`` of an epoch is its next
+    ``G = micro-batch × micro-batches × dp`` samples and replica ``r`` takes the ``r``-th slice,
+    so a step reads the same samples in every layout, as :class:`StepBatches` does. Steps are
+    read in order; asking for an earlier step (a new epoch) restarts the stream, and a resumed run
+    skips the samples of the steps already done. :meth:`step` returns ``None`` when fewer than
+    ``G`` samples remain: the epoch ends there (an incomplete global batch is dropped)."""
+
+    def __init__(self, dataset: Any, collate: Collate, micro_batch_size: int, num_microbatches: int,
+                 dp_size: int, dp_rank: int) -> None:
+        self.dataset, self.batch_size, self._collate = dataset, micro_batch_size, collate
+        self.num_microbatches, self.dp_size, self.dp_rank = num_microbatches, dp_size, dp_rank
+        self._iterator: Any = None
+        self._next = 0  # the step the iterator is positioned at, within the current pass
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_microbatches * self.dp_size
+
+    def step(self, index: int) -> list[dict[str, Any]] | None:
+        """Micro-batches of step ``index`` of the current pass over the stream."""
+        if self._iterator is None or index < self._next:
+            self._iterator, self._next = iter(self.dataset), 0
+        while self._next <= index:
+            samples = list(itertools.islice(self._iterator, self.global_batch_size))
+            self._next += 1
+            if len(samples) < self.global_batch_size:
+                self._iterator, self._next = None, 0
+                return None
+        per_replica = self.batch_size * self.num_microbatches
+        mine = samples[self.dp_rank * per_replica:(self.dp_rank + 1) * per_replica]
+        b = self.batch_size
+        return [self._collate(mine[j:j + b]) for j in range(0, per_replica, b)]
+
+    def step_of(self, epoch: int, index: int) -> list[dict[str, Any]] | None:
+        return self.step(index)
+
+    def __iter__(self) -> Any:
+        index = 0
+        while (batches := self.step(index)) is not None:
+            yield from batches
+            index += 1

@@ -35,7 +35,7 @@ from transformers.trainer_utils import TrainOutput
 
 import merak
 from merak.arguments import MerakArguments
-from merak.data import EvalLoader, StepBatches, TrainLoader
+from merak.data import EvalLoader, StepBatches, StreamLoader, TrainLoader
 from merak.hf_fields import check_training_arguments
 from merak.launch.env import read_launch_env
 from merak.partitioner import StageChunks, build_chunks, build_stage, shard, trace
@@ -95,7 +95,7 @@ class MerakTrainer(Trainer):
         if dataset is None:
             raise ValueError("MerakTrainer needs a train_dataset or eval_dataset: the model is traced "
                              "with one collated micro-batch of it")
-        example = collate([dataset[i] for i in range(min(len(dataset), args.per_device_train_batch_size))])
+        example = collate(_first_samples(dataset, args.per_device_train_batch_size))
         _check_batch_against_model(model, example)
         if self.grid.num_stages > 1 and args.gradient_accumulation_steps < self.grid.num_stages:
             logger.warning(
@@ -284,11 +284,15 @@ class MerakTrainer(Trainer):
         return True
 
     # ---- training: HF's loop, a pipeline step where HF runs one -----------------------
-    def get_train_dataloader(self) -> TrainLoader:
+    def get_train_dataloader(self) -> TrainLoader | StreamLoader:
         """Layout-invariant step batches (:class:`~merak.data.StepBatches`) behind the dataloader
         interface HF's loop sizes epochs with."""
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
+        if _is_stream(self.train_dataset):
+            args, grid = self.args, self.grid
+            return StreamLoader(self.train_dataset, self.data_collator, args.per_device_train_batch_size,
+                                args.gradient_accumulation_steps, grid.dims.dp, grid.coord.dp)
         return TrainLoader(self._step_batches())
 
     def get_total_train_batch_size(self, args: Any) -> int:
@@ -340,9 +344,11 @@ class MerakTrainer(Trainer):
         learning_rate: float | None = None
         ran = False
         for update_step in range(first, num_update_steps_per_epoch):
+            microbatches = train_dataloader.step_of(epoch, update_step)
+            if microbatches is None:  # a stream ran out: the epoch ends (HF's loop starts the next one)
+                break
             ran = True
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            microbatches = train_dataloader.step(epoch * num_update_steps_per_epoch + update_step)
             weights, tokens = self._loss_weights(microbatches)
             self._substeps_pending = len(microbatches) - 1
             self._optimizer_events = 0
@@ -719,7 +725,7 @@ def _apply_auto_parallel(model: nn.Module, args: MerakArguments, collate: Callab
     if dataset is None:
         raise ValueError("MerakTrainer needs a train_dataset or eval_dataset to plan auto_parallel with")
     merak.initialize.join_job(timeout_s=args.p2p_timeout)
-    example = collate([dataset[i] for i in range(min(len(dataset), args.per_device_train_batch_size))])
+    example = collate(_first_samples(dataset, args.per_device_train_batch_size))
     graph = trace(model, {k: meta_like(v) for k, v in example.items()}, leaf_modules=args.leaf_modules)
     choice = decide_on_rank0(graph, example, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                              args.max_memory_per_device, args.p2p_timeout)
@@ -762,6 +768,20 @@ def _drop_unused_columns(dataset: Any, model: nn.Module, args: MerakArguments) -
     keep = set(params) | {"label", "label_ids"} | set(args.label_names or [])
     unused = [c for c in dataset.column_names if c not in keep]
     return dataset.remove_columns(unused) if unused else dataset
+
+
+def _is_stream(dataset: Any) -> bool:
+    """A dataset read as a stream: a torch ``IterableDataset`` or anything without ``len``."""
+    return isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__")
+
+
+def _first_samples(dataset: Any, n: int) -> list[Any]:
+    """The first ``n`` samples (the tracing example), from a map-style dataset or a stream."""
+    if _is_stream(dataset):
+        import itertools
+
+        return list(itertools.islice(iter(dataset), n))
+    return [dataset[i] for i in range(min(len(dataset), n))]
 
 
 def _loss_reads_num_items(model: nn.Module) -> bool:

@@ -65,6 +65,14 @@ def test_epoch_strategies_and_label_smoothing(dist_run, tmp_path):
            save_strategy="epoch", label_smoothing_factor=0.1)
 
 
+@pytest.mark.parametrize("data, dp, pp", [("stream", 1, 2), pytest.param("datasets", 2, 1, marks=slow)])
+def test_streams_and_hf_datasets(dist_run, tmp_path, data, dp, pp):
+    """A ``torch.utils.data.IterableDataset`` stream (sized by ``max_steps``), and a ``datasets``
+    dataset whose unused text column ``remove_unused_columns`` drops."""
+    pytest.importorskip("datasets") if data == "datasets" else None
+    _check(dist_run, tmp_path, "classifier", dp, pp, data=data, max_steps=4)
+
+
 def test_best_model_and_early_stopping(dist_run, tmp_path):
     """``load_best_model_at_end`` + ``metric_for_best_model``: the best checkpoint survives rotation
     and is reloaded; ``EarlyStoppingCallback`` stops at the same step."""

@@ -82,7 +82,8 @@ def _resume_runs(out: str, resume: str | None, zero_stages: tuple[int, ...]) -> 
     logs = []
     for zero_stage in zero_stages:  # a resume restores every RNG: runs in one process are independent
         trainer = _trainer(2, 1, out, steps=6, zero_stage=zero_stage, fp16=True, fp16_initial_loss_scale=2.0**18,
-                           fp16_loss_scale_window=3, save_strategy="steps", save_steps=3, warmup_steps=2)
+                           fp16_loss_scale_window=3, save_strategy="steps", save_steps=3, warmup_steps=2,
+                           log_throughput=True)  # puts loss_scale / skipped_steps into log_history
         trainer.train(resume_from_checkpoint=resume)
         logs.append(_logged(trainer, "step", "loss", "loss_scale", "skipped_steps", "grad_norm"))
     return logs

@@ -163,9 +163,34 @@ def accuracy(prediction: Any) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == prediction.label_ids).mean())}
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """The training rows as a stream (no ``len``): the trainer must then be sized by ``max_steps``."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __iter__(self) -> Any:
+        return iter(self.rows)
+
+
+def _as(data: str, rows: list[dict[str, Any]]) -> Any:
+    """``list`` (map-style), ``stream`` (:class:`Stream`) or ``datasets`` (a ``datasets.Dataset``
+    with an extra text column that ``remove_unused_columns`` must drop)."""
+    if data == "stream":
+        return Stream(rows)
+    if data == "datasets":
+        import datasets
+
+        return datasets.Dataset.from_list([{**{k: v.tolist() if isinstance(v, torch.Tensor) else v
+                                               for k, v in r.items()}, "note": f"row {i}"}
+                                           for i, r in enumerate(rows)])
+    return rows
+
+
 def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 1, tp: int = 1, resume: str | None = None,
-               early_stopping: int = 0, counter_start: int = 0, **overrides: Any) -> dict[str, Any]:
-    """The user's script; only the two class names (and ``merak.init``) change with ``use_merak``."""
+               early_stopping: int = 0, counter_start: int = 0, data: str = "list", **overrides: Any) -> dict[str, Any]:
+    """The user's script; only the two class names (and ``merak.init``) change with ``use_merak``.
+    ``data`` is how the training set comes (:func:`_as`)."""
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     if use_merak:
@@ -187,7 +212,7 @@ def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 
     callbacks: list[Any] = [recorder, CountingCallback(counter_start)]
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping))
-    trainer = Trainer(model=_model(kind), args=args, train_dataset=_data(kind, N_TRAIN, 1),
+    trainer = Trainer(model=_model(kind), args=args, train_dataset=_as(data, _data(kind, N_TRAIN, 1)),
                       eval_dataset=_data(kind, N_EVAL, 2), callbacks=callbacks,
                       data_collator=pad_collator if kind == "gpt2" else None,
                       compute_metrics=accuracy if kind == "classifier" else None)
