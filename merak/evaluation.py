@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 
-from merak.runtime.distributed.collectives import all_gather_objects
+from merak.runtime.distributed.collectives import all_gather_along, all_gather_objects
 from merak.runtime.pipeline.executor import loss_key
 from merak.runtime.pipeline.schedules import forward_only
 
@@ -74,13 +74,25 @@ class _Collector:
             labels = labels[0] if len(labels) == 1 else labels
         logits = None
         if not self.loss_only:
-            logits = prediction_logits(outputs, self.ignore_keys, loss is not None)
+            logits = prediction_logits(self._whole(outputs), self.ignore_keys, loss is not None)
             if trainer.preprocess_logits_for_metrics is not None:
                 logits = trainer.preprocess_logits_for_metrics(logits, labels)
         main = getattr(trainer.original_model, "main_input_name", "input_ids")
         inputs = batch.get(main) if "inputs" in trainer.args.include_for_metrics else None
         self.rows.append({"index": self.indices[m], "size": _batch_size(batch), "loss": _to_cpu(loss),
                           "logits": _to_cpu(logits), "labels": _to_cpu(labels), "inputs": _to_cpu(inputs)})
+
+
+    def _whole(self, outputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Outputs a tensor-parallel stage keeps sharded (a vocab-parallel head's logits),
+        gathered over the TP group: every TP rank of the last stage runs this micro-batch now."""
+        trainer = self.trainer
+        sharded = getattr(trainer.stage, "tp_sharded_outputs", None) or {}
+        if trainer.grid.dims.tp == 1 or not sharded:
+            return outputs
+        return {k: all_gather_along(v, sharded[k], trainer.grid.tp_group, trainer.args.p2p_timeout,
+                                    f"the tensor-parallel shards of output {k!r}")
+                if k in sharded and isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

@@ -113,32 +113,15 @@ class MerakTrainer(Trainer):
             self.plan = calibration.plan
             if self.grid.rank == 0:
                 logger.info("%s", calibration.table())
-        stage: nn.Module
-        if self.placement.num_chunks > 1:
-            stage = StageChunks(build_chunks(self.plan, self.placement.chunks_of(self.grid.stage_id),
-                                             device=merak.get_device(), seed=args.seed, fuse=args.fuse_ops))
-        else:
-            stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed,
-                                fuse=args.fuse_ops)
-        if args.load_weights_from:
-            from merak.checkpoint import load_pretrained_weights
-
-            load_pretrained_weights(stage, args.load_weights_from, model=model)
-        self.tp_plan = None
         if args.tp_sub_microbatches > 1 and self.grid.dims.tp == 1:
             logger.warning("tp_sub_microbatches=%d has no effect without tensor parallelism (tp=1)",
                            args.tp_sub_microbatches)
-        if self.grid.dims.tp > 1:
-            if args.per_device_train_batch_size % args.tp_sub_microbatches:
-                raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} cannot be split "
-                                 f"into tp_sub_microbatches={args.tp_sub_microbatches} equal parts; use a multiple of "
-                                 f"{args.tp_sub_microbatches} (or tp_sub_microbatches=1)")
-            self.tp_plan = plan_tensor_parallel(graph, self.grid.dims.tp, args.tp_mapping, args.moe_parallel)
-            apply_tensor_parallel(stage, self.grid, self.tp_plan, args.tp_sub_microbatches, args.p2p_timeout)
-            if self.grid.rank == 0:
-                logger.info("%s", self.tp_plan.table())
-        if hasattr(model, "config"):
-            stage.config = model.config  # HF code paths (saving, logging) look for it
+        if self.grid.dims.tp > 1 and args.per_device_train_batch_size % args.tp_sub_microbatches:
+            raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} cannot be split "
+                             f"into tp_sub_microbatches={args.tp_sub_microbatches} equal parts; use a multiple of "
+                             f"{args.tp_sub_microbatches} (or tp_sub_microbatches=1)")
+        self._graph = graph
+        stage = self._build_local_stage(args)
         self._plan_seconds = time.perf_counter() - start
         self._tokens_per_sample = _tokens_per_sample(example)
         self._flops_per_microbatch = float(sum(s.flops for s in self.plan.stages))
@@ -157,6 +140,54 @@ class MerakTrainer(Trainer):
         self._introspect(model)
         if args.max_memory_per_device:
             self._activation_plan()  # an infeasible budget is refused here, identically on every rank
+
+    def _build_local_stage(self, args: MerakArguments) -> nn.Module:
+        """This rank's stage (or model chunks) of ``self.plan``: built, pretrained weights loaded,
+        tensor parallelism applied. Called at construction and again when a resumed checkpoint
+        was cut elsewhere (:meth:`_adopt_checkpoint_cuts`)."""
+        model = self.original_model
+        stage: nn.Module
+        if self.placement.num_chunks > 1:
+            stage = StageChunks(build_chunks(self.plan, self.placement.chunks_of(self.grid.stage_id),
+                                             device=merak.get_device(), seed=args.seed, fuse=args.fuse_ops))
+        else:
+            stage = build_stage(self.plan, self.grid.stage_id, device=merak.get_device(), seed=args.seed,
+                                fuse=args.fuse_ops)
+        if args.load_weights_from:
+            from merak.checkpoint import load_pretrained_weights
+
+            load_pretrained_weights(stage, args.load_weights_from, model=model)
+        self.tp_plan = None
+        if self.grid.dims.tp > 1:
+            self.tp_plan = plan_tensor_parallel(self._graph, self.grid.dims.tp, args.tp_mapping, args.moe_parallel)
+            apply_tensor_parallel(stage, self.grid, self.tp_plan, args.tp_sub_microbatches, args.p2p_timeout)
+            if self.grid.rank == 0:
+                logger.info("%s", self.tp_plan.table())
+        if hasattr(model, "config"):
+            stage.config = model.config  # HF code paths (saving, logging) look for it
+        return stage
+
+    def _adopt_checkpoint_cuts(self, directory: str) -> None:
+        """Resume rebuilds the checkpoint's stages: with ``partition_cost_model="profile"``,
+        calibration or ``auto_parallel`` this run's measurements may have cut elsewhere. Every
+        rank reads the same ``extra.json``, so all rebuild alike (before the optimizer exists)."""
+        import json
+
+        path = os.path.join(directory, "extra.json")
+        saved = json.load(open(path)).get("partition_cuts") if os.path.exists(path) else None
+        if saved is None or list(saved) == self._cuts():
+            return
+        if self.optimizer is not None:
+            raise ValueError(f"checkpoint {directory} was cut at {saved} but this run's plan cuts at {self._cuts()}, "
+                             f"and the optimizer passed to MerakTrainer holds the other stage's parameters; let "
+                             f"MerakTrainer create the optimizer, or resume with partition_cuts={list(saved)}")
+        if self.grid.rank == 0:
+            logger.info("checkpoint %s was cut at %s (this run's plan: %s): rebuilding the stages at its cuts",
+                        directory, saved, self._cuts())
+        self.plan = shard(self._graph, self.placement.num_virtual, method="manual", manual_cuts=list(saved))
+        self.model = self.model_wrapped = self._build_local_stage(self.args)
+        self.executor, self._layer_actions = None, None
+        self._flops_per_microbatch = float(sum(s.flops for s in self.plan.stages))
 
     def _introspect(self, model: nn.Module) -> None:
         """What HF's ``__init__`` reads from the model, read from the user's model rather than the
@@ -308,6 +339,8 @@ class MerakTrainer(Trainer):
         exists (weights, optimizer, scheduler, RNG, loss scale)."""
         if self._created_lr_scheduler:
             self.lr_scheduler, self._created_lr_scheduler = None, False
+        if resume_from_checkpoint is not None:
+            self._adopt_checkpoint_cuts(resume_from_checkpoint)
         self.create_optimizer()
         self.create_scheduler(num_training_steps=max_steps)
         self.model_wrapped = self.stage
@@ -581,7 +614,6 @@ class MerakTrainer(Trainer):
     def _restore_checkpoint(self, directory: str) -> None:
         from merak.checkpoint import load_checkpoint
 
-        self._check_cuts(directory)
         full = os.path.exists(os.path.join(directory, "layout.json")) and _has_optimizer(directory)
         extra = load_checkpoint(directory, stage=self.stage, grid=self.grid,
                                 optimizer=self.optimizer if full else None,
@@ -600,17 +632,6 @@ class MerakTrainer(Trainer):
     def _cuts(self) -> list[str]:
         """The partition plan's cut points (first node of stages 1..P-1), saved with checkpoints."""
         return [s.first_node for s in self.plan.stages[1:]]
-
-    def _check_cuts(self, directory: str) -> None:
-        import json
-
-        path = os.path.join(directory, "extra.json")
-        saved = json.load(open(path)).get("partition_cuts") if os.path.exists(path) else None
-        if saved is not None and list(saved) != self._cuts():
-            raise ValueError(
-                f"checkpoint {directory} was cut at {saved} but this run's plan cuts at {self._cuts()} (the "
-                f"profiler or calibration measured differently); resume with partition_method='manual' and "
-                f"partition_cuts set to the module names starting those stages, or with the same cost model")
 
     def _scaler_state(self) -> dict[str, Any]:
         scaler = self.precision.scaler

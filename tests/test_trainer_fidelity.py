@@ -31,13 +31,16 @@ def _hf(kind: str, overrides: tuple = ()) -> dict[str, Any]:
         return td.run_script(False, kind, out, **dict(overrides))
 
 
-def _merak(dist_run: Any, kind: str, dp: int, pp: int, out: str, **overrides: Any) -> list[dict[str, Any]]:
-    return dist_run(td.run_script, dp * pp, True, kind, out, dp=dp, pp=pp, timeout=600, **overrides)
+def _merak(dist_run: Any, kind: str, dp: int, pp: int, out: str, tp: int = 1, **overrides: Any) -> list[dict[str, Any]]:
+    return dist_run(td.run_script, dp * tp * pp, True, kind, out, dp=dp, tp=tp, pp=pp, timeout=600, **overrides)
 
 
-def _check(dist_run: Any, tmp_path: pathlib.Path, kind: str, dp: int, pp: int, **overrides: Any) -> None:
+def _check(dist_run: Any, tmp_path: pathlib.Path, kind: str, dp: int, pp: int, tp: int = 1,
+           merak_only: dict[str, Any] | None = None, **overrides: Any) -> None:
+    """``merak_only``: MerakArguments fields HF's run does not take (e.g. ``tp_sub_microbatches``)."""
     hf = _hf(kind, tuple(sorted(overrides.items())))
-    for rank, merak in enumerate(_merak(dist_run, kind, dp, pp, str(tmp_path), **overrides)):
+    for rank, merak in enumerate(_merak(dist_run, kind, dp, pp, str(tmp_path), tp=tp, **overrides,
+                                        **(merak_only or {}))):
         try:
             td.assert_same(hf, merak, exact_events=dp == 1)
         except AssertionError as e:
@@ -57,6 +60,12 @@ def test_same_as_hf_trainer(dist_run, tmp_path, kind, dp, pp):
     """Steps strategies, rotation (save_total_limit=2), evaluation with compute_metrics (the
     classifier), predict(), token-normalised loss on padded -100 labels (gpt2), tuple/dict outputs."""
     _check(dist_run, tmp_path, kind, dp, pp)
+
+
+def test_tensor_parallel_predictions_are_gathered(dist_run, tmp_path):
+    """tp=2: the vocab-parallel head's logits reach ``predict()`` whole; evaluation batches of 5
+    (the per-device eval batch) run with ``tp_sub_microbatches=2`` although 5 does not split."""
+    _check(dist_run, tmp_path, "gpt2", 1, 1, tp=2, merak_only={"tp_sub_microbatches": 2})
 
 
 def test_epoch_strategies_and_label_smoothing(dist_run, tmp_path):
@@ -82,13 +91,17 @@ def test_best_model_and_early_stopping(dist_run, tmp_path):
 
 def test_resume_restores_callback_states(dist_run, tmp_path):
     """A run resumed from its first checkpoint ends as HF's resumed run does: the stateful
-    callback's count (``restore_callback_states_from_checkpoint``), losses, scheduler, events."""
+    callback's count (``restore_callback_states_from_checkpoint``), losses, scheduler, events -
+    also when this run's partition plan cuts elsewhere than the checkpoint's."""
     settings = dict(restore_callback_states_from_checkpoint=True, save_total_limit=None)
     with tempfile.TemporaryDirectory() as hf_out:
         td.run_script(False, "tuple", hf_out, **settings)
         hf = td.run_script(False, "tuple", hf_out, resume=os.path.join(hf_out, "checkpoint-3"), **settings)
-    _merak(dist_run, "tuple", 1, 2, str(tmp_path), **settings)
-    resumed = _merak(dist_run, "tuple", 1, 2, str(tmp_path), resume=str(tmp_path / "checkpoint-3"), **settings)
+    # The first run cuts before blocks.1, the resumed one would cut before blocks.3 (as a profiler
+    # measuring differently on restart would): the resume must rebuild the checkpoint's stages.
+    _merak(dist_run, "tuple", 1, 2, str(tmp_path), partition_method="manual", partition_cuts=["blocks.1"], **settings)
+    resumed = _merak(dist_run, "tuple", 1, 2, str(tmp_path), resume=str(tmp_path / "checkpoint-3"),
+                     partition_method="manual", partition_cuts=["blocks.3"], **settings)
     assert hf["counter"] == 8, "HF restored the callback's count (3) and counted the 5 steps after it"
     for merak in resumed:
         td.assert_same(hf, merak)
@@ -130,12 +143,24 @@ def test_refused_fields_name_the_alternative(tmp_path, field, value, hint):
         check_training_arguments(args)
 
 
-def test_defaults_pass_and_gradient_checkpointing_maps_to_recompute(tmp_path, caplog):
+def test_defaults_pass_and_gradient_checkpointing_maps_to_recompute(tmp_path):
+    import logging
+
     from merak import MerakArguments
     from merak.hf_fields import check_training_arguments
 
     check_training_arguments(MerakArguments(output_dir=str(tmp_path), report_to="none"))
     args = MerakArguments(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=True)
-    with caplog.at_level("INFO", logger="merak"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]  # the merak logger may not propagate
+    logger = logging.getLogger("merak")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         check_training_arguments(args)
-    assert args.recompute == "full" and "recompute='full'" in caplog.text
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert args.recompute == "full" and any("recompute='full'" in r.getMessage() for r in records)

@@ -32,3 +32,11 @@ def all_gather_objects(obj: Any, timeout_s: float, what: str, device: torch.devi
     chunks = [torch.zeros_like(padded) for _ in range(world)]
     wait_with_timeout(dist.all_gather(chunks, padded, async_op=True), timeout_s, what)
     return [pickle.loads(c[:int(n)].cpu().numpy().tobytes()) for c, n in zip(chunks, sizes)]
+
+
+def all_gather_along(tensor: torch.Tensor, dim: int, group: Any, timeout_s: float, what: str) -> torch.Tensor:
+    """The tensor-parallel group's shards of ``tensor`` concatenated along ``dim`` (on every
+    rank of ``group``), e.g. a vocab-parallel head's logits for predictions."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    wait_with_timeout(dist.all_gather(parts, tensor.contiguous(), group=group, async_op=True), timeout_s, what)
+    return torch.cat(parts, dim=dim)
