@@ -450,13 +450,48 @@ def _flatten_outputs(graph: fx.Graph) -> tuple[str, ...]:
     return tuple(flat)
 
 
+@contextlib.contextmanager
+def _autograd_functions_as_nodes(tracer: "MetaTracer") -> Iterator[None]:
+    """Record ``SomeFunction.apply(...)`` on traced values as one ``call_function`` node.
+
+    Why: symbolic tracing would otherwise run the custom function's ``forward`` on proxies and
+    record its ops, silently dropping its hand-written ``backward`` (PhiMoE's sparse-mixer router
+    gradient). The node calls the original ``apply``, so stages keep the custom backward.
+    """
+    original = torch.autograd.Function.__dict__["apply"]  # the classmethod object
+    callers: dict[type, Callable[..., Any]] = {}
+
+    def caller(cls: type) -> Callable[..., Any]:
+        # a plain function of this module as the node's target: fx's code generator refers to
+        # torch's own callables by import path, which would name Function.apply, not cls's
+        if cls not in callers:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return cls.apply(*args, **kwargs)
+
+            call.__name__ = call.__qualname__ = f"apply_{cls.__name__}"
+            callers[cls] = call
+        return callers[cls]
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+            return tracer.create_proxy("call_function", caller(cls), args, kwargs)
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original  # type: ignore[method-assign]
+
+
 def trace_with_fx(model: nn.Module, example_inputs: Mapping[str, Any], leaf_modules: Sequence[LeafSpec] = ()) -> TracedGraph:
     """Trace with :class:`MetaTracer`. Raises :class:`TraceError` naming the failing op/module."""
     tracer = MetaTracer(leaf_modules)
     tracer.placeholder_values = {k: meta_like(v) for k, v in example_inputs.items()}
     fixed = _fixed_kwargs(model, list(example_inputs))
     try:
-        graph = tracer.trace(model, concrete_args=fixed)
+        with _autograd_functions_as_nodes(tracer):
+            graph = tracer.trace(model, concrete_args=fixed)
     except TraceError:
         raise
     except Exception as exc:

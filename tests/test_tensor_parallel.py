@@ -80,8 +80,9 @@ def _reference(kind: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     model, make_batch = _case_model(kind)
     losses, grads = single_process_run(model, _steps(make_batch), torch.optim.SGD(model.parameters(), lr=LR))
     first = {id(p): n for n, p in model.named_parameters()}
-    aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
-    return losses, {n: grads[c] for n, c in aliases.items()}
+    aliases = {n: (first[id(p)], p) for n, p in model.named_parameters(remove_duplicate=False)}
+    # a parameter no op used this step (an expert no token chose) has no gradient: zero, as SGD sees it
+    return losses, {n: grads.get(c, torch.zeros_like(p.detach())) for n, (c, p) in aliases.items()}
 
 
 # ---- plans -----------------------------------------------------------------------------------------
@@ -237,7 +238,8 @@ def _tp_stage_run(kind: str, grid, k: int, schedule: str = "1f1b", recompute: st
 
     def keep_first() -> None:
         if not grads:
-            grads.update({canonical.get(n, n): (p.grad.clone(), stage.tp_param_specs.get(n))
+            grads.update({canonical.get(n, n): (p.grad.clone() if p.grad is not None else torch.zeros_like(p.detach()),
+                                                stage.tp_param_specs.get(n))
                           for n, p in stage.named_parameters()})
 
     executor = PipelineExecutor(stage, grid, torch.optim.SGD(stage.parameters(), lr=LR),

@@ -335,6 +335,11 @@ class Region:
                 self.layouts[node.name] = layout
                 for user in node.users:
                     heapq.heappush(heap, ctx.index[user.name])
+        for seed in self.seeds:  # a column joined late (Doge's dt_proj) may read what the region shards
+            node = ctx.by_name[seed]
+            x = node.args[ctx.sites[seed].input_pos]
+            if isinstance(self.lay(x), _S):
+                raise self.fail(node, "a column layer's input is sharded by the region it joined", {seed})
         for column, blocks in self.columns.items():
             out = ctx.sites[column].out_features
             what = "vocab" if self.vocab_head else "features"
