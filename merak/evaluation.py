@@ -123,7 +123,7 @@ def pipelined_evaluation_loop(trainer: MerakTrainer, loader: EvalLoader, descrip
             for start in range(0, len(loader.indices), chunk):
                 indices = loader.indices[start:start + chunk]
                 part = [loader.microbatch(i) for i in indices]
-                collect = _Collector(trainer, part, indices, loss_only, ignore_keys) if grid.is_last_stage else None
+                collect = _Collector(trainer, part, indices, loss_only, ignore_keys) if trainer.computes_loss else None
                 executor.run(forward_only.build(grid.num_stages, len(part), grid.stage_id, trainer.placement), part,
                              on_output=collect)
                 if collect is not None:
@@ -132,7 +132,7 @@ def pipelined_evaluation_loop(trainer: MerakTrainer, loader: EvalLoader, descrip
                     trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)
     finally:
         trainer.stage.train(was_training)
-    mine = rows if grid.is_last_stage and grid.coord.tp == 0 else []
+    mine = rows if trainer.computes_loss and grid.coord.tp == 0 else []
     gathered = all_gather_objects(mine, args.p2p_timeout, f"the {description.lower()} predictions of the last stages")
     ordered = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
 

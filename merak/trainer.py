@@ -231,6 +231,12 @@ class MerakTrainer(Trainer):
     def stage(self) -> nn.Module:
         return self.model
 
+    @property
+    def computes_loss(self) -> bool:
+        """Whether this rank holds the model's last (virtual) stage: the pipeline's last rank,
+        or rank 0 under the V placement of zb_v / dualpipe_v."""
+        return self.placement.locate(self.placement.num_virtual - 1)[0] == self.grid.stage_id
+
     def _pipeline_executor(self) -> PipelineExecutor:
         """The trainer's one executor, created on first use: it registers gradient hooks on the
         stage's parameters (and patches layers for zero-bubble), which must happen only once.

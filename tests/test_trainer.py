@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -77,8 +78,27 @@ def test_virtual_stage_schedules_match_single_process(dist_run, kind, schedule, 
     curve as one process, with clipping (GPT-2's tied embedding counted once) and AdamW, also
     with per-layer recomputation planned per chunk."""
     ref = single_process_curve(kind)
-    for rank, curve in enumerate(dist_run(_train, 2, kind, 1, 2, schedule, recompute=recompute, timeout=600)):
+    results = dist_run(_train_virtual, 2, kind, schedule, recompute, timeout=600)
+    for rank, (curve, eval_loss) in enumerate(results):
         torch.testing.assert_close(curve, ref, rtol=2e-5, atol=2e-6, msg=f"{kind} {schedule} rank {rank}")
+        # the rank holding the last chunk (rank 0 in a V) reports it; every rank gets the same
+        assert math.isfinite(eval_loss) and eval_loss == results[0][1], (rank, eval_loss)
+
+
+def _train_virtual(kind: str, schedule: str, recompute: str) -> tuple[list[float], float]:
+    import merak
+
+    merak.init(pp=2)
+    model, make_batch = tiny_model(kind)
+    args = merak.MerakArguments(
+        output_dir="/tmp/merak-test-trainer", per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=GLOBAL_MICROBATCHES, max_steps=STEPS, logging_steps=1, learning_rate=1e-2,
+        lr_scheduler_type="linear", max_grad_norm=1.0, seed=7, report_to="none", save_strategy="no",
+        schedule=schedule, recompute=recompute, disable_tqdm=True)
+    trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch), eval_dataset=dataset(make_batch, 8))
+    trainer.train()
+    curve = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return curve, trainer.evaluate()["eval_loss"]
 
 
 def test_meta_model_gets_the_same_weights_in_every_layout(dist_run):
