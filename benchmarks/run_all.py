@@ -68,7 +68,10 @@ class Benchmark:
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("schedule_bubbles", "schedule timelines (Gantt per stage) and bubble ratio vs micro-batches, simulated"),
     Benchmark("partition_balance", "partition balance per method on GPT-2 XL, LLaMA-2 7B/13B, NeoX-20B (meta)"),
-    Benchmark("pipeline_throughput", "throughput vs DeepSpeed's pipeline engine and torch.distributed.pipelining"),
+    # Its quick run still launches every runner (about 15 two-process jobs, each starting, tracing
+    # and cutting a model), which alone takes over 10 minutes on a loaded 2-core machine.
+    Benchmark("pipeline_throughput", "throughput vs DeepSpeed's pipeline engine and torch.distributed.pipelining",
+              quick_timeout_s=1800.0),
     Benchmark("tensor_parallel", "sub-pipelined tensor parallelism"),
     Benchmark("memory", "memory per stage by recompute mode, estimated vs measured; stage-aware vs full"),
     Benchmark("cluster_sim", "cluster-scale simulator: the Merak paper's 64-GPU table"),
