@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -76,8 +77,13 @@ class ExpertPlan:
 def _layout(bank: nn.Module) -> tuple[str, bool, bool, bool, bool]:
     """(up parameter name, has gate, transposed, concatenated gate|up, post-expert norm)."""
     gate = "gate_up_proj" in bank._parameters
-    return ("gate_up_proj" if gate else "up_proj", gate, bool(getattr(bank, "is_transposed", False)),
-            bool(getattr(bank, "is_concatenated", True)), bool(getattr(bank, "has_post_expert_norm", False)))
+    up_name = "gate_up_proj" if gate else "up_proj"
+    transposed = getattr(bank, "is_transposed", None)
+    if transposed is None:  # a bank without transformers' experts decorator (Llama4): read the shapes
+        up, down = bank._parameters[up_name], bank._parameters["down_proj"]
+        transposed = up.shape[1] == down.shape[2] and up.shape[2] != down.shape[1]  # (E, H, 2I), (E, I, H)
+    return (up_name, gate, bool(transposed), bool(getattr(bank, "is_concatenated", True)),
+            bool(getattr(bank, "has_post_expert_norm", False)))
 
 
 def plan_expert_bank(bank: nn.Module, name: str, tp: int, mode: str, top_k: int) -> ExpertPlan:
@@ -94,6 +100,14 @@ def plan_expert_bank(bank: nn.Module, name: str, tp: int, mode: str, top_k: int)
     fix = (f"set moe_parallel='{'expert' if mode == 'tensor' else 'tensor'}' or keep the experts replicated "
            f"with tp_mapping '{name}=replicate'")
     if mode == "expert":
+        try:
+            routed = len(inspect.signature(bank.forward).parameters) >= 3
+        except (TypeError, ValueError):
+            routed = True
+        if not routed:
+            raise TPError(f"expert parallelism needs {name} ({type(bank).__name__}) to be called with "
+                          f"(hidden_states, top_k_index, top_k_weights); its forward takes tokens already routed to "
+                          f"every expert; {fix}")
         if experts % tp:
             raise TPError(f"expert parallelism over tp={tp} ranks needs the number of experts of {name} "
                           f"({experts}) to be divisible by {tp}; {fix}")
@@ -208,8 +222,13 @@ class TensorParallelExperts(_ShardedBank):
         if hasattr(self._bank, "intermediate_dim"):
             self._bank.intermediate_dim = plan.intermediate // tpg.size
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        partial = self._bank(copy_to_tp(hidden_states, self.tpg), top_k_index, copy_to_tp(top_k_weights, self.tpg))
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # any call signature: (hidden, top_k_index, top_k_weights), or Llama4's pre-routed (hidden,);
+        # every floating input enters through ``copy`` (its gradient is a partial sum per rank)
+        def enter(x: Any) -> Any:
+            return copy_to_tp(x, self.tpg) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        partial = self._bank(*map(enter, args), **{k: enter(v) for k, v in kwargs.items()})
         return reduce_from_tp(partial, self.tpg)
 
 
