@@ -249,6 +249,14 @@ def plan_tensor_parallel(graph: Any, tp: int, mapping: Mapping[str, str] | Itera
             continue
         region = _grow(ctx, seed, errors, failed)
         if region is not None:
+            # regions are grown one by one; one that shards a value or claims a layer another
+            # already did would make two inconsistent plans for the same ops (MiniCPM5's gated
+            # query): the later one is dropped and its seed stays replicated
+            taken = {n for r in regions for n in (*r.sharded_dims(), *r.columns, *r.rows)}
+            overlap = taken & {*region.sharded_dims(), *region.columns, *region.rows}
+            if overlap:
+                failed[seed] = f"its region overlaps an earlier one at {ctx.where(sorted(overlap, key=ctx.index.get)[0])}"
+                continue
             regions.append(region)
             ctx.assigned.update({c: "column" for c in region.columns})
             ctx.assigned.update({r: "row" for r in region.rows})
