@@ -101,7 +101,8 @@ def plan_expert_bank(bank: nn.Module, name: str, tp: int, mode: str, top_k: int)
            f"with tp_mapping '{name}=replicate'")
     if mode == "expert":
         try:
-            routed = len(inspect.signature(bank.forward).parameters) >= 3
+            params = inspect.signature(bank.forward).parameters.values()
+            routed = len(params) >= 3 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
         except (TypeError, ValueError):
             routed = True
         if not routed:
