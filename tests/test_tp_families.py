@@ -94,6 +94,29 @@ def test_moe_modes_refuse_banks_they_cannot_shard_and_name_the_fix():
     assert plan_expert_bank(_BiasedBank(), "m.experts", 3, "expert", 2).specs["down_proj_bias"].dim == 0
 
 
+class _NormedBank(nn.Module):
+    """A bank that runs a per-expert norm with its own weights after the projections (Ergo)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = 4
+        self.up_proj = nn.Parameter(torch.zeros(4, 8, 16))
+        self.down_proj = nn.Parameter(torch.zeros(4, 16, 8))
+        self.post_expert_norm = nn.Module()
+        self.post_expert_norm.weight = nn.Parameter(torch.ones(4, 8))
+
+
+@pytest.mark.parametrize("mode", ["tensor", "expert"])
+def test_banks_with_weighted_submodules_are_refused_in_both_modes(mode):
+    """Sharding a bank's own weights leaves a weighted submodule seeing partial sums (tensor) or
+    indexing every expert's rows with local ids (expert): Ergo lost parity at tp=2 in both."""
+    from merak.runtime.tensor_parallel.experts import plan_expert_bank
+    from merak.runtime.tensor_parallel.plan import TPError
+
+    with pytest.raises(TPError, match=r"\(post_expert_norm\).*tp_mapping 'm\.experts=replicate'"):
+        plan_expert_bank(_NormedBank(), "m.experts", 2, mode, 2)
+
+
 def test_cli_prints_the_tp_plan_of_an_export_traced_model(capsys):
     from merak.partitioner.cli import main
 

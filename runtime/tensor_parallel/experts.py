@@ -99,6 +99,14 @@ def plan_expert_bank(bank: nn.Module, name: str, tp: int, mode: str, top_k: int)
     hidden, inter = (down.shape[2], down.shape[1]) if transposed else (down.shape[1], down.shape[2])
     fix = (f"set moe_parallel='{'expert' if mode == 'tensor' else 'tensor'}' or keep the experts replicated "
            f"with tp_mapping '{name}=replicate'")
+    # Sharding covers the bank's own stacked weights only. A submodule with weights of its own runs
+    # inside the bank's forward (Ergo's per-expert post_expert_norm): in tensor mode it would see
+    # partial sums, in expert mode it would index all experts' rows with local expert ids.
+    inner = sorted(child for child, sub in bank.named_children() if next(sub.parameters(), None) is not None)
+    if inner:
+        raise TPError(f"{name} ({type(bank).__name__}) runs submodules with weights of their own inside its forward "
+                      f"({', '.join(inner)}), which neither MoE mode shards; keep the experts replicated with "
+                      f"tp_mapping '{name}=replicate'")
     if mode == "expert":
         try:
             params = inspect.signature(bank.forward).parameters.values()
