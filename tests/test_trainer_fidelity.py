@@ -36,7 +36,7 @@ def _merak(dist_run: Any, kind: str, dp: int, pp: int, out: str, tp: int = 1, **
 
 
 def _check(dist_run: Any, tmp_path: pathlib.Path, kind: str, dp: int, pp: int, tp: int = 1,
-           merak_only: dict[str, Any] | None = None, **overrides: Any) -> None:
+           merak_only: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """``merak_only``: MerakArguments fields HF's run does not take (e.g. ``tp_sub_microbatches``)."""
     hf = _hf(kind, tuple(sorted(overrides.items())))
     for rank, merak in enumerate(_merak(dist_run, kind, dp, pp, str(tmp_path), tp=tp, **overrides,
@@ -45,6 +45,7 @@ def _check(dist_run: Any, tmp_path: pathlib.Path, kind: str, dp: int, pp: int, t
             td.assert_same(hf, merak, exact_events=dp == 1)
         except AssertionError as e:
             raise AssertionError(f"{kind} dp={dp} pp={pp} rank {rank}: {e}") from None
+    return hf
 
 
 slow = pytest.mark.slow
@@ -84,9 +85,12 @@ def test_streams_and_hf_datasets(dist_run, tmp_path, data, dp, pp):
 
 def test_best_model_and_early_stopping(dist_run, tmp_path):
     """``load_best_model_at_end`` + ``metric_for_best_model``: the best checkpoint survives rotation
-    and is reloaded; ``EarlyStoppingCallback`` stops at the same step."""
-    _check(dist_run, tmp_path, "classifier", 1, 2, load_best_model_at_end=True, metric_for_best_model="accuracy",
-           early_stopping=1, num_train_epochs=4, eval_steps=2, save_steps=2)
+    and is reloaded; ``EarlyStoppingCallback`` stops at the same step; ``reduce_lr_on_plateau``
+    steps on the same evaluations."""
+    hf = _check(dist_run, tmp_path, "classifier", 1, 2, load_best_model_at_end=True, metric_for_best_model="accuracy",
+           early_stopping=1, num_train_epochs=4, eval_steps=2, save_steps=2,
+                lr_scheduler_type="reduce_lr_on_plateau")
+    assert hf["global_step"] < 16 and hf["best_model_checkpoint"], "early stopping and a best model were exercised"
 
 
 def test_resume_restores_callback_states(dist_run, tmp_path):

@@ -158,6 +158,16 @@ def _model(kind: str) -> nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
+def _tokenizer() -> Any:
+    """A word-level tokenizer built in memory (no hub): ``save_model`` must write it as HF's does."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w1")),
+                                   unk_token="w1", pad_token="w0")
+
+
 def accuracy(prediction: Any) -> dict[str, float]:
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     return {"accuracy": float((np.asarray(logits).argmax(-1) == prediction.label_ids).mean())}
@@ -212,7 +222,8 @@ def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 
     callbacks: list[Any] = [recorder, CountingCallback(counter_start)]
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping))
-    trainer = Trainer(model=_model(kind), args=args, train_dataset=_as(data, _data(kind, N_TRAIN, 1)),
+    extra: dict[str, Any] = {"processing_class": _tokenizer()} if kind == "gpt2" else {}
+    trainer = Trainer(model=_model(kind), args=args, train_dataset=_as(data, _data(kind, N_TRAIN, 1)), **extra,
                       eval_dataset=_data(kind, N_EVAL, 2), callbacks=callbacks,
                       data_collator=pad_collator if kind == "gpt2" else None,
                       compute_metrics=accuracy if kind == "classifier" else None)
@@ -228,6 +239,8 @@ def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 
 
                 state = json.load(f)
             checkpoints[name] = {"hf_files": sorted(files & HF_TRAINER_FILES), "state": state}
+    trainer.save_model(os.path.join(out_dir, "final"))
+    saved = sorted(os.listdir(os.path.join(out_dir, "final")))
     best = trainer.state.best_model_checkpoint
     return {
         "events": recorder.events, "log_history": trainer.state.log_history, "checkpoints": checkpoints,
@@ -236,6 +249,7 @@ def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 
         "predict": {"predictions": prediction.predictions, "label_ids": prediction.label_ids,
                     "metrics": prediction.metrics},
         # HF's callback-state restore replaces the instance in the handler: read the live one
+        "saved": saved,
         "counter": next(c.count for c in trainer.callback_handler.callbacks if isinstance(c, CountingCallback)),
     }
 
@@ -298,7 +312,8 @@ def assert_same(hf: dict[str, Any], merak: dict[str, Any], rtol: float = 1e-5, e
     for name, saved in hf["checkpoints"].items():
         assert saved["hf_files"] == merak["checkpoints"][name]["hf_files"], name
         _close(_strip_state(saved["state"]), _strip_state(merak["checkpoints"][name]["state"]), rtol, f"{name}/trainer_state")
-    for key in ("best_metric", "best_model_checkpoint", "global_step", "training_loss", "eval", "predict", "counter"):
+    for key in ("best_metric", "best_model_checkpoint", "global_step", "training_loss", "eval", "predict", "counter",
+                "saved"):
         _close(hf[key], merak[key], rtol, key)
 
 
