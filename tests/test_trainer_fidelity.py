@@ -51,7 +51,9 @@ def _check(dist_run: Any, tmp_path: pathlib.Path, kind: str, dp: int, pp: int, t
 slow = pytest.mark.slow
 KINDS = ("tuple", "dict", "gpt2", "classifier", "seq2seq")
 #: in the default run (a multi-process run costs ~30-80 s on 2 shared cores); the rest under -m slow
-DEFAULT = {("classifier", 2, 2)}  # gpt2 at pp=2 runs by default in test_epoch_strategies_and_label_smoothing
+#: none by default: the default run keeps the best-model (pp=2), tensor-parallel (tp=2) and resume
+#: (pp=2) tests below, which run the same comparison on their own settings
+DEFAULT: set[tuple[str, int, int]] = set()
 LAYOUTS = [pytest.param(kind, dp, pp, marks=() if (kind, dp, pp) in DEFAULT else slow)
            for dp, pp in ((1, 1), (1, 2), (2, 2)) for kind in KINDS]
 
@@ -69,17 +71,20 @@ def test_tensor_parallel_predictions_are_gathered(dist_run, tmp_path):
     _check(dist_run, tmp_path, "gpt2", 1, 1, tp=2, merak_only={"tp_sub_microbatches": 2})
 
 
+@slow
 def test_epoch_strategies_and_label_smoothing(dist_run, tmp_path):
     """``logging/eval/save_strategy="epoch"`` and ``label_smoothing_factor`` on a causal LM."""
     _check(dist_run, tmp_path, "gpt2", 1, 2, logging_strategy="epoch", eval_strategy="epoch",
            save_strategy="epoch", label_smoothing_factor=0.1)
 
 
-@pytest.mark.parametrize("data, dp, pp", [("stream", 1, 2), pytest.param("datasets", 2, 1, marks=slow)])
+@slow
+@pytest.mark.parametrize("data, dp, pp", [("stream", 1, 2), ("datasets", 2, 1)])
 def test_streams_and_hf_datasets(dist_run, tmp_path, data, dp, pp):
     """A ``torch.utils.data.IterableDataset`` stream (sized by ``max_steps``), and a ``datasets``
     dataset whose unused text column ``remove_unused_columns`` drops."""
-    pytest.importorskip("datasets") if data == "datasets" else None
+    if data == "datasets":
+        pytest.importorskip("datasets")
     _check(dist_run, tmp_path, "classifier", dp, pp, data=data, max_steps=4)
 
 
