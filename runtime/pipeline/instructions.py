@@ -7,7 +7,8 @@ test, validated, simulated and executed: each of those is a separate pass over p
 
 Every instruction prints compactly as ``<stage><code><microbatch>``, e.g. ``0F1`` (stage 0,
 forward of micro-batch 1), ``3B0``, ``1W5``, ``2R3`` or ``1SA2`` (send activation of
-micro-batch 2). Step-level instructions without a micro-batch print as ``0OPT`` etc.
+micro-batch 2). Step-level instructions without a micro-batch print as ``0OPT`` etc. A ``+``
+suffix joins a point-to-point instruction to the next one in one communication group.
 
 With virtual stages (a rank holds several model chunks, see
 :mod:`merak.runtime.pipeline.placement`) ``stage`` is still the rank's pipeline position (the
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Op(enum.Enum):
@@ -54,7 +55,7 @@ _CODE_TO_OP = {op.value: op for op in Op}
 _PARSE = re.compile(
     r"^(?P<stage>\d+)(?:\.(?P<chunk>\d+))?(?P<code>"
     + "|".join(sorted((re.escape(c) for c in _CODE_TO_OP), key=len, reverse=True))
-    + r")(?P<mb>\d+)?$"
+    + r")(?P<mb>\d+)?(?P<group>\+)?$"
 )
 
 
@@ -72,6 +73,11 @@ class Instruction:
     stage: int
     microbatch: int | None = None
     chunk: int = 0
+    #: Issued in one group with the next instruction of the stage (a paired exchange, run as one
+    #: ``batch_isend_irecv``): under rendezvous semantics only sends and receives of one group
+    #: may complete each other. Printed as a ``+`` suffix (``1SA3+ 1RG1``). Not part of equality,
+    #: so passes and tests that look instructions up by content are unaffected by grouping.
+    with_next: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.op in MICROBATCH_OPS) != (self.microbatch is not None):
@@ -89,7 +95,7 @@ class Instruction:
     def __str__(self) -> str:
         mb = "" if self.microbatch is None else str(self.microbatch)
         chunk = f".{self.chunk}" if self.chunk else ""
-        return f"{self.stage}{chunk}{self.op.value}{mb}"
+        return f"{self.stage}{chunk}{self.op.value}{mb}{'+' if self.with_next else ''}"
 
     __repr__ = __str__
 
@@ -102,7 +108,7 @@ class Instruction:
             raise ValueError(f"not an instruction: {text!r} (expected e.g. '0F1', '2B0', '0.1F3', '1OPT')")
         mb, chunk = m.group("mb"), m.group("chunk")
         return cls(_CODE_TO_OP[m.group("code")], int(m.group("stage")), None if mb is None else int(mb),
-                   int(chunk) if chunk else 0)
+                   int(chunk) if chunk else 0, with_next=m.group("group") is not None)
 
 
 def parse_schedule(text: str) -> list[Instruction]:

@@ -13,26 +13,25 @@ stage, the offending instruction and the reason:
    channel. With virtual stages one channel may carry several kinds of message (activations
    of one chunk, gradients of another); a message is ``(kind, sending virtual stage,
    micro-batch)`` (:meth:`Placement.message`).
-3. **no deadlock**: replay all stages with buffered sends, blocking receives and
-   ``REDUCE_TIED_GRADS`` as a barrier of all stages (the worst case: which stages share tied
-   parameters is unknown here). The replay is untimed; any timing reaches the same end state,
-   because a stage's progress depends only on which messages exist.
+3. **no deadlock**: replay all stages (:mod:`merak.runtime.pipeline.replay`) with
+   *rendezvous* sends - a payload send completes only while its receive is posted, so two
+   ranks sending to each other must each issue that send in one group with their receive
+   (NCCL with large messages) - blocking receives and ``REDUCE_TIED_GRADS`` as a barrier of
+   all stages. Rendezvous is the strict model: a schedule that passes it also runs with
+   buffered sends (gloo).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from merak.runtime.pipeline.instructions import Instruction, Op, P2P_PEER
 from merak.runtime.pipeline.placement import Placement, placement_of
+from merak.runtime.pipeline.replay import Channel, channel_of, facing_sends, is_send, replay
 from merak.runtime.pipeline.schedules.common import STEP_END_OPS
 from merak.runtime.pipeline.schedules.memory import peak_inflight
 
-#: A directed link between two ranks: (sending stage, receiving stage). Messages on it are
-#: matched in FIFO order whatever they carry (the p2p layer sends no tags).
-Channel = tuple[int, int]
 #: What one message carries: (kind "act" or "grad", sending virtual stage, micro-batch).
 Message = tuple[str, int, int]
 
@@ -69,23 +68,14 @@ def validate(schedule: Sequence[Sequence[Instruction]], placement: Placement | N
     for stage, ops in enumerate(schedule):
         _check_lifecycle(ops, stage, placement, num_mb)
     check_fifo(schedule, placement)
-    check_deadlock_free(schedule, placement)
+    # virtual stages are not paired for rendezvous yet (see comm_pass.pair_exchanges)
+    check_deadlock_free(schedule, placement, "rendezvous" if placement.num_chunks == 1 else "buffered")
     return ValidationReport(num_mb, [peak_inflight(ops) for ops in schedule])
-
-
-def channel_of(ins: Instruction, placement: Placement | None = None) -> Channel:
-    """The channel a p2p instruction uses, as (sender, receiver)."""
-    peer = placement.peer(ins) if placement is not None else ins.stage + P2P_PEER[ins.op]
-    return (ins.stage, peer) if is_send(ins) else (peer, ins.stage)
 
 
 def message_of(ins: Instruction, placement: Placement) -> Message:
     """What a p2p instruction sends or expects (see :data:`Message`)."""
     return placement.message(ins)
-
-
-def is_send(ins: Instruction) -> bool:
-    return ins.op in (Op.SEND_ACT, Op.SEND_GRAD)
 
 
 def _num_microbatches(schedule: Sequence[Sequence[Instruction]]) -> int:
@@ -261,44 +251,27 @@ def check_fifo(schedule: Sequence[Sequence[Instruction]], placement: Placement |
 # --- 3. deadlock freedom ----------------------------------------------------------------
 
 
-def check_deadlock_free(schedule: Sequence[Sequence[Instruction]], placement: Placement | None = None) -> None:
-    """Replay with buffered sends and blocking receives; raise if some stage can never finish."""
+def check_deadlock_free(
+    schedule: Sequence[Sequence[Instruction]], placement: Placement | None = None, semantics: str = "rendezvous"
+) -> None:
+    """Replay every stage (:func:`merak.runtime.pipeline.replay.replay`); raise
+    :class:`ScheduleError` if some stage can never finish. Two stages that each wait on a send
+    to the other are reported as an unpaired facing exchange, naming both and both sends."""
     placement = placement_of(schedule, placement)
-    num_stages = len(schedule)
-    pc = [0] * num_stages
-    queues: dict[Channel, deque[Message]] = {}
-    at_barrier: set[int] = set()
-    progressed = True
-    while progressed:
-        progressed = False
-        for stage, ops in enumerate(schedule):
-            while pc[stage] < len(ops):
-                ins = ops[pc[stage]]
-                if ins.op is Op.REDUCE_TIED_GRADS:
-                    at_barrier.add(stage)
-                    if len(at_barrier) < num_stages:
-                        break
-                    _release_barrier(schedule, pc)
-                    progressed = True
-                    continue
-                if ins.op in P2P_PEER:
-                    queue = queues.setdefault(channel_of(ins, placement), deque())
-                    if is_send(ins):
-                        queue.append(placement.message(ins))
-                    elif not queue:
-                        break
-                    elif queue.popleft() != placement.message(ins):
-                        raise ScheduleError(stage, ins, "FIFO mismatch during replay")
-                pc[stage] += 1
-                progressed = True
-    stuck = [(stage, schedule[stage][pc[stage]]) for stage in range(num_stages) if pc[stage] < len(schedule[stage])]
-    if stuck:
-        stage, ins = stuck[0]
-        waits = ", ".join(f"stage {s} waits at {i}" for s, i in stuck)
-        raise ScheduleError(stage, ins, f"deadlock: {waits}")
-
-
-def _release_barrier(schedule: Sequence[Sequence[Instruction]], pc: list[int]) -> None:
-    for stage, ops in enumerate(schedule):
-        if pc[stage] < len(ops) and ops[pc[stage]].op is Op.REDUCE_TIED_GRADS:
-            pc[stage] += 1
+    stall = replay(schedule, semantics, placement)
+    if stall is None:
+        return
+    facing = facing_sends(schedule, stall, placement)
+    if facing is not None:
+        (stage, pos), (peer, other) = facing
+        ins, theirs = schedule[stage][pos], schedule[peer][other]
+        raise ScheduleError(
+            stage, ins,
+            f"deadlock under {semantics} semantics: unpaired facing exchange - stage {stage} sends "
+            f"{ins} while stage {peer} sends {theirs}; each send waits for the other's receive. "
+            f"Issue each send in one group with its receive from the same neighbour (the "
+            f"communication pass pairs them)",
+        )
+    first = min(stall.waiting)
+    text = ", ".join(f"stage {s} waits at {' '.join(map(str, g))}" for s, g in stall.waiting.items())
+    raise ScheduleError(first, stall.waiting[first][0], f"deadlock under {semantics} semantics: {text}")

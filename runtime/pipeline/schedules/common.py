@@ -8,14 +8,17 @@ turns it into what the executor runs, one pass per concern, in this order:
    activations, placed either after the gradient receive (classic) or before it, so that the
    recomputation overlaps the wait (Merak's early recomputation);
 3. data loading: a ``LOAD`` before the micro-batch's first instruction that needs data;
-4. step end: ``REDUCE_TIED_GRADS``, ``REDUCE_DP_GRADS``, ``OPTIMIZER_STEP``.
+4. paired exchanges (``comm_pass.pair_exchanges``): where two neighbours send to each other,
+   sends join a receive from the same neighbour in one issue group, so the schedule is
+   deadlock-free under NCCL's rendezvous semantics;
+5. step end: ``REDUCE_TIED_GRADS``, ``REDUCE_DP_GRADS``, ``OPTIMIZER_STEP``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from merak.runtime.pipeline.comm_pass import INPUT_GRAD_OPS, add_communication
+from merak.runtime.pipeline.comm_pass import INPUT_GRAD_OPS, add_communication, pair_exchanges
 from merak.runtime.pipeline.instructions import Instruction, Op
 from merak.runtime.pipeline.placement import PlacedSchedule, Placement
 from merak.runtime.memory.recompute_plan import RecomputePlan
@@ -101,7 +104,7 @@ def lower(
         insert_recompute(ops, stage, recomputed, early=early_recompute)
         for stage, ops in enumerate(schedule)
     ]
-    schedule = [insert_loads(ops, stage) for stage, ops in enumerate(schedule)]
+    schedule = pair_exchanges([insert_loads(ops, stage) for stage, ops in enumerate(schedule)], placement)
     return PlacedSchedule(
         [ops + [Instruction(op, stage) for op in STEP_END_OPS] for stage, ops in enumerate(schedule)],
         placement,
