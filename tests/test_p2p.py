@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import RankFailed
-from merak.runtime.distributed.p2p import P2P, flatten, unflatten
+from merak.runtime.distributed.p2p import P2P, Incoming, Outgoing, flatten, unflatten
 
 
 def messages() -> list:
@@ -100,6 +100,30 @@ def _ring_pipeline() -> float:
 def test_chain_both_directions(dist_run):
     # value at the last stage = 0+1+2+3 = 6; its "gradient" 12 travels back to every stage.
     assert dist_run(_ring_pipeline, 4) == [12.0] * 4
+
+
+def _facing_exchange() -> list:
+    """Both ranks send a large message to each other at the same time, as one group each (the
+    1F1B steady state), three times with changing structure; returns what each received."""
+    dist.init_process_group("gloo")
+    rank, peer = dist.get_rank(), 1 - dist.get_rank()
+    p2p = P2P(timeout_s=30)
+    got = []
+    for step, shape in enumerate([(256, 1024), (256, 1024), (3, 5)]):
+        act = torch.full(shape, float(rank * 10 + step), requires_grad=True) * 1  # non-leaf
+        payload = {"x": act, "mask": torch.ones(shape)}  # the mask does not require grad
+        [back] = p2p.exchange([Outgoing(payload, peer, f"message {step}")], [Incoming(peer, f"message {step}")])
+        got.append((float(back["x"][0, 0]), tuple(back["x"].shape),
+                    back["x"].requires_grad, back["mask"].requires_grad))
+    p2p.wait_sends()
+    return got
+
+
+def test_facing_exchange_as_one_group_honours_requires_grad(dist_run):
+    r0, r1 = dist_run(_facing_exchange, 2)
+    assert [g[0] for g in r0] == [10.0, 11.0, 12.0] and [g[0] for g in r1] == [0.0, 1.0, 2.0]
+    assert r0[2][1] == (3, 5)
+    assert all(g[2] and not g[3] for g in r0 + r1)  # the sender's flags, per tensor
 
 
 def _wait_for_silent_peer() -> None:

@@ -10,8 +10,12 @@ two-number header says "same as before" and only tensor bytes move. Every messag
     tensor 0 bytes, tensor 1 bytes, ...  each sent in place as a uint8 view (no packing copy)
 
 Messages on one (sender, receiver) pair are matched in FIFO order, so no tags are needed.
-Sends are asynchronous (the buffers are kept alive until :meth:`P2P.wait_sends`); receives
-block, always with a timeout whose error names this rank, the peer and what was awaited.
+Messages are posted in groups (:meth:`P2P.exchange`), each part of the message format above
+one ``batch_isend_irecv`` round shared by the group's messages, so two neighbours sending to
+each other complete under NCCL's rendezvous semantics. Sends are asynchronous (the buffers are
+kept alive until :meth:`P2P.wait_sends`); receives block, always with a timeout whose error
+names this rank, the peer and what was awaited. A received tensor requires grad exactly when
+the sent one did.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import datetime
 import pickle
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -102,10 +107,49 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to send: ``obj`` to global rank ``dst``; ``what`` names it in errors."""
+
+    obj: Any
+    dst: int
+    what: str = "a message"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message to receive from global rank ``src``; ``what`` names it in errors."""
+
+    src: int
+    what: str = "a message"
+
+
+@dataclass
+class _Encoded:
+    """An outgoing message as the buffers each round sends."""
+
+    dst: int
+    what: str
+    header: torch.Tensor
+    desc: torch.Tensor | None
+    payload: list[torch.Tensor]
+
+
+#: ``batch_isend_irecv`` tags: data, and the acknowledgements of ``MERAK_P2P=rendezvous``
+#: (which travel against the data and must never match a data message from the same peer).
+_DATA_TAG, _ACK_TAG = 0, 1
+
+
 class P2P:
     """Nested-structure send/receive with per-peer cached structure descriptions.
 
     One instance per rank; ``device`` is where tensors live (cpu for gloo, cuda for nccl).
+    :meth:`exchange` posts a group of sends and receives together - what NCCL needs for two
+    neighbours sending to each other (rendezvous: a large send completes only while its
+    receive is posted). A group runs in three rounds, each one ``batch_isend_irecv``: the
+    headers, the structure descriptions that changed, then the payloads; the receiver needs
+    the first two to size the third. Headers and descriptions are small (eager); payloads are
+    what :mod:`merak.runtime.pipeline.replay` checks under rendezvous semantics.
     """
 
     def __init__(self, device: torch.device | str = "cpu", timeout_s: float = 300.0) -> None:
@@ -115,24 +159,81 @@ class P2P:
         self._recv_desc: dict[int, Any] = {}
         self._pending: list[tuple[dist.Work, Any, int, str]] = []
 
-    # ---- sending ----------------------------------------------------------------------
+    # ---- the group exchange -----------------------------------------------------------
+    def exchange(self, sends: Sequence[Outgoing] = (), recvs: Sequence[Incoming] = ()) -> list[Any]:
+        """Send ``sends`` and receive ``recvs`` as one group; return the received objects in
+        the order of ``recvs``. Sends are left in flight (see :meth:`wait_sends`)."""
+        out = [self._encode(m) for m in sends]
+        headers = [torch.empty(2, dtype=torch.int64, device=self.device) for _ in recvs]
+        self._round([(e.header, e.dst, e.what) for e in out],
+                    [(h, r.src, r.what) for h, r in zip(headers, recvs)])
+        counts = torch.stack(headers).tolist() if headers else []  # one device->host sync per group
+        descs = {i: torch.empty(n, dtype=torch.uint8, device=self.device) for i, (n, _) in enumerate(counts) if n}
+        self._round([(e.desc, e.dst, f"{e.what} (structure)") for e in out if e.desc is not None],
+                    [(buf, recvs[i].src, f"{recvs[i].what} (structure)") for i, buf in descs.items()])
+        skeletons, slots, tensors = [], [], []
+        for i, (msg, (_, num_tensors)) in enumerate(zip(recvs, counts)):
+            if i in descs:
+                self._recv_desc[msg.src] = pickle.loads(descs[i].cpu().numpy().tobytes())
+            skeleton, found = self._skeleton(msg, int(num_tensors))
+            skeletons.append(skeleton)
+            slots.append(found)
+            tensors.append([torch.empty(slot.shape, dtype=slot.dtype, device=self.device) for slot in found])
+        self._round(
+            [(t, e.dst, e.what) for e in out for t in e.payload],
+            [(_as_bytes(t), msg.src, msg.what) for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0],
+        )
+        for found, ts in zip(slots, tensors):
+            for slot, t in zip(found, ts):
+                # the sender's flag: a tensor it does not differentiate gets no gradient back
+                if slot.requires_grad and (t.is_floating_point() or t.is_complex()):
+                    t.requires_grad_(True)
+        return [unflatten(sk, ts) for sk, ts in zip(skeletons, tensors)]
+
     def send(self, obj: Any, dst: int, what: str = "a message") -> None:
         """Start sending ``obj`` to global rank ``dst``; returns without waiting."""
-        skeleton, tensors = flatten(obj)
+        self.exchange(sends=[Outgoing(obj, dst, what)])
+
+    def recv(self, src: int, what: str = "a message") -> Any:
+        """Receive the next structure sent to this rank by global rank ``src``."""
+        return self.exchange(recvs=[Incoming(src, what)])[0]
+
+    def _encode(self, msg: Outgoing) -> _Encoded:
+        skeleton, tensors = flatten(msg.obj)
         payload = [t.detach().contiguous() for t in tensors]
         desc = pickle.dumps(skeleton)
-        changed = self._sent_desc.get(dst) != desc
-        header = torch.tensor(
-            [len(desc) if changed else 0, len(payload)], dtype=torch.int64, device=self.device
-        )
-        bufs = [header]
+        changed = self._sent_desc.get(msg.dst) != desc
+        header = torch.tensor([len(desc) if changed else 0, len(payload)], dtype=torch.int64, device=self.device)
+        desc_buf = None
         if changed:
-            bufs.append(torch.frombuffer(bytearray(desc), dtype=torch.uint8).to(self.device))
-            self._sent_desc[dst] = desc
-        bufs.extend(_as_bytes(t) for t in payload if t.numel() > 0)
-        for buf in bufs:
+            desc_buf = torch.frombuffer(bytearray(desc), dtype=torch.uint8).to(self.device)
+            self._sent_desc[msg.dst] = desc
+        return _Encoded(msg.dst, msg.what, header, desc_buf, [_as_bytes(t) for t in payload if t.numel() > 0])
+
+    def _skeleton(self, msg: Incoming, num_tensors: int) -> tuple[Any, list[_TensorSlot]]:
+        if msg.src not in self._recv_desc:
+            raise RuntimeError(f"protocol error: rank {msg.src} sent {msg.what} without a structure first")
+        skeleton = self._recv_desc[msg.src]
+        slots = _slots(skeleton)
+        if len(slots) != num_tensors:
+            raise RuntimeError(
+                f"protocol error: rank {msg.src} announced {num_tensors} tensors for {msg.what}, "
+                f"structure holds {len(slots)}"
+            )
+        return skeleton, slots
+
+    def _round(self, sends: list[tuple[torch.Tensor, int, str]], recvs: list[tuple[torch.Tensor, int, str]]) -> None:
+        """Post one round as a single ``batch_isend_irecv``; wait for its receives."""
+        if not sends and not recvs:
+            return
+        ops = [dist.P2POp(dist.isend, buf, dst, tag=_DATA_TAG) for buf, dst, _ in sends]
+        ops += [dist.P2POp(dist.irecv, buf, src, tag=_DATA_TAG) for buf, src, _ in recvs]
+        works = dist.batch_isend_irecv(ops)
+        for work, (buf, dst, what) in zip(works, sends):
             # Keep ``buf`` referenced until the send completes: isend does not own it.
-            self._pending.append((dist.isend(buf, dst=dst), buf, dst, what))
+            self._pending.append((work, buf, dst, what))
+        for work, (_, src, what) in zip(works[len(sends):], recvs):
+            wait_with_timeout(work, self.timeout_s, f"{what} from rank {src}")
         self._reap()
 
     def _reap(self) -> None:
@@ -144,34 +245,3 @@ class P2P:
         for work, _buf, dst, what in self._pending:
             wait_with_timeout(work, self.timeout_s, f"rank {dst} to receive {what} (sent by rank {me})")
         self._pending.clear()
-
-    # ---- receiving --------------------------------------------------------------------
-    def _recv_into(self, buf: torch.Tensor, src: int, what: str) -> None:
-        work = dist.irecv(buf, src=src)
-        wait_with_timeout(work, self.timeout_s, f"{what} from rank {src}")
-
-    def recv(self, src: int, what: str = "a message") -> Any:
-        """Receive the next structure sent to this rank by global rank ``src``."""
-        header = torch.empty(2, dtype=torch.int64, device=self.device)
-        self._recv_into(header, src, what)
-        desc_len, num_tensors = (int(v) for v in header.tolist())
-        if desc_len:
-            raw = torch.empty(desc_len, dtype=torch.uint8, device=self.device)
-            self._recv_into(raw, src, f"{what} (structure)")
-            self._recv_desc[src] = pickle.loads(raw.cpu().numpy().tobytes())
-        if src not in self._recv_desc:
-            raise RuntimeError(f"protocol error: rank {src} sent {what} without a structure first")
-        skeleton = self._recv_desc[src]
-        slots = _slots(skeleton)
-        if len(slots) != num_tensors:
-            raise RuntimeError(
-                f"protocol error: rank {src} announced {num_tensors} tensors for {what}, "
-                f"structure holds {len(slots)}"
-            )
-        tensors = []
-        for slot in slots:
-            t = torch.empty(slot.shape, dtype=slot.dtype, device=self.device)
-            if t.numel() > 0:
-                self._recv_into(_as_bytes(t), src, what)
-            tensors.append(t)
-        return unflatten(skeleton, tensors)

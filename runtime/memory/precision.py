@@ -136,7 +136,8 @@ class MixedPrecision:
         an fp32 mask at ``finfo.min`` would become ``-inf`` in fp16."""
         if self.dtype is None:
             return outputs
-        return {k: v.detach().to(self.dtype) if isinstance(v, torch.Tensor) and v.requires_grad
+        # not detached: the p2p layer sends the sender's requires_grad flag with each tensor
+        return {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.requires_grad
                 and v.is_floating_point() else v for k, v in outputs.items()}
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:

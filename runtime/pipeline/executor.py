@@ -26,7 +26,11 @@ Semantics that the schedules and the validator rely on:
   dropped as soon as they were sent; on the last stage ``on_output(m, outputs, loss)`` sees each
   micro-batch's outputs right after its forward, and they are dropped after it returns, so a
   pass never holds more than the micro-batches in flight.
-* Sends are asynchronous, receives block with a timeout (see :mod:`merak.runtime.distributed.p2p`).
+* Point-to-point instructions run one issue group at a time: an instruction marked
+  ``with_next`` (exchanges the communication pass grouped) is posted together with the next
+  one as one :meth:`~merak.runtime.distributed.p2p.P2P.exchange`, as NCCL needs for ranks
+  sending to each other. Sends are asynchronous, receives block with a timeout; a received
+  tensor requires grad exactly when the sent one did (see :mod:`merak.runtime.distributed.p2p`).
 
 Virtual stages (:mod:`merak.runtime.pipeline.placement`): a rank may hold several model chunks
 (``stage`` is then the list of them, indexed by chunk, and ``placement`` says where every
@@ -56,11 +60,14 @@ from merak.runtime.pipeline.grad_reduce import (
 )
 from merak.runtime.distributed.grid import Grid
 from merak.runtime.pipeline.instructions import Instruction, Op
+from merak.runtime.pipeline.replay import groups_of
 from merak.runtime.pipeline.placement import Placement
-from merak.runtime.distributed.p2p import P2P, wait_with_timeout
+from merak.runtime.distributed.p2p import P2P, Incoming, Outgoing, wait_with_timeout
 from merak.runtime.memory.precision import MixedPrecision
 from merak.runtime.memory.stage_activations import StageActivations
 from merak.runtime.pipeline.weight_grad_store import WeightGradStore, defer_weight_gradients
+
+_SENDS = (Op.SEND_ACT, Op.SEND_GRAD)
 
 LossFn = Callable[[Mapping[str, Any], Mapping[str, Any]], torch.Tensor]
 
@@ -206,15 +213,15 @@ class PipelineExecutor:
                                   self.tie_size, timeout_s)
         self._handlers: dict[Op, Callable[[Instruction], None]] = {
             Op.LOAD: self._load,
-            Op.RECV_ACT: self._recv_act,
+            Op.RECV_ACT: self._communicate_one,
             Op.FORWARD: self._forward,
-            Op.SEND_ACT: self._send_act,
+            Op.SEND_ACT: self._communicate_one,
             Op.RECOMPUTE: self._recompute,
-            Op.RECV_GRAD: self._recv_grad,
+            Op.RECV_GRAD: self._communicate_one,
             Op.BACKWARD: self._backward,
             Op.BACKWARD_INPUT: self._backward_input,
             Op.BACKWARD_WEIGHT: self._backward_weight,
-            Op.SEND_GRAD: self._send_grad,
+            Op.SEND_GRAD: self._communicate_one,
             Op.REDUCE_TIED_GRADS: self._reduce_tied,
             Op.REDUCE_DP_GRADS: self._reduce_dp,
             Op.OPTIMIZER_STEP: self._optimizer_step,
@@ -267,14 +274,19 @@ class PipelineExecutor:
         self._forward_only = last_backward < 0
         self._skipped = False
         busy = [0.0, 0.0]  # forward, backward seconds
-        for n, instruction in enumerate(instructions):
+        for group in groups_of(instructions):
+            n, instruction = group[0], instructions[group[0]]
             if n == last_backward:
                 self.reducer.arm()
             began = time.perf_counter()
             try:
-                self._handlers[instruction.op](instruction)
+                if len(group) > 1:  # exchanges grouped by the comm pass: only p2p instructions
+                    self._communicate([instructions[p] for p in group])
+                else:
+                    self._handlers[instruction.op](instruction)
             except Exception as exc:
-                exc.add_note(f"while executing instruction {instruction} on rank {self.grid.rank}")
+                exc.add_note(f"while executing instruction {' '.join(str(instructions[p]) for p in group)} "
+                             f"on rank {self.grid.rank}")
                 raise
             kind = _COMPUTE_KIND.get(instruction.op)
             if kind is not None:
@@ -298,6 +310,9 @@ class PipelineExecutor:
         self.reducer.close()
 
     # ---- handlers ----------------------------------------------------------------------
+    def _communicate_one(self, ins: Instruction) -> None:
+        self._communicate([ins])
+
     def _load(self, ins: Instruction) -> None:
         batch, chunk = self._batches[ins.microbatch], self.chunks[ins.chunk]
         wanted = set(chunk.stage.data_inputs)
@@ -316,12 +331,6 @@ class PipelineExecutor:
         if self.placement.num_chunks == 1:
             return f"{kind} of micro-batch {ins.microbatch}"
         return f"{kind} of micro-batch {ins.microbatch} from virtual stage {sender}"
-
-    def _recv_act(self, ins: Instruction) -> None:
-        chunk = self.chunks[ins.chunk]
-        assert chunk.prev_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote predecessor"
-        got = self.p2p.recv(chunk.prev_rank, self._what("activations", ins, chunk.virtual_stage - 1))
-        self._mb[ins.key].received = _as_leaves(got)
 
     def _run_stage(self, mb: _MicroBatch, ins: Instruction) -> None:
         chunk = self.chunks[ins.chunk]
@@ -359,25 +368,45 @@ class PipelineExecutor:
             mb.received = _as_leaves({n: producer.outputs[n] for n in sent})
         self._run_stage(mb, ins)
 
-    def _send_act(self, ins: Instruction) -> None:
+    def _communicate(self, group: Sequence[Instruction]) -> None:
+        """Run one issue group of p2p instructions (a lone one, or exchanges the communication
+        pass grouped) as one :meth:`P2P.exchange`, as NCCL needs for ranks sending to each other."""
+        sends = [self._outgoing(ins) for ins in group if ins.op in _SENDS]
+        recvs = [ins for ins in group if ins.op not in _SENDS]
+        got = self.p2p.exchange(sends, [self._incoming(ins) for ins in recvs])
+        for ins, obj in zip(recvs, got):
+            if ins.op is Op.RECV_ACT:
+                self._mb[ins.key].received = _as_leaves(obj)
+            else:
+                self._mb[ins.key].output_grads = obj
+
+    def _outgoing(self, ins: Instruction) -> Outgoing:
         chunk, mb = self.chunks[ins.chunk], self._mb[ins.key]
-        assert mb.outputs is not None, f"{ins}: send before forward"
+        if ins.op is Op.SEND_ACT:
+            assert mb.outputs is not None, f"{ins}: send before forward"
+            assert chunk.next_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote successor"
+            out = Outgoing(self.precision.on_wire({n: mb.outputs[n] for n in chunk.stage.send_outputs}),
+                           chunk.next_rank, self._what("activations", ins, chunk.virtual_stage))
+            if self._forward_only:  # nothing will come back for it: drop what the forward held
+                mb.outputs, mb.data, mb.received = None, {}, {}
+            return out
+        assert mb.input_grads is not None, f"{ins}: send before backward"
+        assert chunk.prev_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote predecessor"
+        grads, mb.input_grads = mb.input_grads, None
+        return Outgoing(grads, chunk.prev_rank, self._what("gradients", ins, chunk.virtual_stage))
+
+    def _incoming(self, ins: Instruction) -> Incoming:
+        chunk = self.chunks[ins.chunk]
+        if ins.op is Op.RECV_ACT:
+            assert chunk.prev_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote predecessor"
+            return Incoming(chunk.prev_rank, self._what("activations", ins, chunk.virtual_stage - 1))
         assert chunk.next_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote successor"
-        self.p2p.send(self.precision.on_wire({n: mb.outputs[n] for n in chunk.stage.send_outputs}),
-                      chunk.next_rank, self._what("activations", ins, chunk.virtual_stage))
-        if self._forward_only:  # nothing will come back for it: drop what the forward held
-            mb.outputs, mb.data, mb.received = None, {}, {}
+        return Incoming(chunk.next_rank, self._what("gradients", ins, chunk.virtual_stage + 1))
 
     def _recompute(self, ins: Instruction) -> None:
         if self._mb[ins.key].outputs is None:
             raise RuntimeError(f"{ins}: recompute without a preceding forward")
         self.chunks[ins.chunk].activations.recompute(ins.microbatch)
-
-    def _recv_grad(self, ins: Instruction) -> None:
-        chunk = self.chunks[ins.chunk]
-        assert chunk.next_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote successor"
-        self._mb[ins.key].output_grads = self.p2p.recv(
-            chunk.next_rank, self._what("gradients", ins, chunk.virtual_stage + 1))
 
     def _backward(self, ins: Instruction, defer_weights: bool = False) -> None:
         chunk, mb = self.chunks[ins.chunk], self._mb[ins.key]
@@ -413,13 +442,6 @@ class PipelineExecutor:
 
     def _backward_weight(self, ins: Instruction) -> None:
         self.weight_store.flush(ins.microbatch if self.placement.num_chunks == 1 else ins.key)  # type: ignore[arg-type]
-
-    def _send_grad(self, ins: Instruction) -> None:
-        chunk, mb = self.chunks[ins.chunk], self._mb[ins.key]
-        assert mb.input_grads is not None, f"{ins}: send before backward"
-        assert chunk.prev_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote predecessor"
-        self.p2p.send(mb.input_grads, chunk.prev_rank, self._what("gradients", ins, chunk.virtual_stage))
-        mb.input_grads = None
 
     def _reduce_tied(self, ins: Instruction) -> None:
         reduce_tied_gradients(self.tied, self.grid.tied_group, self.tie_size, self.timeout_s)
@@ -487,14 +509,16 @@ def _unique_parameters(stages: Sequence[Stage]) -> list[torch.nn.Parameter]:
 
 
 def _as_leaves(received: dict[str, Any]) -> dict[str, Any]:
-    """Received tensors as the inputs of this chunk's graph: floating ones require grad, so
-    the backward pass yields the gradient to hand back. A local hand-over is detached first,
-    cutting the producer's graph exactly where a message would."""
+    """Received tensors as the inputs of this chunk's graph: those the producer differentiates
+    require grad, so the backward pass yields the gradient to hand back (a mask or table that
+    needs none gets none). A local hand-over is detached first, cutting the producer's graph
+    exactly where a message would."""
     out = {}
     for name, value in received.items():
         if isinstance(value, torch.Tensor):
+            wanted = value.requires_grad and value.is_floating_point()
             value = value.detach()
-            if value.is_floating_point():
+            if wanted:
                 value.requires_grad_(True)
         out[name] = value
     return out
