@@ -150,9 +150,10 @@ class MerakArguments(TrainingArguments):
                           "HF's keys; the figures are logged by the 'merak' logger either way."},
     )
     p2p_timeout: float = field(
-        default=300.0,
+        default_factory=lambda: float(os.environ.get("MERAK_TIMEOUT_S", 300)),
         metadata={"help": "Seconds any pipeline send/receive or collective may wait before failing "
-                          "with an error that names the ranks involved."},
+                          "with an error that names the ranks involved. Default: the MERAK_TIMEOUT_S "
+                          "environment variable, else 300 (one timeout setting everywhere)."},
     )
     zero_stage: int = field(
         default=0,

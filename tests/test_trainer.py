@@ -217,6 +217,15 @@ def test_arguments_parse_from_command_line():
         merak.MerakArguments(output_dir="/tmp/x", schedule="pipedream", report_to="none")
 
 
+def test_p2p_timeout_defaults_to_merak_timeout_s(monkeypatch):
+    import merak
+
+    monkeypatch.setenv("MERAK_TIMEOUT_S", "20")
+    assert merak.MerakArguments(output_dir="/tmp/x", report_to="none").p2p_timeout == 20.0
+    monkeypatch.delenv("MERAK_TIMEOUT_S")
+    assert merak.MerakArguments(output_dir="/tmp/x", report_to="none").p2p_timeout == 300.0
+
+
 def _train_with_checkpoints(out: str, resume: str | None) -> list[tuple[int, float]]:
     import merak
 
