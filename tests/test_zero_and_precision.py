@@ -122,14 +122,16 @@ def _precision_runs(runs: dict[str, dict] = DEFAULT_RUNS, tp: int = 1, pp: int =
         trainer = _trainer(1, pp, tp=tp, steps=PRECISION_STEPS, **options)
         sent: set[torch.dtype] = set()
         p2p = trainer._pipeline_executor().p2p
-        send = p2p.send
+        exchange = p2p.exchange  # every send (single or grouped) goes through it
 
-        def recording_send(obj, *args, send=send, sent=sent, **kwargs):
-            values = obj.values() if isinstance(obj, dict) else [obj]
-            sent.update(v.dtype for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
-            return send(obj, *args, **kwargs)
+        def recording_exchange(sends=(), *args, exchange=exchange, sent=sent, **kwargs):
+            for message in sends:
+                obj = message.obj
+                values = obj.values() if isinstance(obj, dict) else [obj]
+                sent.update(v.dtype for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
+            return exchange(sends, *args, **kwargs)
 
-        p2p.send = recording_send
+        p2p.exchange = recording_exchange
         trainer.train()
         out[name] = {"curve": _logged(trainer, "loss"), "sent": sent,
                      "param_dtypes": {p.dtype for p in trainer.stage.parameters()},
