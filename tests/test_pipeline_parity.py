@@ -24,9 +24,10 @@ def global_batches(make_batch, num: int, step: int) -> list[dict[str, torch.Tens
     return [make_batch(batch_size=MICRO, seq_len=SEQ, seed=1000 * step + i) for i in range(num)]
 
 
-def reference(kind: str, num_microbatches: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(kind: str, num_microbatches: int, num_steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process's losses and final gradients on the batches every parallel layout sees."""
     model, make_batch = tiny_model(kind)
-    steps = [global_batches(make_batch, num_microbatches, step) for step in range(STEPS)]
+    steps = [global_batches(make_batch, num_microbatches, step) for step in range(num_steps)]
     return single_process_run(model, steps, torch.optim.SGD(model.parameters(), lr=LR))
 
 

@@ -12,24 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import single_process_run
+from test_pipeline_parity import LR, MICRO, SEQ, global_batches, reference
 from tiny_models import tiny_model
 
 #: (schedule, recompute, chunks per rank).
 CASES = [("interleaved_1f1b", "none", 2), ("interleaved_1f1b", "full", 2),
          ("zb_v", "none", 2), ("zb_v", "full", 2),
          ("dualpipe_v", "none", 2), ("dualpipe_v", "full", 2)]
-MICRO, SEQ, STEPS, LR = 2, 8, 3, 0.05
-
-
-def global_batches(make_batch, num: int, step: int) -> list[dict[str, torch.Tensor]]:
-    return [make_batch(batch_size=MICRO, seq_len=SEQ, seed=1000 * step + i) for i in range(num)]
-
-
-def reference(kind: str, m: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    model, make_batch = tiny_model(kind)
-    steps = [global_batches(make_batch, m, step) for step in range(STEPS)]
-    return single_process_run(model, steps, torch.optim.SGD(model.parameters(), lr=LR))
+STEPS = 3
 
 
 def _pipeline(kind: str, pp: int, m: int, cases: list[tuple[str, str, int]]) -> dict:
@@ -77,7 +67,7 @@ LAYOUTS = [
 @pytest.mark.parametrize("kind, pp, cases", LAYOUTS)
 def test_virtual_stages_match_single_process(dist_run, kind, pp, cases):
     m = 2 * pp  # the fewest micro-batches every virtual-stage schedule takes
-    ref_losses, ref_grads = reference(kind, m)
+    ref_losses, ref_grads = reference(kind, m, STEPS)
     per_rank = dist_run(_pipeline, pp, kind, pp, m, cases, timeout=900)
     for rank, results in enumerate(per_rank):
         seen = set()
