@@ -15,6 +15,13 @@ error reporting are the same everywhere:
   that never finished.
 
 ``fn`` must be importable by the children (a module-level function in a test module).
+
+Ranks start from a *fork server* that has already imported torch and transformers' Trainer
+(``_START_METHOD``): a spawned rank spends ~3 s of CPU importing them, and the default suite
+starts several hundred ranks on a 2-core machine, so start-up was most of its run time. A
+fork-server child is still a fresh process (forked from a server that never ran a test), and it
+receives the parent's *current* environment, exactly as a spawned child would.
+``MERAK_TEST_START=spawn`` restores plain spawning (e.g. to rule the fork server out).
 """
 
 from __future__ import annotations
@@ -45,11 +52,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Heavy imports every rank needs; loaded once by the fork server, never by a test's own code.
+_PRELOAD = ["torch", "torch.distributed", "transformers", "transformers.trainer"]
+
+
+def _context() -> Any:
+    """The multiprocessing context ranks start from (see the module docstring)."""
+    if os.environ.get("MERAK_TEST_START", "forkserver") == "spawn":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def _child(fn: Callable, rank: int, world: int, port: int, env: dict, args: tuple,
            kwargs: dict, results: mp.Queue) -> None:
+    # The fork server's environment is the one it started with; the test's is the one that counts.
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **env,
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
     import torch
 
@@ -80,11 +103,12 @@ def run_distributed(
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return results in rank order."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results: mp.Queue = ctx.Queue()
     port = free_port()
+    child_env = {**os.environ, **(env or {})}
     procs = [
-        ctx.Process(target=_child, args=(fn, r, world_size, port, env or {}, args, kwargs, results),
+        ctx.Process(target=_child, args=(fn, r, world_size, port, child_env, args, kwargs, results),
                     daemon=True)
         for r in range(world_size)
     ]
