@@ -51,26 +51,21 @@ REFUSED = {
 }
 
 
-def _grid_cases() -> list:
-    """Each schedule over the whole grid: up to P = 8 in the default run and the rest of the grid
-    (P = 16, where each build replays the exchanges under rendezvous semantics twice) in the slow
-    one, which keeps the default suite within its time budget."""
-    cases = []
-    for name in SCHEDULES:
-        cases += [pytest.param(name, 8, id=f"{name}-p8"),
-                  pytest.param(name, 16, id=f"{name}-p16", marks=pytest.mark.slow)]
-    return cases
+#: The grid in two parts: up to P = 8 in the default run, the rest (P up to 16, where each build
+#: replays the exchanges under rendezvous semantics twice) in the slow one, which keeps the default
+#: suite within its time budget. Every test that walks the grid takes a part.
+GRID_PARTS = [pytest.param([(p, m) for p, m in GRID if p <= 8], id="p8"),
+              pytest.param([(p, m) for p, m in GRID if p > 8], id="p16", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("name, max_p", _grid_cases())
+@pytest.mark.parametrize("grid", GRID_PARTS)
+@pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("mode", RECOMPUTE_MODES)
-def test_every_schedule_validates_over_the_grid(name: str, max_p: int, mode: str) -> None:
+def test_every_schedule_validates_over_the_grid(name: str, grid: list, mode: str) -> None:
     """Every (P, M) builds and validates, or (virtual stages) is refused with an error that
     says which M would do."""
     refused, words = REFUSED.get(name, (lambda p, m: False, ""))
-    for p, m in GRID:
-        if p > max_p or (max_p == 16 and p <= 8):
-            continue
+    for p, m in grid:
         if refused(p, m):
             with pytest.raises(ValueError, match=words):
                 built(name, p, m, mode)
@@ -141,8 +136,9 @@ def test_shifted_recomputes_before_the_gradient_arrives() -> None:
     assert re.search(r"1R3 (1SA\d+\+ )?1RG3 1B3", format_schedule(ops))
 
 
-def test_shifted_last_stage_never_recomputes() -> None:
-    for p, m in GRID:
+@pytest.mark.parametrize("grid", GRID_PARTS)
+def test_shifted_last_stage_never_recomputes(grid: list) -> None:
+    for p, m in grid:
         schedule = built("shifted_critical_path", p, m, "full")
         assert not any(i.op is Op.RECOMPUTE for i in schedule[-1])
 
@@ -160,9 +156,10 @@ def test_shifted_keeps_exactly_the_microbatches_memory_allows() -> None:
     assert kept == [[0], [0], [0], list(range(8))]
 
 
+@pytest.mark.parametrize("grid", GRID_PARTS)
 @pytest.mark.parametrize("mode", ["full", "stage_aware"])
-def test_shifted_never_peaks_above_1f1b_with_the_same_plan(mode: str) -> None:
-    for p, m in GRID:
+def test_shifted_never_peaks_above_1f1b_with_the_same_plan(mode: str, grid: list) -> None:
+    for p, m in grid:
         plan = RecomputePlan.from_mode(mode, p)
         shifted, baseline = built("shifted_critical_path", p, m, mode), built("1f1b", p, m, mode)
         for s in range(p):
@@ -174,8 +171,9 @@ def test_shifted_without_recompute_is_1f1b() -> None:
     assert build_all("shifted_critical_path", 5, 9) == build_all("1f1b", 5, 9)
 
 
-def test_zero_bubble_splits_every_backward_and_matches_1f1b_peak() -> None:
-    for p, m in GRID:
+@pytest.mark.parametrize("grid", GRID_PARTS)
+def test_zero_bubble_splits_every_backward_and_matches_1f1b_peak(grid: list) -> None:
+    for p, m in grid:
         schedule = built("zero_bubble", p, m)
         assert not any(i.op is Op.BACKWARD for ops in schedule for i in ops)
         one_f_one_b = built("1f1b", p, m)
