@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.distributed as dist
 
 import merak
+from merak.runtime.distributed import collectives
 from merak.runtime.distributed.p2p import P2P
 
 
@@ -31,14 +31,14 @@ def main(argv: list[str] | None = None) -> None:
 
     # Every group sums its members' ranks; compare with the layout's own answer.
     for kind in ("tp", "dp", "pp"):
-        t = torch.tensor([float(grid.rank)])
-        dist.all_reduce(t, group=getattr(grid, f"{kind}_group"))
+        group = getattr(grid, f"{kind}_group")
+        (got,) = collectives.reduce_values([float(grid.rank)], f"the smoke all-reduce of the {kind} group", group=group)
         expected = float(sum(getattr(grid, f"{kind}_ranks")))
-        assert t.item() == expected, f"{kind} group sum {t.item()} != {expected}"
+        assert got == expected, f"{kind} group sum {got} != {expected}"
 
     # An activation travels down the pipeline and a gradient back up.
     p2p = P2P(merak.get_device())
-    act = torch.zeros(1) if grid.is_first_stage else p2p.recv(grid.prev_rank, "smoke activation")
+    act = torch.zeros(1, device=merak.get_device()) if grid.is_first_stage else p2p.recv(grid.prev_rank, "smoke activation")
     act = act + 1
     if not grid.is_last_stage:
         p2p.send(act, grid.next_rank, "smoke activation")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         p2p.send(grad, grid.prev_rank, "smoke gradient")
     p2p.wait_sends()
     assert grad.item() == grid.num_stages, (grad.item(), grid.num_stages)
-    dist.barrier()
+    collectives.barrier("the smoke job's final barrier")
     if grid.rank == 0:
         print(f"[merak] OK: {grid.dims} grid on {grid.dims.world_size} ranks; groups and "
               f"pipeline p2p verified", flush=True)

@@ -23,8 +23,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from merak.runtime.distributed import groups
+from merak.runtime.distributed.objects import broadcast_object
 from merak.planner.cluster import DEVICE_PRESETS, Cluster, Link, calibrate_device, cluster_preset, parse_bytes
 
 logger = logging.getLogger("merak")
@@ -138,25 +139,23 @@ def decide_on_rank0(graph: Any, example: Mapping[str, Any], per_device_batch: in
                     max_memory: str | None, timeout_s: float) -> LayoutChoice:
     """Every rank calls this (the default process group exists); rank 0 searches, all get its
     choice. The user's global batch is ``per_device_batch x accumulation x world size``."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world, rank = groups.size(), groups.rank()
     seq_len = _sequence_length(example)
     global_batch = per_device_batch * accumulation * world
-    box: list[Any] = [None]
+    choice: Any = None
     if rank == 0:
         try:
             cluster = local_cluster(world, _local_world_size(world),
                                     parse_bytes(max_memory) if max_memory else None)
             # The trainer plans memory budgets one stage per rank: no virtual stages with a budget.
-            box[0] = choose_layout(graph, seq_len, per_device_batch, global_batch, cluster,
+            choice = choose_layout(graph, seq_len, per_device_batch, global_batch, cluster,
                                    virtual_stages=max_memory is None)
         except Exception as exc:  # every rank must raise, not only rank 0
-            box[0] = exc
-    if world > 1:
-        dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]
+            choice = exc
+    choice = broadcast_object(choice, 0, "rank 0's parallel layout choice", timeout_s=timeout_s)
+    if isinstance(choice, Exception):
+        raise choice
+    return choice
 
 
 def _local_world_size(world: int) -> int:

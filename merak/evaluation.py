@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 
-from merak.runtime.distributed.collectives import all_gather_along, all_gather_objects
+from merak.runtime.distributed.collectives import all_gather_along
+from merak.runtime.distributed.objects import all_gather_objects
 from merak.runtime.pipeline.executor import loss_key
 from merak.runtime.pipeline.schedules import forward_only
 

@@ -27,7 +27,6 @@ import time
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, default_data_collator
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
@@ -42,7 +41,7 @@ from merak.partitioner import StageChunks, build_chunks, build_stage, shard, tra
 from merak.partitioner.meta import meta_like
 from merak.runtime.pipeline.executor import LossFn, PipelineExecutor, all_reduce_mean_loss
 from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel, tp_grad_norm_squared
-from merak.runtime.distributed.p2p import wait_with_timeout
+from merak.runtime.distributed import collectives
 from merak.runtime.memory.precision import MixedPrecision
 from merak.runtime.memory.zero import shard_optimizer_states
 from merak.runtime.memory.policy import ActivationPlan
@@ -301,12 +300,12 @@ class MerakTrainer(Trainer):
         sharded, sq = tp_grad_norm_squared(self.stage, exclude=tied_elsewhere)
         sq = sq.to(merak.get_device())
         if self.grid.tp_group is not None and self.grid.dims.tp > 1:
-            wait_with_timeout(dist.all_reduce(sharded, group=self.grid.tp_group, async_op=True),
-                              self.args.p2p_timeout, "the tensor-parallel gradient-norm all-reduce")
+            collectives.all_reduce(sharded, "the tensor-parallel gradient-norm all-reduce",
+                                   group=self.grid.tp_group, timeout_s=self.args.p2p_timeout)
         sq += sharded.to(sq.device)
         if self.grid.pp_group is not None and self.grid.num_stages > 1:
-            wait_with_timeout(dist.all_reduce(sq, group=self.grid.pp_group, async_op=True),
-                              self.args.p2p_timeout, "the gradient-norm all-reduce")
+            collectives.all_reduce(sq, "the gradient-norm all-reduce", group=self.grid.pp_group,
+                                   timeout_s=self.args.p2p_timeout)
         norm = float(sq.sqrt())
         self._last_grad_norm = norm
         if not math.isfinite(norm):
@@ -477,10 +476,8 @@ class MerakTrainer(Trainer):
         return [c * scale / total for c in counts], tokens
 
     def _dp_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=merak.get_device())
-        wait_with_timeout(dist.all_reduce(t, group=self.grid.dp_group, async_op=True), self.args.p2p_timeout,
-                          "the label-token count all-reduce over data-parallel replicas")
-        return t.tolist()
+        return collectives.reduce_values(values, "the label-token count all-reduce over data-parallel replicas",
+                                         group=self.grid.dp_group, timeout_s=self.args.p2p_timeout)
 
     def _num_items(self, mb: Mapping[str, Any]) -> int | None:
         """HF's ``_get_num_items_in_batch`` for one micro-batch (labels shifted for causal LMs)."""
@@ -830,8 +827,7 @@ def _has_optimizer(directory: str) -> bool:
 
 
 def _barrier(timeout_s: float) -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        wait_with_timeout(dist.barrier(async_op=True), timeout_s, "a barrier after saving a checkpoint")
+    collectives.barrier("a barrier after saving a checkpoint", timeout_s=timeout_s)
 
 
 def _tokens_per_sample(example: Mapping[str, Any]) -> int:

@@ -139,16 +139,12 @@ def mean_over_ranks(values: torch.Tensor, group: Any, timeout_s: float, what: st
     Timings differ slightly between ranks, but every rank must derive the same partition from
     them, so measurements are averaged before any decision is taken. A no-op without a process group.
     """
-    import torch.distributed as dist
+    from merak.runtime.distributed import collectives, groups
 
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if not groups.is_active(group):
         return values
-    from merak.runtime.distributed.p2p import wait_with_timeout
-
-    values = values.cuda() if dist.get_backend(group) == "nccl" else values.clone()
-    work = dist.all_reduce(values, group=group, async_op=True)
-    wait_with_timeout(work, timeout_s, what)
-    return (values / dist.get_world_size(group)).cpu()
+    values = values.to(groups.device(group), copy=True)
+    return collectives.all_reduce(values, what, op="mean", group=group, timeout_s=timeout_s).cpu()
 
 
 def _measure(call: Callable[[Any], Any], runner: "_NodeRunner", fx_node: fx.Node, record: ProxyNode,

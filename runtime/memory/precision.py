@@ -30,9 +30,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, ContextManager, Iterable
 
 import torch
-import torch.distributed as dist
 
-from merak.runtime.distributed.p2p import wait_with_timeout
+from merak.runtime.distributed import collectives
 
 logger = logging.getLogger("merak")
 
@@ -144,8 +143,7 @@ class MixedPrecision:
         """The tensor the last stage backpropagates: ``loss`` times the fp16 scale (else ``loss``)."""
         return loss if self.scaler is None else loss * self.scaler.scale
 
-    def unscale_and_check(self, params: Iterable[torch.nn.Parameter], device: torch.device,
-                          timeout_s: float) -> bool:
+    def unscale_and_check(self, params: Iterable[torch.nn.Parameter], timeout_s: float) -> bool:
         """Collective over the world under fp16 (a no-op otherwise): unscale the gradients of
         ``params`` in place and agree with every rank whether any gradient overflowed. Updates the
         scale; returns ``True`` when the optimizer may step (the same answer on every rank)."""
@@ -157,10 +155,7 @@ class MixedPrecision:
             local = not bool(torch.stack([g.isfinite().all() for g in grads]).all())
         else:
             local = False
-        flag = torch.tensor([float(local)], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
-            wait_with_timeout(work, timeout_s, "the fp16 gradient-overflow agreement (all ranks)")
-        overflow = bool(flag.item())
+        overflow = collectives.any_rank(local, "the fp16 gradient-overflow agreement (all ranks)",
+                                        timeout_s=timeout_s)
         self.scaler.update(overflow)
         return not overflow

@@ -27,10 +27,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from merak.runtime.distributed.p2p import wait_with_timeout
+from merak.runtime.distributed import collectives
+from merak.runtime.distributed.groups import Group
 
 logger = logging.getLogger("merak")
 
@@ -42,7 +42,7 @@ class ZeroOneOptimizer(ZeroRedundancyOptimizer):
     whose error names this rank and the stage's DP group (instead of hanging until the process
     group's own limit with an anonymous error)."""
 
-    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer], process_group: dist.ProcessGroup,
+    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer], process_group: Group,
                  *, timeout_s: float = 300.0, **defaults) -> None:
         self.timeout_s = timeout_s
         super().__init__(params, optimizer_class, process_group=process_group, **defaults)
@@ -50,12 +50,11 @@ class ZeroOneOptimizer(ZeroRedundancyOptimizer):
     def _sync_params(self) -> None:
         handles = [h for rank in range(self.world_size) for h in self._broadcast_params_from_rank(rank)]
         for handle in handles:
-            wait_with_timeout(handle, self.timeout_s,
-                              f"the ZeRO-1 parameter broadcast after the optimizer step (DP group of "
-                              f"{self.world_size} ranks)")
+            collectives.wait(handle, "the ZeRO-1 parameter broadcast after the optimizer step",
+                             group=self.process_group, timeout_s=self.timeout_s)
 
 
-def shard_optimizer_states(optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None,
+def shard_optimizer_states(optimizer: torch.optim.Optimizer, group: Group,
                            group_size: int, timeout_s: float = 300.0) -> torch.optim.Optimizer:
     """Rebuild a fresh (never stepped) ``optimizer`` as ZeRO-1 over ``group``.
 

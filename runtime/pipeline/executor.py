@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 
 from merak.runtime.memory.policy import WHOLE_STAGE, ActivationPlan, LayerAction
 from merak.runtime.pipeline.grad_reduce import (
@@ -62,7 +61,8 @@ from merak.runtime.distributed.grid import Grid
 from merak.runtime.pipeline.instructions import Instruction, Op
 from merak.runtime.pipeline.replay import groups_of
 from merak.runtime.pipeline.placement import Placement
-from merak.runtime.distributed.p2p import P2P, Incoming, Outgoing, wait_with_timeout
+from merak.runtime.distributed import collectives
+from merak.runtime.distributed.p2p import P2P, Incoming, Outgoing
 from merak.runtime.memory.precision import MixedPrecision
 from merak.runtime.memory.stage_activations import StageActivations
 from merak.runtime.pipeline.weight_grad_store import WeightGradStore, defer_weight_gradients
@@ -454,7 +454,7 @@ class PipelineExecutor:
 
     def _optimizer_step(self, ins: Instruction) -> None:
         params = iter(_unique_parameters(self.stages))
-        if not self.precision.unscale_and_check(params, self.device, self.timeout_s):
+        if not self.precision.unscale_and_check(params, self.timeout_s):
             self._skipped = True  # fp16 overflow somewhere: every rank skips this step
         elif self.before_optimizer_step is not None and self.before_optimizer_step() is False:
             self._skipped = True
@@ -471,12 +471,9 @@ def all_reduce_mean_loss(loss: float | None, grid: Grid, timeout_s: float = 300.
 
     The last stage of each DP replica contributes its replica's mean; every other rank adds 0.
     """
-    t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        work = dist.all_reduce(t, async_op=True)
-        wait_with_timeout(work, timeout_s, "the loss all-reduce at the end of a step")
-    contributors = grid.dims.dp * grid.dims.tp
-    return float(t.item()) / contributors
+    (total,) = collectives.reduce_values([loss if loss is not None else 0.0],
+                                         "the loss all-reduce at the end of a step", timeout_s=timeout_s)
+    return total / (grid.dims.dp * grid.dims.tp)
 
 
 def loss_key(outputs: Mapping[str, Any]) -> str | None:

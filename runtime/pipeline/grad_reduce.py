@@ -15,12 +15,14 @@ Tied parameters are kept out of the overlapped buckets so the two reductions nev
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from merak.runtime.distributed.p2p import wait_with_timeout
+from merak.runtime.distributed import collectives
+from merak.runtime.distributed.groups import Group
 
 
 def _grads_or_zeros(params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -36,7 +38,7 @@ class DataParallelReducer:
     def __init__(
         self,
         params: list[nn.Parameter],
-        group: dist.ProcessGroup | None,
+        group: Group,
         group_size: int,
         *,
         bucket_bytes: int = 25 * 2**20,
@@ -61,7 +63,7 @@ class DataParallelReducer:
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self._armed = False
         self._ready: list[int] = [0] * len(self.buckets)
-        self._inflight: dict[int, tuple[dist.Work, torch.Tensor]] = {}
+        self._inflight: dict[int, tuple[Any, torch.Tensor]] = {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in early] if self.enabled else []
 
     def close(self) -> None:
@@ -89,7 +91,7 @@ class DataParallelReducer:
 
     def _launch(self, key: int, params: list[nn.Parameter]) -> None:
         flat = _flatten_dense_tensors(_grads_or_zeros(params))
-        self._inflight[key] = (dist.all_reduce(flat, group=self.group, async_op=True), flat)
+        self._inflight[key] = (collectives.all_reduce_async(flat, group=self.group), flat)
 
     def finish(self) -> None:
         """Launch the remaining buckets, wait for all, and write averaged gradients back."""
@@ -103,7 +105,8 @@ class DataParallelReducer:
             self._launch(len(self.buckets), self.late_bucket)
         everything = self.buckets + [self.late_bucket]
         for key, (work, flat) in sorted(self._inflight.items()):
-            wait_with_timeout(work, self.timeout_s, f"data-parallel gradient all-reduce (bucket {key})")
+            collectives.wait(work, f"data-parallel gradient all-reduce (bucket {key})", group=self.group,
+                             timeout_s=self.timeout_s)
             flat.div_(self.group_size)
             grads = [p.grad for p in everything[key]]
             for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
@@ -112,7 +115,7 @@ class DataParallelReducer:
 
 
 def reduce_tied_gradients(
-    tied: dict[str, nn.Parameter], group: dist.ProcessGroup | None, group_size: int,
+    tied: dict[str, nn.Parameter], group: Group, group_size: int,
     timeout_s: float = 300.0,
 ) -> None:
     """Sum the gradients of tied parameters over the tie group (first and last stage)."""
@@ -120,14 +123,13 @@ def reduce_tied_gradients(
         return
     params = [tied[k] for k in sorted(tied)]  # same order on both ends of the tie
     flat = _flatten_dense_tensors(_grads_or_zeros(params))
-    work = dist.all_reduce(flat, group=group, async_op=True)
-    wait_with_timeout(work, timeout_s, f"tied-gradient all-reduce of {sorted(tied)}")
+    collectives.all_reduce(flat, f"tied-gradient all-reduce of {sorted(tied)}", group=group, timeout_s=timeout_s)
     for p, reduced in zip(params, _unflatten_dense_tensors(flat, [p.grad for p in params])):
         p.grad.copy_(reduced)
 
 
 def broadcast_tied_parameters(
-    tied: dict[str, nn.Parameter], group: dist.ProcessGroup | None, src: int, group_size: int,
+    tied: dict[str, nn.Parameter], group: Group, src: int, group_size: int,
     timeout_s: float = 300.0,
 ) -> None:
     """Make the last stage's copy of a tied parameter equal the first stage's at start-up."""
@@ -135,5 +137,5 @@ def broadcast_tied_parameters(
         return
     for key in sorted(tied):
         with torch.no_grad():
-            work = dist.broadcast(tied[key].data, src=src, group=group, async_op=True)
-            wait_with_timeout(work, timeout_s, f"broadcast of tied parameter {key}")
+            collectives.broadcast(tied[key].data, src, f"broadcast of tied parameter {key}", group=group,
+                                  timeout_s=timeout_s)

@@ -36,10 +36,10 @@ import inspect
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from merak.partitioner.tracer import is_expert_bank
+from merak.runtime.distributed import collectives
 from merak.runtime.tensor_parallel.layers import ShardSpec, TPGroup, copy_to_tp, reduce_from_tp, scatter_to_tp
 from merak.runtime.tensor_parallel.plan import TPError
 
@@ -158,10 +158,8 @@ class _AllToAll(torch.autograd.Function):
 
 
 def _exchange(x: torch.Tensor, send: list[int], recv: list[int], tpg: TPGroup, what: str) -> torch.Tensor:
-    out = x.new_empty((sum(recv), *x.shape[1:]))
-    work = dist.all_to_all_single(out, x.contiguous(), recv, send, group=tpg.group, async_op=True)
-    tpg.wait(work, what)
-    return out
+    return collectives.all_to_all_single(x, send, recv, f"the tensor-parallel {what}", group=tpg.group,
+                                         timeout_s=tpg.timeout_s)
 
 
 def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], tpg: TPGroup) -> torch.Tensor:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from merak.runtime.distributed import collectives
 from merak.runtime.tensor_parallel.layers import ShardSpec, TPGroup
 
 __all__ = ["gather_full_state_dict", "tp_grad_norm_squared", "FullStateView"]
@@ -22,12 +22,11 @@ __all__ = ["gather_full_state_dict", "tp_grad_norm_squared", "FullStateView"]
 
 def _gather(tensor: torch.Tensor, spec: ShardSpec, tpg: TPGroup, name: str, to_all: bool) -> torch.Tensor | None:
     tensor = tensor.detach().contiguous()
+    what = f"the tensor-parallel gather of {name} for export"
     if to_all:
-        work, parts = tpg.all_gather_async(tensor)
+        parts = collectives.all_gather(tensor, what, group=tpg.group, timeout_s=tpg.timeout_s)
     else:
-        parts = [torch.empty_like(tensor) for _ in range(tpg.size)] if tpg.rank == 0 else None
-        work = dist.gather(tensor, parts, dst=dist.get_global_rank(tpg.group, 0), group=tpg.group, async_op=True)
-    tpg.wait(work, f"gather of {name} for export")
+        parts = collectives.gather(tensor, what, group=tpg.group, timeout_s=tpg.timeout_s)
     return spec.full(parts) if parts is not None else None
 
 

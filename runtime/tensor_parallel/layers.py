@@ -34,11 +34,11 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from merak.runtime.distributed.p2p import wait_with_timeout
+from merak.runtime.distributed import collectives
+from merak.runtime.distributed.collectives import ReduceOpName
 
 __all__ = [
     "TPGroup",
@@ -78,21 +78,19 @@ class TPGroup:
     def __deepcopy__(self, memo: dict[int, Any]) -> "TPGroup":
         return self  # a process group is shared state, never copied (StageModule deepcopy)
 
-    def all_reduce(self, t: torch.Tensor, what: str, op: Any = None) -> None:
+    def all_reduce(self, t: torch.Tensor, what: str, op: ReduceOpName = "sum") -> None:
         """In-place blocking all-reduce (sum unless ``op``)."""
         if self.size > 1:
             self.wait(self.all_reduce_async(t, op), what)
 
-    def all_reduce_async(self, t: torch.Tensor, op: Any = None) -> Any:
-        return dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.group, async_op=True)
+    def all_reduce_async(self, t: torch.Tensor, op: ReduceOpName = "sum") -> Any:
+        return collectives.all_reduce_async(t, op=op, group=self.group)
 
     def all_gather_async(self, t: torch.Tensor) -> tuple[Any, list[torch.Tensor]]:
-        t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        return dist.all_gather(parts, t, group=self.group, async_op=True), parts
+        return collectives.all_gather_async(t, group=self.group)
 
     def wait(self, work: Any, what: str) -> None:
-        wait_with_timeout(work, self.timeout_s, f"the tensor-parallel {what}")
+        collectives.wait(work, f"the tensor-parallel {what}", group=self.group, timeout_s=self.timeout_s)
 
     def chunk(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's contiguous chunk of ``t`` along ``dim``."""
@@ -355,7 +353,7 @@ class _VocabCrossEntropy(torch.autograd.Function):
         start = tpg.rank * local
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32
         row_max = logits.max(dim=-1).values
-        tpg.all_reduce(row_max, "max of the logits (vocab-parallel cross-entropy)", op=dist.ReduceOp.MAX)
+        tpg.all_reduce(row_max, "max of the logits (vocab-parallel cross-entropy)", op="max")
         shifted = logits - row_max.unsqueeze(-1)
         ignored = target == ignore_index
         mine = (target >= start) & (target < start + local) & ~ignored
