@@ -159,7 +159,8 @@ class MerakTrainer(Trainer):
         self.tp_plan = None
         if self.grid.dims.tp > 1:
             self.tp_plan = plan_tensor_parallel(self._graph, self.grid.dims.tp, args.tp_mapping, args.moe_parallel)
-            apply_tensor_parallel(stage, self.grid, self.tp_plan, args.tp_sub_microbatches, args.p2p_timeout)
+            apply_tensor_parallel(stage, self.grid, self.tp_plan, args.tp_sub_microbatches, args.p2p_timeout,
+                                  seed=args.seed)
             if self.grid.rank == 0:
                 logger.info("%s", self.tp_plan.table())
         if hasattr(model, "config"):

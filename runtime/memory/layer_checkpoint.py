@@ -32,25 +32,30 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils import _pytree as pytree
 
+from merak.runtime.tensor_parallel.random import capture_streams, restored_streams
+
 __all__ = ["RecomputeFrame", "OffloadToHost", "ForwardState"]
 
 
 @dataclass(frozen=True)
 class ForwardState:
-    """What a recomputation must reproduce: RNG streams (dropout masks) and autocast settings."""
+    """What a recomputation must reproduce: RNG streams (dropout masks: the default ones and
+    the tensor-parallel ranks' own, ``tp_streams``) and autocast settings."""
 
     cpu_rng: torch.Tensor
     cuda_rng: torch.Tensor | None
     device: torch.device
     autocast: tuple[tuple[str, bool, torch.dtype], ...]
     autocast_cache: bool
+    tp_streams: tuple[Any, ...] = ()
 
     @classmethod
     def capture(cls, device: torch.device) -> "ForwardState":
         cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         types = tuple(dict.fromkeys(("cpu", device.type)))
         autocast = tuple((t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types)
-        return cls(torch.get_rng_state(), cuda, device, autocast, torch.is_autocast_cache_enabled())
+        return cls(torch.get_rng_state(), cuda, device, autocast, torch.is_autocast_cache_enabled(),
+                   capture_streams())
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
@@ -61,6 +66,7 @@ class ForwardState:
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
             with contextlib.ExitStack() as stack:
+                stack.enter_context(restored_streams(self.tp_streams))
                 for device_type, enabled, dtype in self.autocast:
                     stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
                                                        cache_enabled=self.autocast_cache))

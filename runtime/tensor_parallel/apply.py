@@ -13,9 +13,13 @@ torchtitan shape: a parallelism is a function of a module and a mesh):
    modules (GPT-2's ``wte`` / ``lm_head``) is sharded once and stays shared.
 2. **Graph.** Constants recorded by the plan are rewritten (``split(768)`` -> ``split(384)``),
    ``copy`` / ``scatter`` ops are inserted where replicated values enter sharded regions, and the
-   LM head's ``cross_entropy`` becomes the vocab-parallel one.
+   LM head's ``cross_entropy`` becomes the vocab-parallel one. Random ops whose output is
+   sharded (dropout on this rank's attention heads) are wrapped in :class:`.random.ShardedRandom`
+   so they draw from the TP rank's own stream; replicated ones keep the default stream, seeded
+   alike on every TP rank.
 3. **Bookkeeping** on the stage: ``tp_plan``, ``tp_group``, ``tp_param_specs`` (parameter name ->
-   :class:`ShardSpec`, for the gradient norm and for export) and ``tp_sharded_outputs``.
+   :class:`ShardSpec`, for the gradient norm and for export), ``tp_sharded_outputs`` and
+   ``tp_rng`` (the :class:`.random.TPRNGTracker`).
 4. With ``sub_microbatches > 1`` the stage's forward becomes the interleaved runner of
    :mod:`.tp_interleave`.
 """
@@ -45,6 +49,7 @@ from merak.runtime.tensor_parallel.layers import (
     VocabShardLookup,
 )
 from merak.runtime.tensor_parallel.plan import Edit, LayerPlan, TPError, TPPlan
+from merak.runtime.tensor_parallel.random import ShardedRandom, TPRNGTracker, is_random_op
 from merak.runtime.tensor_parallel.sites import EmbeddingSite, LinearSite
 
 logger = logging.getLogger(__name__)
@@ -56,8 +61,9 @@ COPY_MODULE = "_merak_tp_copy"
 SCATTER_MODULE = "_merak_tp_scatter"
 CROSS_ENTROPY_MODULE = "_merak_tp_cross_entropy"
 REDUCE_MODULE = "_merak_tp_reduce"
+RANDOM_MODULE_PREFIX = "_merak_tp_rng_"
 LOOKUP_MODULE = "_merak_tp_vocab_lookup"
-_TP_ATTRIBUTES = ("tp_plan", "tp_group", "tp_param_specs", "tp_sharded_outputs", "tp_sub_microbatches")
+_TP_ATTRIBUTES = ("tp_plan", "tp_group", "tp_param_specs", "tp_sharded_outputs", "tp_sub_microbatches", "tp_rng")
 
 
 def tp_local_shape(shape: Any, index: int, tp: int) -> tuple[Any, ...]:
@@ -68,14 +74,15 @@ def tp_local_shape(shape: Any, index: int, tp: int) -> tuple[Any, ...]:
 
 
 def apply_tensor_parallel(stage: nn.Module, grid: Grid, plan: TPPlan, sub_microbatches: int = 1,
-                          timeout_s: float = 300.0) -> nn.Module:
+                          timeout_s: float = 300.0, seed: int = 0) -> nn.Module:
     """Shard ``stage`` (a :class:`~merak.partitioner.StageModule`) over ``grid``'s tensor-parallel
     group following ``plan``; returns the same stage object.
 
     ``plan`` must have been made for ``grid.dims.tp`` ranks from the graph the stage was cut
     from (:func:`merak.runtime.tensor_parallel.plan_tensor_parallel`). ``sub_microbatches`` > 1
     splits every micro-batch along the batch and overlaps one part's all-reduces with another's
-    compute (results equal those of 1).
+    compute (results equal those of 1). ``seed`` (the user's) seeds the TP rank's own stream for
+    dropout on sharded activations (``seed + TP_SEED_OFFSET + tp rank``).
     """
     tp = grid.dims.tp
     if plan.tp != tp:
@@ -88,12 +95,14 @@ def apply_tensor_parallel(stage: nn.Module, grid: Grid, plan: TPPlan, sub_microb
                       f"auxiliary loss off in the model's config)")
     tpg = TPGroup(grid.tp_group, grid.coord.tp, tp, timeout_s)
     specs = _shard_modules(stage, plan, tpg)
-    _rewrite_graph(stage, plan, tpg)
+    tracker = TPRNGTracker(seed, tpg.rank)
+    _rewrite_graph(stage, plan, tpg, tracker)
     stage.tp_plan = plan
     stage.tp_group = tpg
     stage.tp_param_specs = specs
     stage.tp_sharded_outputs = dict(plan.sharded_outputs)
     stage.tp_sub_microbatches = sub_microbatches
+    stage.tp_rng = tracker
     if hasattr(stage, "_STAGE_ATTRIBUTES"):  # StageModule.__deepcopy__ carries these over
         stage._STAGE_ATTRIBUTES = tuple(dict.fromkeys((*stage._STAGE_ATTRIBUTES, *_TP_ATTRIBUTES)))
     if sub_microbatches > 1:
@@ -289,7 +298,7 @@ def _apply_edit(graph: fx.Graph, node: fx.Node, edit: Edit, tp: int) -> None:
     _set_path(node, edit.path, new)
 
 
-def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
+def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup, tracker: TPRNGTracker) -> None:
     graph: fx.Graph = stage.graph
     values = {n.name: n for n in graph.nodes}
     nodes = {name: n for name, n in values.items() if not _received(n)}  # received ops were rewritten upstream
@@ -327,8 +336,28 @@ def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> None:
         node = nodes.get(name)
         if node is not None:
             _replace_cross_entropy(graph, node, opts)
+    _fork_sharded_random_ops(stage, nodes, plan, tracker)
     graph.lint()
     stage.recompile()
+
+
+def _fork_sharded_random_ops(stage: nn.Module, nodes: dict[str, fx.Node], plan: TPPlan,
+                             tracker: TPRNGTracker) -> list[str]:
+    """Retarget every random op with a sharded output to a :class:`ShardedRandom` of its own
+    (a new submodule, so a dropout module also called on replicated values keeps the default
+    stream there); returns the node names."""
+    forked = []
+    for name, node in nodes.items():
+        if name not in plan.layouts or node.op not in ("call_module", "call_function"):
+            continue
+        op = stage.get_submodule(node.target) if node.op == "call_module" else node.target
+        if not is_random_op(op, node.args, node.kwargs):
+            continue
+        target = RANDOM_MODULE_PREFIX + name
+        stage.add_submodule(target, ShardedRandom(op, tracker))
+        node.op, node.target = "call_module", target
+        forked.append(name)
+    return forked
 
 
 def _received(node: fx.Node) -> bool:
