@@ -14,10 +14,7 @@ not recomputed, the unpack hook recomputes it then, once.
 A handle that autograd drops (its node ran backward) frees its recomputed tensor, so memory is
 given back progressively during backward, as with torch's implementation.
 
-:class:`OffloadToHost` is the ``offload`` action's hooks: ``torch.autograd.graph.save_on_cpu``
-minus two wastes - it would copy parameters (and received inputs: they stay referenced anyway) to host
-memory every micro-batch, and on a CPU-only run it would copy CPU tensors to new CPU tensors,
-doubling instead of saving memory.
+The ``offload`` action's hooks live in :mod:`.offload`.
 """
 
 from __future__ import annotations
@@ -34,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from merak.runtime.tensor_parallel.random import capture_streams, restored_streams
 
-__all__ = ["RecomputeFrame", "OffloadToHost", "ForwardState"]
+__all__ = ["RecomputeFrame", "ForwardState"]
 
 
 @dataclass(frozen=True)
@@ -166,27 +163,3 @@ class RecomputeFrame:
                 "data-dependent control flow or non-deterministic ops; keep this layer (action 'keep') "
                 "or make the region deterministic")
 
-
-class OffloadToHost(saved_tensors_hooks):
-    """Saved tensors of the block go to host memory (pinned on CUDA) and come back in backward.
-
-    Leaves that require grad (parameters, received activations) and tensors already on the CPU
-    are left in place: they stay referenced elsewhere, so copying them would add memory, not save it.
-    """
-
-    def __init__(self, pin_memory: bool = False) -> None:
-        def pack(t: torch.Tensor) -> Any:
-            if t.device.type == "cpu" or (t.is_leaf and t.requires_grad):
-                return t
-            host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout,
-                               pin_memory=pin_memory and not t.is_sparse)
-            host.copy_(t, non_blocking=pin_memory)
-            return t.device, host
-
-        def unpack(packed: Any) -> torch.Tensor:
-            if isinstance(packed, torch.Tensor):
-                return packed
-            device, host = packed
-            return host.to(device, non_blocking=pin_memory)
-
-        super().__init__(pack, unpack)

@@ -8,7 +8,7 @@ action:
 * ``recompute`` / ``selective``: a :class:`~.layer_checkpoint.RecomputeFrame` per call and
   micro-batch; :meth:`StageActivations.recompute` re-runs all frames of a micro-batch at once
   (the schedule's ``RECOMPUTE`` instruction), backward then finds their tensors ready;
-* ``offload``: :class:`~.layer_checkpoint.OffloadToHost` hooks while the layer runs;
+* ``offload``: :class:`~.offload.OffloadToHost` hooks while the layer runs;
 * ``keep``: nothing.
 
 Why the switch is per micro-batch, and explicit: a schedule gives ``RECOMPUTE`` instructions only
@@ -32,7 +32,8 @@ import torch
 from torch import fx, nn
 
 from merak.runtime.memory.policy import WHOLE_STAGE, LayerAction
-from merak.runtime.memory.layer_checkpoint import OffloadToHost, RecomputeFrame
+from merak.runtime.memory.layer_checkpoint import RecomputeFrame
+from merak.runtime.memory.offload import OffloadToHost
 from merak.runtime.memory.layer_graph import Region, attention_cores, build_program, layer_ranges
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class StageActivations:
         if microbatch is None:  # the driver called outside forward(): nothing to apply
             return fn(*args)
         if action is LayerAction.OFFLOAD:
-            with OffloadToHost(pin_memory=self.device.type == "cuda"):
+            with OffloadToHost():
                 return fn(*args)
         frame = RecomputeFrame(fn, args, f"{label} (micro-batch {microbatch})", self.device)
         self._frames[microbatch].append(frame)
