@@ -42,6 +42,7 @@ def _coords(out: str) -> set[str]:
     return set(re.findall(r"rank \d+/\d+(?=: pp=)", out))
 
 
+@pytest.mark.slow  # the default run covers the deepspeed launcher with test_demo's end-to-end job
 def test_deepspeed_launcher_four_cpu_ranks():
     out = _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "4",
                 "--master_port", str(free_port()), "--module", *SMOKE])
