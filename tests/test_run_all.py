@@ -61,7 +61,7 @@ def test_collect_refuses_reports_of_older_code(tmp_path: Path, capsys, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # seven benchmarks, each starting its own (multi-process) jobs
+@pytest.mark.timeout(3600)  # seven benchmarks, each starting its own (multi-process) jobs; pipeline_throughput alone may take up to its 1800 s quick limit
 def test_quick_run_of_every_benchmark_writes_results(tmp_path: Path) -> None:
     """The CI run: every benchmark's --quick mode, each report and plot referenced from RESULTS.md."""
     proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--out-dir", str(tmp_path)],
