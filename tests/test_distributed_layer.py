@@ -41,7 +41,7 @@ FORBIDDEN = frozenset({
     "batch_isend_irecv", "P2POp", "all_gather", "all_gather_into_tensor", "all_gather_object",
     "all_gather_coalesced", "_all_gather_base", "gather", "gather_object", "scatter",
     "scatter_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
-    "all_to_all", "all_to_all_single",
+    "all_to_all", "all_to_all_single", "all_gather_tensor", "all_to_all_single_autograd",
 })
 
 
@@ -54,33 +54,43 @@ def _dotted(node: ast.AST) -> str | None:
     return None
 
 
+#: Modules whose communicating functions count (the functional collectives too).
+COMM_MODULES = frozenset({"torch.distributed", "torch.distributed.distributed_c10d",
+                          "torch.distributed.nn.functional", "torch.distributed._functional_collectives"})
+
+
 def violations(source: str, filename: str) -> list[str]:
-    """``file:line: torch.distributed.NAME`` for every communicating use in ``source``."""
+    """``file:line: MODULE.NAME`` for every communicating use in ``source``."""
     tree = ast.parse(source, filename)
-    aliases = {"torch.distributed"}  # names bound to the torch.distributed module
+    aliases = {m: m for m in COMM_MODULES}  # a name bound to a communication module -> that module
     found: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            aliases |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
-        elif isinstance(node, ast.ImportFrom) and node.module == "torch":
-            aliases |= {a.asname or a.name for a in node.names if a.name == "distributed"}
-        elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
-            found += [f"{filename}:{node.lineno}: from torch.distributed import {a.name}"
-                      for a in node.names if a.name in FORBIDDEN]
+            aliases |= {(a.asname or a.name): a.name for a in node.names if a.name in COMM_MODULES}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                if f"{node.module}.{a.name}" in COMM_MODULES:
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+                elif node.module in COMM_MODULES and a.name in FORBIDDEN:
+                    found.append(f"{filename}:{node.lineno}: from {node.module} import {a.name}")
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and node.attr in FORBIDDEN and _dotted(node.value) in aliases:
-            found.append(f"{filename}:{node.lineno}: torch.distributed.{node.attr}")
-    return sorted(found)
+        if isinstance(node, ast.Attribute) and node.attr in FORBIDDEN:
+            module = aliases.get(_dotted(node.value) or "")
+            if module is not None:
+                found.append(f"{filename}:{node.lineno}: {module}.{node.attr}")
+    return sorted(found, key=lambda v: int(v.split(":")[1]))
 
 
 def test_scanner_sees_every_spelling():
     src = ("import torch\nimport torch.distributed as dist\nfrom torch import distributed as d2\n"
            "from torch.distributed import isend\n"
+           "from torch.distributed import distributed_c10d as c10d\nimport torch.distributed.nn.functional as fn\n"
            "dist.all_reduce(x)\nd2.barrier()\ntorch.distributed.broadcast(x, 0)\nf = dist.send\n"
-           "dist.get_rank()\nobj.all_reduce(x)\n")
+           "c10d.all_gather(x)\nfn.all_reduce(x)\ndist.get_rank()\nobj.all_reduce(x)\n")
     assert [v.split(": ", 1)[1] for v in violations(src, "m.py")] == [
         "from torch.distributed import isend", "torch.distributed.all_reduce", "torch.distributed.barrier",
-        "torch.distributed.broadcast", "torch.distributed.send"]
+        "torch.distributed.broadcast", "torch.distributed.send", "torch.distributed.distributed_c10d.all_gather",
+        "torch.distributed.nn.functional.all_reduce"]
 
 
 def test_only_the_distributed_layer_calls_collectives_and_p2p():
