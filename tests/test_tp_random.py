@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -33,6 +34,18 @@ def test_fork_uses_a_per_rank_stream_and_leaves_the_default_one_alone():
     assert torch.equal(torch.get_rng_state(), before)  # the replicated stream did not move
     assert not torch.equal(m0, m1) and torch.equal(m0, a0)
     assert not torch.equal(_mask(rank0), m0)  # the stream advances
+
+
+def test_a_saved_stream_resumes_where_it_stopped():
+    tracker = TPRNGTracker(7, 1)
+    _mask(tracker)
+    saved = tracker.state_dict()
+    expected = _mask(tracker)
+    resumed = TPRNGTracker(7, 1)
+    resumed.load_state_dict(saved)
+    assert torch.equal(_mask(resumed), expected)
+    with pytest.raises(ValueError, match="same seed"):
+        TPRNGTracker(8, 1).load_state_dict(saved)
 
 
 def test_random_ops_are_recognised():

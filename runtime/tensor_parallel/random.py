@@ -58,6 +58,18 @@ class TPRNGTracker:
     def __deepcopy__(self, memo: dict[int, Any]) -> "TPRNGTracker":
         return self  # one stream per rank, shared by copies of the stage (as the TP group is)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The seed and per-device states, for a checkpoint (a resumed run then draws the masks
+        the uninterrupted run would have drawn)."""
+        return {"seed": self.seed, "states": {str(d): s.clone() for d, s in self._states.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the stream saved by :meth:`state_dict` (same TP rank)."""
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"this TP rank's RNG stream is seeded {self.seed}, the checkpoint's {state['seed']}: "
+                             "resume with the same seed and tensor-parallel layout")
+        self._states = {torch.device(d): s.clone() for d, s in state["states"].items()}
+
     def reset(self) -> None:
         """Back to the seed's first state on every device (a run from the start again)."""
         self._states.clear()
