@@ -75,5 +75,5 @@ def describe(group: Group = None) -> str:
         return f"the world ({dist.get_world_size()} ranks)"
     try:
         return f"the group of ranks {dist.get_process_group_ranks(group)}"
-    except (RuntimeError, ValueError):  # a group this rank is not part of
+    except (RuntimeError, ValueError, KeyError):  # a group this rank is not part of
         return "a group this rank is not in"
