@@ -47,7 +47,9 @@ class StageModule(fx.GraphModule):
     keys read), ``recv_inputs`` / ``send_outputs`` (value names from the previous / to the next
     stage; ``send_outputs`` of stage s equals ``recv_inputs`` of stage s+1), ``output_keys`` (the
     model's outputs, last stage only), ``tied_parameters`` (canonical name -> local name of every
-    parameter another stage also holds; their gradients must be summed), ``flavour``,
+    parameter another stage also holds; their gradients must be summed), ``canonical_names``
+    (local name -> the model's canonical name of every tensor whose names differ: a tie held
+    twice in one stage; checkpoints key tensors by it), ``flavour``,
     ``dynamic_shapes`` (whether batch size / sequence length may differ from the trace) and
     ``fusions`` (op chains replaced by one kernel, by rule).
     """
@@ -59,12 +61,13 @@ class StageModule(fx.GraphModule):
     send_outputs: tuple[str, ...]
     output_keys: tuple[str, ...]
     tied_parameters: dict[str, str]
+    canonical_names: dict[str, str]
     flavour: str
     dynamic_shapes: bool
     fusions: dict[str, int]
 
     _STAGE_ATTRIBUTES = ("stage_id", "num_stages", "data_inputs", "recv_inputs", "send_outputs", "output_keys",
-                         "tied_parameters", "flavour", "dynamic_shapes", "fusions")
+                         "tied_parameters", "canonical_names", "flavour", "dynamic_shapes", "fusions")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "StageModule":
         # GraphModule's deepcopy rebuilds the module from its graph, dropping plain attributes and
@@ -324,6 +327,7 @@ class StageChunks(nn.Module):
             for key, local in chunk.tied_parameters.items():
                 tied.setdefault(key, local)
         self.tied_parameters = tied
+        self.canonical_names = {k: v for chunk in chunks for k, v in getattr(chunk, "canonical_names", {}).items()}
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         merged: dict[str, Any] = {}
@@ -373,6 +377,9 @@ def _set_stage_attributes(stage: StageModule, plan: PartitionPlan, stage_id: int
         if key in shared and key not in tied:
             tied[key] = local_name
     stage.tied_parameters = tied
+    named = [*stage.named_parameters(remove_duplicate=False), *stage.named_buffers(remove_duplicate=False)]
+    names = {local: paths.get(local, local) if paths is not None else canonical.get(id(t), local) for local, t in named}
+    stage.canonical_names = {local: name for local, name in names.items() if local != name}
 
 
 def run_sequentially(stages: list[StageModule], data: dict[str, Any]) -> dict[str, Any]:
