@@ -161,6 +161,13 @@ class MerakArguments(TrainingArguments):
                           "stage's data-parallel replicas: ~1/dp of the Adam moments per rank).",
                   "choices": ZERO_CHOICES},
     )
+    async_save: bool = field(
+        default=False,
+        metadata={"help": "Write checkpoints in the background (torch.distributed.checkpoint.async_save): "
+                          "the state is copied to host memory, training goes on while a thread writes it, "
+                          "and the checkpoint is published (complete, resumable) when the next save starts "
+                          "or training ends. Costs one host copy of each rank's state while writing."},
+    )
     fp16_initial_loss_scale: float = field(
         default=2.0**16,
         metadata={"help": "With fp16=True: the dynamic loss scale to start from."},

@@ -1,70 +1,64 @@
-"""Checkpoints of a pipeline-parallel job: sharded save / exact resume, HF export, HF import.
+"""Checkpoints of a pipeline-parallel job: resume under any layout, HF export, HF import.
 
 Three jobs, three formats:
 
-* **Resume** (:func:`save_checkpoint` / :func:`load_checkpoint`) uses Merak's own *sharded*
-  format: one directory per rank, named by its grid coordinate (``pp00-dp01-tp00``). Why shards:
-  a stage's weights and optimizer state already live on its own rank, so every rank writes (and
-  later reads) only what it holds - nothing is gathered, the save costs no more memory than
-  training and scales with the number of stages. Why coordinates in the names: a later
-  tensor-parallel layout adds ``tp`` shards without changing the format.
-* **Export** (:func:`export_pretrained`) consolidates all stages into the user's original model
-  and writes the Hugging Face ``save_pretrained`` format, which any layout (or plain
-  ``from_pretrained``) can read.
+* **Resume** (:func:`save_checkpoint` / :func:`load_checkpoint`) goes through
+  ``torch.distributed.checkpoint`` (DCP). Every rank hands DCP what it holds - its stage's
+  tensors, its optimizer states, the scheduler, its RNG states - as one flat state dict keyed by
+  the *original model's* names (:mod:`merak.train_state` has the key grammar and why), and DCP
+  writes every rank's part in parallel, storing each key once (data-parallel replicas and the
+  two copies of a tied weight are de-duplicated). Nothing is gathered: a save costs no more
+  memory than training. Because keys are model names, a later job of *another* layout (dp, tp,
+  pp, cut, virtual stages, ZeRO-1 on or off) loads it: each rank asks for the names it holds.
+* **Export** (:func:`export_pretrained`) writes the Hugging Face format, each stage its own
+  safetensors shard in parallel plus one index (:mod:`merak.hf_export`), which any layout (or
+  plain ``from_pretrained``) can read.
 * **Import** (:func:`load_pretrained_weights`) fills one stage from a ``save_pretrained``
   directory, opening only the files and keys the stage owns.
 
 Layout of a checkpoint directory::
 
-    layout.json            grid dims, world size, per-stage tensor names (written last: rank 0)
-    extra.json             the caller's JSON state (global step, data position ...)
-    pp00-dp00-tp00/        model.safetensors  optimizer.pt  scheduler.pt  rng.pt
-    pp00-dp01-tp00/        rng.pt             (+ optimizer.pt: its ZeRO-1 shard)
-    ...
+    layout.json     format, grid dims, tensor-parallel shard specs (written last, by rank 0)
+    extra.json      the caller's JSON state (global step, cut points, loss scale ...)
+    dcp/            DCP's files: .metadata and one __<rank>_0.distcp per writing rank
 
 Decisions worth knowing:
 
-* **Only dp-rank 0 writes weights and optimizer state.** Data-parallel replicas of a stage hold
-  bitwise-identical weights and optimizer states (gradients are averaged before every step), so
-  writing them once per stage is enough; every DP replica reads that one copy back. Under ZeRO-1
-  (:mod:`merak.runtime.memory.zero`) each DP rank holds a different shard of the optimizer state, so
-  each writes and reads its own ``optimizer.pt`` (``layout.json``: ``"optimizer_sharded": true``).
-* **Optimizer state is matched by parameter name.** Each ``optimizer.pt`` records the names of
-  the parameters its states belong to and the parameter groups' hyper-parameters (learning rate
-  as the scheduler left it ...). When the current optimizer holds exactly those parameters the
-  state loads as is; otherwise (a ZeRO-1 checkpoint resumed without ZeRO, or the reverse) the
-  stage's files are merged by name, so every parameter gets its own moments back exactly.
-  *Every* rank writes its RNG states: replicas draw different random numbers, and a resume that
-  is bitwise identical needs each rank's own generators back.
-* **Atomic saves.** All ranks write into a staging directory beside the target; after all of
-  them succeeded, rank 0 writes ``layout.json`` and renames the staging directory onto the
-  target. A crash mid-save therefore never leaves a half-written checkpoint under the final name,
-  and an older checkpoint of the same name stays loadable until the new one is complete. Files
-  that other code (the trainer's ``trainer_state.json``) put in the target directory are kept.
-  The staging directory must be on a file system every rank sees (as for any multi-node job).
-  An export goes through a staging directory too, but is moved into place file by file: its
-  target is usually the training output directory, which holds checkpoints and logs and so must
-  not be renamed as a whole.
+* **Atomic saves.** DCP writes into a staging directory beside the target; after every rank's
+  part is written (DCP's own completion step), rank 0 writes ``layout.json`` and renames the
+  staging directory onto the target. DCP alone is not atomic (it writes in place, its metadata
+  last), so a crash mid-save - a rank SIGKILLed - leaves only the staging directory: an older
+  checkpoint of the same name stays loadable, and :func:`is_complete` tells complete checkpoints
+  apart (the trainer's ``resume_from_checkpoint=True`` picks the last complete one). Files that
+  other code (the trainer's ``trainer_state.json``) put in the target directory are kept. The
+  staging directory must be on a file system every rank sees (as for any multi-node job). An
+  export goes through a staging directory too, but is moved into place file by file: its target
+  is usually the training output directory, which holds checkpoints and logs and so must not be
+  renamed as a whole.
 * **Failures are collective.** A rank that fails to write or read still joins a final
-  agreement step, so every rank raises (naming the failing ranks) instead of the healthy ones
-  hanging in the next collective.
-* **Tied / shared tensors** (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) are
-  stored once per file - safetensors refuses aliased storage - and the other names are recorded
-  as aliases in the file's metadata.
-* A checkpoint resumes only under the layout that wrote it (same dp, tp, pp and partition);
-  anything else raises :class:`CheckpointError` saying what to do. Changing layout goes through
-  export + import (weights only).
+  agreement step (DCP's own, or :func:`~merak.runtime.distributed.collectives.failed_ranks`),
+  so every rank raises (naming the failing ranks) instead of the healthy ones hanging in the
+  next collective.
+* **What crosses a layout change:** weights, optimizer states (matched by parameter name,
+  including ZeRO-1 shards and tensor-parallel shards, re-cut with the TP code's ``ShardSpec``),
+  hyper-parameters as the scheduler left them, the scheduler, and the caller's ``extra`` (step,
+  data position). RNG streams come back only under the layout that saved them: a rank of another
+  layout has no counterpart whose stream would mean the same.
+* A checkpoint of another *model* (missing or extra tensor names) raises
+  :class:`CheckpointError` listing them.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import signal
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,13 +66,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
+from merak.runtime.distributed.collectives import all_gather_objects, failed_ranks
 from merak.runtime.distributed.grid import Coord, Grid
-from merak.runtime.distributed.p2p import P2P, wait_with_timeout
-from merak.runtime.memory.zero import is_sharded, local_optimizer
+from merak.hf_export import hf_names, shard_file_name, stage_export_tensors, write_index, write_shard
+from merak.runtime.memory.zero import local_optimizer
+from merak.train_state import (HPARAMS, LR_SCHEDULER, MODEL, OPTIM, StageTensor, StateRequests, collect_state,
+                               leaf_name, rng_key, spec_from_json, spec_to_json, stage_tensors, tensor_key)
 
 logger = logging.getLogger(__name__)
 
@@ -86,24 +86,20 @@ __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
+    "PendingSave",
+    "is_complete",
+    "last_complete_checkpoint",
     "export_pretrained",
     "load_pretrained_weights",
-    "rank_dir_name",
 ]
 
 FORMAT = "merak-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: per-rank safetensors/torch files, one layout only
 LAYOUT_FILE = "layout.json"
 EXTRA_FILE = "extra.json"
-WEIGHTS_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng.pt"
+DCP_DIR = "dcp"
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_INDEX_FILE = "model.safetensors.index.json"
-_ALIASES_KEY = "merak.aliases"  # safetensors metadata: {alias name: stored name}
-_TIED_KEY = "merak.tied"  # safetensors metadata: the stage's tied_parameters
-_RANK_DIR = re.compile(r"^pp\d+-dp\d+-tp\d+$")
 # What a Hugging Face export owns in its directory; anything else there (a tokenizer) is kept.
 _HF_OWNED = re.compile(r"^(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?|"
                        r"config\.json|generation_config\.json)$")
@@ -113,8 +109,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, read or applied; the message says why and what to do."""
 
 
-def rank_dir_name(coord: Coord) -> str:
-    """Directory of one rank's shard, e.g. ``pp01-dp00-tp00`` (zero-padded so listings sort)."""
+def coord_name(coord: Coord) -> str:
+    """A rank's coordinate as text, e.g. ``pp01-dp00-tp00`` (keys its RNG states)."""
     return f"pp{coord.pp:02d}-dp{coord.dp:02d}-tp{coord.tp:02d}"
 
 
@@ -125,14 +121,14 @@ def _timeout_s() -> float:
     return DEFAULT_TIMEOUT_S
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def _comm_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _agree(error: BaseException | None, what: str) -> None:
@@ -141,15 +137,7 @@ def _agree(error: BaseException | None, what: str) -> None:
     Also serves as the barrier that ends each phase, so a failing rank never leaves its peers
     waiting in a later collective.
     """
-    world = _world()
-    if world > 1:
-        failed = torch.zeros(world, dtype=torch.int32, device=_comm_device())
-        failed[dist.get_rank()] = int(error is not None)
-        work = dist.all_reduce(failed, async_op=True)
-        wait_with_timeout(work, _timeout_s(), f"the other ranks to finish {what}")
-        ranks = [r for r, bad in enumerate(failed.tolist()) if bad]
-    else:
-        ranks = [0] if error is not None else []
+    ranks = failed_ranks(error is not None, _timeout_s(), what, _comm_device())
     if error is not None:
         raise error
     if ranks:
@@ -232,14 +220,15 @@ def _publish_files(staging: Path, directory: Path, owned: Callable[[str], bool])
 
 
 def _checkpoint_owned(name: str) -> bool:
-    return name in (LAYOUT_FILE, EXTRA_FILE) or bool(_RANK_DIR.match(name))
+    return name in (LAYOUT_FILE, EXTRA_FILE, DCP_DIR)
 
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-# ---- stage tensors ---------------------------------------------------------------------------
+
+# ---- tensors -----------------------------------------------------------------------------------
 def _unique_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Split a state dict into tensors to store (each storage once, on CPU) and ``{alias: stored}``.
 
@@ -268,29 +257,6 @@ def _unique_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.
     return {name: (t.clone() if name in overlapping else t).contiguous().cpu() for name, t in stored.items()}, aliases
 
 
-def _save_stage(stage: nn.Module, path: Path) -> None:
-    tensors, aliases = _unique_tensors(stage.state_dict())
-    metadata = {"format": "pt", _ALIASES_KEY: json.dumps(aliases),
-                _TIED_KEY: json.dumps(dict(getattr(stage, "tied_parameters", {})))}
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def _read_stage_file(path: Path) -> dict[str, torch.Tensor]:
-    """Every state-dict key of a saved stage (aliases expanded) -> tensor on CPU."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        state = {key: f.get_tensor(key) for key in f.keys()}
-        aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
-    state.update({alias: state[stored] for alias, stored in aliases.items()})
-    return state
-
-
-def _stage_file_names(path: Path) -> tuple[list[str], dict[str, str]]:
-    """(state-dict keys, tied parameters) recorded in a stage file; reads only its header."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        names = [*f.keys(), *json.loads(metadata.get(_ALIASES_KEY, "{}"))]
-    return sorted(names), json.loads(metadata.get(_TIED_KEY, "{}"))
-
 
 def _mismatch(what: str, expected: Iterable[str], found: Iterable[str]) -> str:
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
@@ -298,88 +264,7 @@ def _mismatch(what: str, expected: Iterable[str], found: Iterable[str]) -> str:
            f"unexpected {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
 
 
-def _load_stage(stage: nn.Module, path: Path) -> None:
-    state = _read_stage_file(path)
-    expected = stage.state_dict().keys()
-    if set(state) != set(expected):
-        raise CheckpointError(
-            _mismatch(f"{path} does not hold this stage's tensors", expected, state)
-            + ". The model is partitioned differently than when the checkpoint was saved (another "
-            "model, partition_method or stage count?); resume with the same partition."
-        )
-    stage.load_state_dict(state, strict=True)  # copies in place: optimizers keep their Parameters
-
-
-# ---- optimizer, scheduler, RNG ---------------------------------------------------------------
-def _optimizer_param_names(optimizer: torch.optim.Optimizer, stage: nn.Module) -> list[list[str]]:
-    names = {id(p): n for n, p in stage.named_parameters()}
-    return [[names.get(id(p), "<not a stage parameter>") for p in group["params"]] for group in optimizer.param_groups]
-
-
-def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-
-
-def _save_optimizer(optimizer: torch.optim.Optimizer, stage: nn.Module, path: Path) -> None:
-    # Parameter names are stored beside the index-based state so that a resume whose optimizer
-    # holds other parameters (ZeRO-1 on or off, another order) matches states by name instead
-    # of giving Adam moments to the wrong tensors, or fails naming the missing ones. The
-    # hyper-parameters are the optimizer's own: under ZeRO-1 the shard's local optimizer sees the
-    # learning rate only at its next step, the wrapper holds what the scheduler set since.
-    local = local_optimizer(optimizer)
-    torch.save({"param_names": _optimizer_param_names(local, stage), "state": local.state_dict(),
-                "hyperparameters": _hyperparameters(optimizer)}, path)
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, stage: nn.Module, paths: list[Path]) -> None:
-    """Restore the state of the parameters this rank's optimizer holds from ``paths`` (the
-    stage's one ``optimizer.pt``, or its DP ranks' ZeRO-1 shards, this rank's own first). Files
-    are read until one holds exactly this optimizer's parameters, so a ZeRO-1 resume under the
-    same layout reads only its own shard; otherwise every file is read and merged by name."""
-    missing_files = [p for p in paths if not p.exists()]
-    if missing_files:
-        raise CheckpointError(f"{missing_files[0]} is missing: the checkpoint was saved without optimizer state; "
-                              "load it with optimizer=None (weights only) or from a checkpoint that has it")
-    local = local_optimizer(optimizer)
-    current = _optimizer_param_names(local, stage)
-    saved: list[dict[str, Any]] = []
-    for path in paths:
-        saved.append(torch.load(path, map_location="cpu", weights_only=True))
-        if saved[-1]["param_names"] == current:
-            local.load_state_dict(saved[-1]["state"])
-            break
-    else:
-        local.load_state_dict(_merged_state(saved, current, paths))
-    hyperparameters = saved[0].get("hyperparameters", [])
-    for groups in {id(g): g for g in (optimizer.param_groups, local.param_groups)}.values():
-        for group, values in zip(groups, hyperparameters):
-            group.update(values)
-
-
-def _merged_state(saved: list[dict[str, Any]], current: list[list[str]], paths: list[Path]) -> dict[str, Any]:
-    """A ``state_dict`` for an optimizer over the parameters ``current`` (names per group), with
-    each parameter's state taken by name from whichever saved file holds it."""
-    by_name: dict[str, Any] = {}
-    known: list[str] = []
-    for entry in saved:
-        names = [n for group in entry["param_names"] for n in group]
-        known += names
-        by_name.update({names[index]: value for index, value in entry["state"]["state"].items()})
-    flat = [n for group in current for n in group]
-    groups = saved[0]["state"]["param_groups"]
-    if set(flat) - set(known) or len(groups) != len(current):
-        raise CheckpointError(
-            f"the optimizer's parameter groups differ from the saved ones ({', '.join(map(str, paths))}): saved "
-            f"{[len(g) for g in saved[0]['param_names']]} parameters per group, now {[len(g) for g in current]}; "
-            + _mismatch("parameters", known, flat)
-            + ". Build the optimizer over the stage's parameters in the same groups and order as before."
-        )
-    indices = iter(range(len(flat)))
-    param_groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [next(indices) for _ in names]}
-                    for group, names in zip(groups, current)]
-    return {"state": {i: by_name[n] for i, n in enumerate(flat) if n in by_name}, "param_groups": param_groups}
-
-
+# ---- RNG -------------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
     state: dict[str, Any] = {
@@ -412,7 +297,78 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-# ---- save / load -----------------------------------------------------------------------------
+
+# ---- fault injection -------------------------------------------------------------------------
+def _fault_point(where: str) -> None:
+    """Test hook: ``MERAK_CHECKPOINT_FAULT=<rank>:<where>[:<n>]`` SIGKILLs that rank the ``n``-th
+    time (default 1st) it reaches ``where`` (``written``: its DCP part is on disk, the checkpoint
+    not yet complete). Lets a test prove that a crash mid-save leaves the previous checkpoint."""
+    spec = os.environ.get("MERAK_CHECKPOINT_FAULT")
+    if not spec:
+        return
+    rank, point, *count = spec.split(":")
+    if point != where or int(rank) != (dist.get_rank() if dist.is_initialized() else 0):
+        return
+    _FAULT_HITS[where] = _FAULT_HITS.get(where, 0) + 1
+    if _FAULT_HITS[where] == int(count[0] if count else 1):
+        logger.error("MERAK_CHECKPOINT_FAULT: killing rank %s at %s", rank, where)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+class _Writer(FileSystemWriter):
+    """DCP's file writer with the ``written`` fault point after this rank's data is on disk."""
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        future = super().write_data(plan, planner)
+        future.wait()
+        _fault_point("written")
+        return future
+
+
+# ---- save ------------------------------------------------------------------------------------
+class PendingSave:
+    """A checkpoint being written in the background (``save_checkpoint(..., async_save=True)``).
+
+    :meth:`wait` is collective: every rank waits for its own part, the ranks agree that all
+    parts are written, and rank 0 publishes the checkpoint (until then it is not
+    :func:`is_complete`, so a crash before ``wait`` leaves the previous checkpoint the last one).
+    """
+
+    def __init__(self, future: Any, directory: Path, publish: Callable[[], None], cleanup: Callable[[], None]) -> None:
+        self.directory = directory
+        self._future, self._publish, self._cleanup = future, publish, cleanup
+        self._done = False
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            _run_phase(f"writing checkpoint {self.directory} in the background",
+                       lambda: self._future.result(timeout=_timeout_s()))
+            _run_phase("publishing the checkpoint", self._publish)
+        except BaseException:
+            self._cleanup()
+            raise
+        logger.info("saved checkpoint %s (in the background)", self.directory)
+
+
+_ASYNC_GROUP: dict[str, Any] = {}
+
+
+def _async_group() -> Any:
+    """A gloo group of all ranks for DCP's background thread: its collectives must not share a
+    communicator with the training step's (DCP's advice for ``async_save``). Created by the first
+    asynchronous save (a collective call), re-created for a new job."""
+    world = dist.group.WORLD
+    if _ASYNC_GROUP.get("world") is not world:
+        _ASYNC_GROUP.update(world=world, group=dist.new_group(backend="gloo"))
+    return _ASYNC_GROUP["group"]
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     *,
@@ -421,72 +377,92 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     lr_scheduler: Any | None = None,
     extra: dict | None = None,
-) -> None:
-    """Write a sharded checkpoint of the whole job to ``directory``. Collective: every rank calls it.
+    async_save: bool = False,
+) -> PendingSave | None:
+    """Write a checkpoint of the whole job to ``directory``. Collective: every rank calls it.
 
-    Each rank writes its RNG states; dp-rank 0 of each stage also writes the stage's tensors
-    (parameters and persistent buffers, keyed by their original names), the optimizer state and
-    the scheduler state (under ZeRO-1 every DP rank writes its own optimizer-state shard). ``extra`` (JSON-serializable, e.g. ``{"global_step": 100}``) comes back
-    from :func:`load_checkpoint`. The directory appears complete or not at all (see the module
-    docstring); an existing checkpoint of the same name is replaced.
+    Every rank hands DCP its stage's tensors (keyed by the original model's names), its optimizer
+    states (its ZeRO-1 shard's, if sharded), the scheduler and its RNG states; DCP writes each
+    rank's part in parallel, each tensor once (replicas de-duplicated). ``extra``
+    (JSON-serializable, e.g. ``{"global_step": 100}``) comes back from :func:`load_checkpoint`.
+    The directory appears complete or not at all (see the module docstring); an existing
+    checkpoint of the same name is replaced.
+
+    ``async_save=True``: the state is copied to host memory (``dcp.async_save``'s staging) and
+    written by a background thread while training goes on; returns a :class:`PendingSave`
+    whose ``wait()`` (collective) must be called before the next save and at the end.
     """
     directory = Path(directory).absolute()
     extra_json = json.dumps(extra or {})  # fails on every rank alike, before any collective
     staging = _staging_path(directory)
     rank, coord = grid.rank, grid.coord
     _run_phase("creating the staging directory", lambda: _fresh_dir(staging) if rank == 0 else None)
+    tp_rank = _tp_rank(stage)
 
-    def write_shard() -> None:
-        own = staging / rank_dir_name(coord)
-        own.mkdir()
-        if optimizer is not None and (coord.dp == 0 or is_sharded(optimizer)):
-            _save_optimizer(optimizer, stage, own / OPTIMIZER_FILE)
-        if coord.dp == 0:
-            _save_stage(stage, own / WEIGHTS_FILE)
-            if lr_scheduler is not None:
-                torch.save(lr_scheduler.state_dict(), own / SCHEDULER_FILE)
-        torch.save(_rng_state(), own / RNG_FILE)
-        for entry in own.iterdir():
-            _fsync(entry)
+    def collect() -> dict[str, Any]:
+        return collect_state(stage, tp_rank, optimizer, lr_scheduler, (coord_name(coord), _rng_state()))
 
-    try:
-        _run_phase("writing checkpoint shards", write_shard)
-        _run_phase("publishing the checkpoint", lambda: _publish_checkpoint(staging, directory, grid, extra_json)
-                   if rank == 0 else None)
-    except BaseException:
+    def cleanup() -> None:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
+
+    try:
+        state = _run_phase("collecting the training state", collect)
+        specs = {item.name: spec_to_json(item.spec) for item in stage_tensors(stage) if item.spec is not None}
+        all_specs = all_gather_objects(specs, _timeout_s(), "tensor-parallel shard specs", _comm_device())
+        layout = _layout(grid, {k: v for ranks in all_specs for k, v in ranks.items()},
+                         optimizer is not None, lr_scheduler is not None)
+
+        def publish() -> None:
+            if rank == 0:
+                _publish_checkpoint(staging, directory, layout, extra_json)
+
+        writer = _Writer(staging / DCP_DIR, sync_files=True)
+        planner = DefaultSavePlanner(flatten_state_dict=False)
+        if async_save:
+            future = dcp.async_save(state, storage_writer=writer, planner=planner, no_dist=not _distributed(),
+                                    process_group=_async_group() if _distributed() else None)
+            return PendingSave(future, directory, publish, cleanup)
+        try:
+            dcp.save(state, storage_writer=writer, planner=planner, no_dist=not _distributed())
+        except Exception as exc:  # DCP already agreed: every rank raises
+            raise CheckpointError(f"writing checkpoint {directory} failed: {exc}") from exc
+        _run_phase("publishing the checkpoint", publish)
+    except BaseException:
+        cleanup()
         raise
     logger.info("saved checkpoint %s (%s)", directory, grid.dims)
+    return None
 
 
-def _publish_checkpoint(staging: Path, directory: Path, grid: Grid, extra_json: str) -> None:
-    """Rank 0, after every shard is written: describe the layout, then rename into place."""
+def _tp_rank(stage: nn.Module) -> int:
+    tpg = getattr(stage, "tp_group", None)
+    return int(tpg.rank) if tpg is not None else 0
+
+
+def _layout(grid: Grid, specs: dict[str, Any], optimizer: bool, lr_scheduler: bool) -> dict[str, Any]:
     dims = grid.dims
-    stages = []
-    for pp in range(dims.pp):
-        for tp in range(dims.tp):
-            shard = rank_dir_name(Coord(pp=pp, dp=0, tp=tp))
-            names, tied = _stage_file_names(staging / shard / WEIGHTS_FILE)
-            stages.append({"stage_id": pp, "tp": tp, "dir": shard, "tensors": names, "tied": tied})
-    first = staging / rank_dir_name(Coord(pp=0, dp=0, tp=0))
-    layout = {
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "dims": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
         "world_size": dims.world_size,
-        "rank_dirs": {str(r): rank_dir_name(grid.layout.coord_of(r)) for r in range(dims.world_size)},
-        "optimizer": (first / OPTIMIZER_FILE).exists(),
-        "optimizer_sharded": dims.dp > 1 and (staging / rank_dir_name(Coord(pp=0, dp=1, tp=0)) / OPTIMIZER_FILE).exists(),
-        "lr_scheduler": (first / SCHEDULER_FILE).exists(),
-        "stages": stages,
+        "tp_specs": specs,
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
         "torch_version": torch.__version__,
     }
+
+
+def _publish_checkpoint(staging: Path, directory: Path, layout: dict[str, Any], extra_json: str) -> None:
+    """Rank 0, after every rank's part is written: describe the layout, then rename into place."""
     (staging / EXTRA_FILE).write_text(extra_json + "\n")
     _write_json(staging / LAYOUT_FILE, layout)  # last: its presence marks a complete checkpoint
+    _fsync(staging / DCP_DIR)
     _publish_dir(staging, directory, _checkpoint_owned)
 
 
+# ---- load ------------------------------------------------------------------------------------
 def _read_layout(directory: Path) -> dict[str, Any]:
     path = directory / LAYOUT_FILE
     if not path.exists():
@@ -500,18 +476,34 @@ def _read_layout(directory: Path) -> dict[str, Any]:
     return layout
 
 
-def _check_layout(layout: Mapping[str, Any], grid: Grid, directory: Path) -> None:
-    saved = layout["dims"]
-    now = grid.dims
-    if (saved["dp"], saved["tp"], saved["pp"]) != (now.dp, now.tp, now.pp):
-        raise CheckpointError(
-            f"checkpoint {directory} was saved with dp={saved['dp']} tp={saved['tp']} pp={saved['pp']} "
-            f"({layout['world_size']} ranks) but this job runs {now} ({now.world_size} ranks). A Merak "
-            f"checkpoint holds one shard per stage and one RNG state per rank, so it resumes only under "
-            f"the layout that wrote it: relaunch with dp={saved['dp']} tp={saved['tp']} pp={saved['pp']}. "
-            f"To change layout, resume under the old one and call export_pretrained, then start the new "
-            f"job from the export with load_pretrained_weights (optimizer, scheduler and RNG start fresh)."
-        )
+def is_complete(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a complete, published checkpoint (its ``layout.json`` is
+    written last, after every rank's part)."""
+    try:
+        _read_layout(Path(directory))
+        return True
+    except (CheckpointError, OSError, ValueError):
+        return False
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, also: Iterable[str] = ()) -> str | None:
+    """The ``checkpoint-<step>`` directory of ``output_dir`` with the highest step that is
+    complete (:func:`is_complete`, plus the files ``also`` names, e.g. the trainer's
+    ``trainer_state.json``, written after Merak's part); ``None`` if there is none. A save that
+    crashed leaves a staging directory or a directory without ``layout.json``: both are skipped.
+    """
+    found: list[tuple[int, Path]] = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    for entry in root.iterdir():
+        match = _CHECKPOINT_DIR.match(entry.name)
+        if match and entry.is_dir() and is_complete(entry) and all((entry / f).exists() for f in also):
+            found.append((int(match.group(1)), entry))
+    return str(max(found)[1]) if found else None
+
+
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
 def load_checkpoint(
@@ -525,177 +517,212 @@ def load_checkpoint(
 ) -> dict:
     """Restore a checkpoint written by :func:`save_checkpoint` and return its ``extra`` dict.
 
-    ``restore_rng=False`` restores weights only as far as randomness goes (loading the best
-    model at the end of training must not rewind the random streams).
+    Any layout may load it: each rank asks for the tensors its stage holds, by name (another
+    cut, pp, dp, tp, ZeRO-1 or not, virtual stages); see the module docstring. RNG states come
+    back only under the layout that saved them (each rank its own); under another layout the
+    ranks keep their current streams. ``restore_rng=False`` skips them (loading the best model at
+    the end of training must not rewind the random streams).
 
     Collective. Restores the stage's tensors (in place, so an optimizer built over the stage
-    keeps working), the optimizer and scheduler when given, and this rank's RNG states last, so
-    training continues with bitwise-identical results. Raises :class:`CheckpointError` (on every
-    rank) for a checkpoint of another layout or partition, or a missing optimizer state.
+    keeps working), the optimizer and scheduler when given, and the RNG states last. Raises
+    :class:`CheckpointError` (on every rank) for a checkpoint of another model or a missing
+    optimizer state.
     """
     directory = Path(directory).absolute()
     layout = _read_layout(directory)  # identical on every rank: errors here need no agreement
-    _check_layout(layout, grid, directory)
-    coord = grid.coord
-    shard = directory / rank_dir_name(Coord(pp=coord.pp, dp=0, tp=coord.tp))
+    if optimizer is not None and not layout.get("optimizer"):
+        raise CheckpointError(f"{directory} was saved without optimizer state; load it with optimizer=None "
+                              "(weights only) or from a checkpoint that has it")
+    if lr_scheduler is not None and not layout.get("lr_scheduler"):
+        raise CheckpointError(f"{directory} was saved without a learning-rate scheduler; pass lr_scheduler=None")
+    saved_dims = layout["dims"]
+    same_layout = (saved_dims["dp"], saved_dims["tp"], saved_dims["pp"]) == (grid.dims.dp, grid.dims.tp, grid.dims.pp)
+    items = stage_tensors(stage)
 
-    def restore() -> dict:
-        _load_stage(stage, shard / WEIGHTS_FILE)
-        if optimizer is not None:
-            dp_ranks = range(grid.dims.dp) if layout.get("optimizer_sharded") else [0]
-            dp_ranks = sorted(dp_ranks, key=lambda dp: dp != coord.dp)  # this rank's own shard first
-            _load_optimizer(optimizer, stage, [directory / rank_dir_name(Coord(pp=coord.pp, dp=dp, tp=coord.tp))
-                                               / OPTIMIZER_FILE for dp in dp_ranks])
-        if lr_scheduler is not None:
-            if not (shard / SCHEDULER_FILE).exists():
-                raise CheckpointError(f"{shard / SCHEDULER_FILE} is missing: the checkpoint was saved "
-                                      "without a learning-rate scheduler; pass lr_scheduler=None")
-            lr_scheduler.load_state_dict(torch.load(shard / SCHEDULER_FILE, weights_only=True))
-        extra = json.loads((directory / EXTRA_FILE).read_text())
-        if restore_rng:
-            _set_rng_state(torch.load(directory / rank_dir_name(coord) / RNG_FILE, weights_only=True))
-        return extra
+    def plan() -> tuple[StateRequests, list[Callable[[], None]]]:
+        metadata = FileSystemReader(str(directory / DCP_DIR)).read_metadata().state_dict_metadata
+        specs = {name: spec_from_json(value) for name, value in layout.get("tp_specs", {}).items()}
+        requests = StateRequests(metadata, specs, _tp_rank(stage))
+        return requests, _plan_restore(requests, items, stage, grid, optimizer, lr_scheduler,
+                                       restore_rng and same_layout)
 
-    extra = _run_phase(f"loading checkpoint {directory}", restore)
+    requests, appliers = _run_phase(f"planning the load of {directory}", plan)
+    _check_model_names(requests.names(MODEL), {item.name for item in items}, directory)
+    try:
+        dcp.load(requests.buffers, storage_reader=FileSystemReader(str(directory / DCP_DIR)),
+                 planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=not _distributed())
+    except Exception as exc:  # DCP already agreed: every rank raises
+        raise CheckpointError(f"reading checkpoint {directory} failed: {exc}") from exc
+    _run_phase(f"loading checkpoint {directory}", lambda: [apply() for apply in appliers])
+    if restore_rng and not same_layout:
+        logger.info("checkpoint %s was saved with %s, this job runs %s: RNG streams are not carried across "
+                    "layouts", directory, saved_dims, grid.dims)
     logger.info("loaded checkpoint %s (%s)", directory, grid.dims)
-    return extra
+    return json.loads((directory / EXTRA_FILE).read_text())
+
+
+def _check_model_names(saved: set[str], own: set[str], directory: Path) -> None:
+    """Collective: the stages of this job together hold exactly the checkpoint's tensors."""
+    held = set().union(*all_gather_objects(sorted(own), _timeout_s(), "the stages' tensor names", _comm_device()))
+    if held != saved:
+        raise CheckpointError(
+            _mismatch(f"{directory} holds the tensors of another model", held, saved)
+            + ". Resume with the model (architecture and config) that wrote it."
+        )
+
+
+def _plan_restore(requests: StateRequests, items: list[StageTensor], stage: nn.Module, grid: Grid,
+                  optimizer: torch.optim.Optimizer | None, lr_scheduler: Any | None,
+                  restore_rng: bool) -> list[Callable[[], None]]:
+    """Register this rank's DCP requests; return what to run, in order, once they are filled."""
+    appliers: list[Callable[[], None]] = []
+    for item in items:
+        if not requests.has(MODEL, item.name):
+            continue  # reported collectively by _check_model_names
+        value = requests.want_tensor(MODEL, item)
+        appliers.append(lambda item=item, value=value: _copy_into(item, value()))
+    if optimizer is not None:
+        appliers.append(_plan_optimizer(requests, items, optimizer))
+    if lr_scheduler is not None:
+        state = requests.want_object(LR_SCHEDULER)
+        appliers.append(lambda: lr_scheduler.load_state_dict(state()))
+    if restore_rng:
+        rng = requests.want_object(rng_key(coord_name(grid.coord)))
+        appliers.append(lambda: _set_rng_state(rng()))
+    return appliers
+
+
+def _copy_into(item: StageTensor, value: torch.Tensor) -> None:
+    if tuple(value.shape) != tuple(item.tensor.shape):
+        raise CheckpointError(f"{item.name}: the checkpoint holds shape {tuple(value.shape)} for this rank, "
+                              f"the stage {tuple(item.tensor.shape)} (another model config?)")
+    with torch.no_grad():
+        item.tensor.copy_(value)  # in place: optimizers keep their Parameters
+
+
+def _plan_optimizer(requests: StateRequests, items: list[StageTensor],
+                    optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """Requests for the states of the parameters this rank's optimizer holds (its ZeRO-1 shard's,
+    whatever shard saved them) and each group's hyper-parameters; returns the applier."""
+    by_id = {id(item.tensor): item for item in items}
+    local = local_optimizer(optimizer)
+    states: dict[int, dict[str, Callable[[], Any]]] = {}
+    flat = [p for group in local.param_groups for p in group["params"]]
+    for index, p in enumerate(flat):
+        item = by_id[id(p)]
+        leaves = requests.leaves(OPTIM, item.name)
+        if leaves:
+            states[index] = {leaf_name(leaf): requests.want_tensor(OPTIM, item, leaf) for leaf in leaves}
+    # (optimizer, group index, saved hyper-parameters): groups are found again after the load,
+    # since load_state_dict replaces the group dicts. The ZeRO-1 wrapper's groups hold what the
+    # scheduler set since the shard's last step.
+    hyper: list[tuple[torch.optim.Optimizer, int, Callable[[], Any]]] = []
+    for opt in {id(o): o for o in (optimizer, local)}.values():
+        for i, group in enumerate(opt.param_groups):
+            if group["params"]:
+                name = by_id[id(group["params"][0])].name
+                key = tensor_key(HPARAMS, name)
+                if key not in requests.metadata:
+                    raise CheckpointError(f"the checkpoint has no optimizer hyper-parameters for {name}")
+                hyper.append((opt, i, requests.want_object(key)))
+
+    def apply() -> None:
+        positions = iter(range(len(flat)))
+        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [next(positions) for _ in group["params"]]}
+                  for group in local.param_groups]
+        local.load_state_dict({"state": {i: {leaf: value() for leaf, value in leaves.items()}
+                                         for i, leaves in states.items()}, "param_groups": groups})
+        for opt, i, values in hyper:
+            opt.param_groups[i].update(values())
+
+    return apply
 
 
 # ---- export to Hugging Face format -----------------------------------------------------------
-class _ModelSlots:
-    """Where each named tensor of the user's model lives, with tied names grouped.
-
-    Assigning a value to one name assigns it to every name of the same tensor, so ties survive
-    the export whatever the model's own tying code does.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.aliases = _alias_groups(model)  # name -> all names of its tensor (first: canonical)
-        self.filled: set[str] = set()  # canonical names
-
-    def knows(self, name: str) -> bool:
-        return name in self.aliases
-
-    def wants(self, name: str) -> bool:
-        return name in self.aliases and self.aliases[name][0] not in self.filled
-
-    def assign(self, name: str, value: torch.Tensor) -> None:
-        names = self.aliases[name]
-        first_owner, first_attr = self._owner(names[0])
-        current = getattr(first_owner, first_attr)
-        if tuple(current.shape) != tuple(value.shape):
-            raise CheckpointError(f"{name}: the stage holds shape {tuple(value.shape)}, "
-                                  f"the model {tuple(current.shape)}")
-        if current.device.type == "meta":
-            # a copy: the exported model must not alias a live stage's parameters
-            new: torch.Tensor = value.detach().to("cpu", copy=True)
-            if isinstance(current, nn.Parameter):
-                new = nn.Parameter(new, requires_grad=current.requires_grad)
-            for path in names:
-                owner, attr = self._owner(path)
-                store = owner._parameters if attr in owner._parameters else owner._buffers
-                store[attr] = new
-        else:
-            with torch.no_grad():
-                current.copy_(value)  # a real model may share this tensor with a live stage
-        self.filled.add(names[0])
-
-    def _owner(self, path: str) -> tuple[nn.Module, str]:
-        owner_path, _, attr = path.rpartition(".")
-        return (self.model.get_submodule(owner_path) if owner_path else self.model), attr
-
-    def still_meta(self) -> list[str]:
-        state = self.model.state_dict()
-        return sorted(name for name, t in state.items() if t.device.type == "meta")
-
-
 def export_pretrained(directory: str | os.PathLike, *, stage: nn.Module, grid: Grid, model: nn.Module) -> None:
-    """Consolidate every stage's weights into ``model`` and save it in Hugging Face format.
+    """Write the trained model in Hugging Face format, every stage its own shard, in parallel.
 
-    Collective. ``model`` is the user's original model object (usually on the meta device: its
-    tensors are then replaced, ties kept; real tensors are overwritten in place). dp-rank 0 of
-    each stage streams its tensors to rank 0 one at a time, so rank 0 holds one copy of the model
-    and no rank ever holds more than its stage plus one tensor in flight; a tied tensor is sent
-    only by the first stage holding it. Rank 0 then calls ``model.save_pretrained(directory)``
-    (safetensors, config and generation config), or writes ``model.safetensors`` for a plain
-    ``nn.Module``. Everything is written to a staging directory first and then moved into
-    ``directory`` file by file (each move atomic); other files there (a tokenizer, checkpoints)
-    are kept.
+    Collective. ``model`` is the user's original model object (usually on the meta device): it
+    gives the names HF expects (:func:`merak.hf_export.hf_names`), the config and the generation
+    config. Each stage's first rank writes ``model-0000k-of-0000n.safetensors`` (after gathering
+    its TP shards inside its TP group), rank 0 the index, ``config.json`` and
+    ``generation_config.json`` (see :mod:`merak.hf_export`); no rank holds more than its stage.
+    Tensors of ``model`` no stage holds (its forward never uses them) are written by rank 0 from
+    ``model`` when real, and refused when on the meta device. Everything is written to a staging
+    directory first and then moved into ``directory`` file by file (each move atomic); other
+    files there (a tokenizer, checkpoints) are kept.
     """
-    if grid.dims.tp > 1:
-        # Tensor-parallel shards are reassembled on tp-rank 0 of each stage (only the TP code
-        # knows how fused blocks were split); from there on the export is the tp=1 one.
-        from merak.runtime.tensor_parallel.export import FullStateView, gather_full_state_dict
-
-        full = _run_phase("gathering tensor-parallel shards for export", lambda: gather_full_state_dict(stage))
-        stage = FullStateView(stage, full)
     directory = Path(directory).absolute()
     coord, rank = grid.coord, grid.rank
-    p2p = P2P(_comm_device(), _timeout_s())
-    if rank == 0:
-        _run_phase(f"exporting to {directory}", lambda: _gather_and_save(directory, stage, grid, model, p2p))
-    elif coord.dp == 0 and coord.tp == 0:
-        _run_phase(f"sending stage {coord.pp} for export", lambda: _send_stage(stage, p2p))
+    if grid.dims.tp > 1:
+        from merak.runtime.tensor_parallel.export import gather_full_state_dict
+
+        state = _run_phase("gathering tensor-parallel shards for export", lambda: gather_full_state_dict(stage))
     else:
-        _run_phase(f"exporting to {directory}", lambda: None)
-    logger.info("exported %s", directory)
-
-
-def _send_stage(stage: nn.Module, p2p: P2P) -> None:
-    state = stage.state_dict()
-    p2p.send(list(state), 0, "the stage's tensor names for export")
-    p2p.wait_sends()
-    wanted: list[str] = p2p.recv(0, "the tensor names rank 0 wants for export")
-    for name in wanted:
-        p2p.send({name: state[name]}, 0, f"{name} for export")
-        p2p.wait_sends()  # one tensor in flight at a time
-
-
-def _gather_and_save(directory: Path, stage: nn.Module, grid: Grid, model: nn.Module, p2p: P2P) -> None:
-    slots = _ModelSlots(model)
-    problems: list[str] = []
-
-    def take(name: str, tensor: torch.Tensor) -> None:
-        # Problems are collected, not raised, so that rank 0 still answers every sender.
-        try:
-            slots.assign(name, tensor)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-
-    own = stage.state_dict()
-    problems += [f"{n}: no tensor of that name in the model" for n in own if not slots.knows(n)]
-    for name, tensor in own.items():
-        if slots.wants(name):
-            take(name, tensor)
-    for pp in range(1, grid.dims.pp):
-        src = grid.layout.rank_of(pp, 0, 0)
-        names: list[str] = p2p.recv(src, f"stage {pp}'s tensor names")
-        problems += [f"{n}: no tensor of that name in the model" for n in names if not slots.knows(n)]
-        wanted = [n for n in names if slots.wants(n)] if not problems else []
-        p2p.send(wanted, src, "the tensor names wanted for export")
-        p2p.wait_sends()
-        for name in wanted:
-            take(name, p2p.recv(src, f"{name} from stage {pp}")[name])
-    if problems:
+        state = stage.state_dict()
+    writer = coord.dp == 0 and coord.tp == 0
+    names = hf_names(model)
+    tensors, unknown = stage_export_tensors(state, names) if writer else ({}, [])
+    mine = (coord.pp, {n: t.numel() * t.element_size() for n, t in tensors.items()}, unknown) if writer else None
+    held = sorted((h for h in all_gather_objects(mine, _timeout_s(), "the stages' tensor names for export",
+                                                 _comm_device()) if h is not None), key=lambda h: h[0])
+    problems = [name for _, _, names_unknown in held for name in names_unknown]
+    if problems:  # identical on every rank: no agreement needed
         raise CheckpointError(f"the stages do not fit the model passed to export_pretrained (pass the original "
-                              f"model the stages were built from): {problems[:20]}")
-    missing = slots.still_meta()
-    if missing:
-        raise CheckpointError(f"no stage holds {missing[:20]} (the model's forward never uses them), and they "
+                              f"model the stages were built from): no tensor {problems[:20]} in the model")
+    owner: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for pp, stage_sizes, _ in held:
+        for name, size in stage_sizes.items():
+            if name not in owner:
+                owner[name], sizes[name] = pp, size
+    model_state = model.state_dict()
+    unheld = sorted({names[k] for k in model_state} - set(owner))
+    meta = [n for n in unheld if model_state[n].device.type == "meta"]
+    if meta:
+        raise CheckpointError(f"no stage holds {meta[:20]} (the model's forward never uses them), and they "
                               "are on the meta device; give them real values in the model before exporting")
+    writers = [pp for pp, _, _ in held]
+    first = writers[0]
+    for name in unheld:
+        owner[name], sizes[name] = first, model_state[name].numel() * model_state[name].element_size()
+    files = {pp: shard_file_name(i, len(writers)) for i, pp in enumerate(writers)}
+    own = {n: t for n, t in tensors.items() if owner[n] == coord.pp}
+    if writer and coord.pp == first:
+        own.update({n: model_state[n] for n in unheld})
     staging = directory / ".merak-export-staging"
-    _fresh_dir(staging)
+    _run_phase("creating the export staging directory", lambda: _fresh_dir(staging) if rank == 0 else None)
     try:
-        if callable(getattr(model, "save_pretrained", None)):
-            model.save_pretrained(staging)
-        else:
-            tensors, _ = _unique_tensors(model.state_dict())
-            save_file(tensors, str(staging / HF_WEIGHTS_FILE), metadata={"format": "pt"})
-        _publish_files(staging, directory, lambda name: bool(_HF_OWNED.match(name)))
+        _run_phase(f"writing export shards to {staging}",
+                   lambda: write_shard(staging / files[coord.pp], own, _unique_tensors) if writer else None)
+
+        def finish() -> None:
+            if len(writers) > 1:
+                write_index(staging / HF_INDEX_FILE, {n: files[pp] for n, pp in owner.items()}, sum(sizes.values()))
+            _save_configs(model, staging)
+            _publish_files(staging, directory, lambda name: bool(_HF_OWNED.match(name)))
+
+        _run_phase(f"exporting to {directory}", lambda: finish() if rank == 0 else None)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    logger.info("exported %s (%d shard(s))", directory, len(writers))
+
+
+def _save_configs(model: nn.Module, directory: Path) -> None:
+    """What ``save_pretrained`` writes beside the weights: ``config.json`` (naming the model's
+    class, as HF does) and, for a model that generates, ``generation_config.json``."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(config, "save_pretrained", None)):
+        return
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", lambda: False)
+    if generation is not None and can_generate():
+        generation.save_pretrained(directory)
 
 
 # ---- import from Hugging Face format ---------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 from transformers import Trainer, default_data_collator
-from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
 import merak
@@ -177,6 +177,8 @@ class MerakTrainer(Trainer):
         saved = json.load(open(path)).get("partition_cuts") if os.path.exists(path) else None
         if saved is None or list(saved) == self._cuts():
             return
+        if len(saved) != len(self._cuts()):
+            return  # another stage count: the checkpoint reshards by tensor name onto this plan
         if self.optimizer is not None:
             raise ValueError(f"checkpoint {directory} was cut at {saved} but this run's plan cuts at {self._cuts()}, "
                              f"and the optimizer passed to MerakTrainer holds the other stage's parameters; let "
@@ -337,6 +339,23 @@ class MerakTrainer(Trainer):
 
     def get_tp_size(self) -> int:
         return self.grid.dims.tp
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
+        """HF's ``train``; ``resume_from_checkpoint=True`` picks the last *complete* checkpoint of
+        ``output_dir`` (HF would take the highest-numbered directory, which a save interrupted by
+        a crash may have left half-written)."""
+        if resume_from_checkpoint is True:
+            from merak.checkpoint import last_complete_checkpoint
+
+            found = last_complete_checkpoint(self.args.output_dir, also=(TRAINER_STATE_NAME,))
+            if found is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            if self.grid.rank == 0:
+                logger.info("resuming from the last complete checkpoint %s", found)
+            resume_from_checkpoint = found
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._finish_pending_save()  # after an error it is simply not published
+        return output
 
     def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None
                               ) -> tuple[nn.Module, Any]:
@@ -596,11 +615,13 @@ class MerakTrainer(Trainer):
         directory = output_dir or self.args.output_dir
         if _internal_call and self.is_in_train:
             full = not self.args.save_only_model
-            save_checkpoint(directory, stage=self.stage, grid=self.grid,
-                            optimizer=self.optimizer if full else None,
-                            lr_scheduler=self.lr_scheduler if full else None,
-                            extra={"global_step": self.state.global_step, "partition_cuts": self._cuts(),
-                                   **self._scaler_state()})
+            self._finish_pending_save()
+            self._pending_save = save_checkpoint(
+                directory, stage=self.stage, grid=self.grid, optimizer=self.optimizer if full else None,
+                lr_scheduler=self.lr_scheduler if full else None, async_save=self.args.async_save,
+                extra={"global_step": self.state.global_step, "partition_cuts": self._cuts(), **self._scaler_state()})
+            if self._pending_save is not None and self.args.should_save:
+                os.makedirs(directory, exist_ok=True)  # HF's files go there; published with Merak's part
         else:
             export_pretrained(directory, stage=self.stage, grid=self.grid, model=self.original_model)
         if self.args.should_save:
@@ -608,6 +629,13 @@ class MerakTrainer(Trainer):
                 self.processing_class.save_pretrained(directory)
             torch.save(self.args, f"{directory}/{TRAINING_ARGS_NAME}")
         _barrier(self.args.p2p_timeout)
+
+    def _finish_pending_save(self) -> None:
+        """Collective: wait for the checkpoint being written in the background (``async_save``)
+        and publish it."""
+        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        if pending is not None:
+            pending.wait()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """The optimizer lives in Merak's shards (one per stage); HF's ``scheduler.pt`` (the same
@@ -629,6 +657,7 @@ class MerakTrainer(Trainer):
         """Reload the best checkpoint's stage weights on every rank (not its optimizer or RNG)."""
         from merak.checkpoint import load_checkpoint
 
+        self._finish_pending_save()
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
                     self.state.best_metric)
         load_checkpoint(self.state.best_model_checkpoint, stage=self.stage, grid=self.grid, restore_rng=False)

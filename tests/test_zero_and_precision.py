@@ -95,10 +95,16 @@ def test_zero1_checkpoint_resumes_bitwise_with_and_without_zero(dist_run, tmp_pa
     assert [e[0] for e in full[0]] == [1, 2, 3, 4, 5, 6]
     assert full[0][-1][3] >= 1, f"the huge initial scale should have overflowed: {full[0]}"
     checkpoint = tmp_path / "checkpoint-3"
-    assert json.loads((checkpoint / "layout.json").read_text())["optimizer_sharded"] is True
-    shards = [torch.load(checkpoint / f"pp00-dp{d:02d}-tp00" / "optimizer.pt", weights_only=True) for d in (0, 1)]
-    names = [{n for g in s["param_names"] for n in g} for s in shards]
-    assert names[0] and names[1] and names[0].isdisjoint(names[1])  # each DP rank saved its own shard
+    from torch.distributed.checkpoint import FileSystemReader
+
+    assert json.loads((checkpoint / "layout.json").read_text())["optimizer"] is True
+    storage = FileSystemReader(str(checkpoint / "dcp")).read_metadata().storage_data
+    names: dict[str, set[str]] = {}  # DCP file -> parameters whose optimizer states it holds
+    for index, info in storage.items():
+        if index.fqn.startswith("optim::"):
+            names.setdefault(info.relative_path, set()).add(index.fqn.split("::")[1])
+    shards = list(names.values())
+    assert len(shards) == 2 and shards[0].isdisjoint(shards[1])  # each DP rank saved its own shard
     # Then without ZeRO, where every rank needs the whole state: both shards merged by name.
     for rank, (resumed, consolidated) in enumerate(dist_run(_resume_runs, 2, str(tmp_path), str(checkpoint),
                                                              (1, 0), timeout=600)):

@@ -2,9 +2,10 @@
 
 Why here and not in :mod:`merak.checkpoint`: only the TP code knows how a parameter was split
 (fused q|k|v blocks are sharded block by block, so a plain concatenation of shards would be
-wrong). The checkpoint code calls :func:`gather_full_state_dict` to get the stage's state with
-full-size tensors, then exports as for ``tp = 1``. Sharded *resume* checkpoints need nothing
-from here: each TP rank saves and reloads its own shard under its own ``tp`` coordinate.
+wrong). The HF export calls :func:`gather_full_state_dict` to get the stage's state with
+full-size tensors, then writes the stage's shard as for ``tp = 1``. Resume checkpoints need
+nothing from here: each TP rank saves its own shard with its ``ShardSpec``
+(:mod:`merak.train_state`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from merak.runtime.distributed import collectives
 from merak.runtime.tensor_parallel.layers import ShardSpec, TPGroup
 
-__all__ = ["gather_full_state_dict", "tp_grad_norm_squared", "FullStateView"]
+__all__ = ["gather_full_state_dict", "tp_grad_norm_squared"]
 
 
 def _gather(tensor: torch.Tensor, spec: ShardSpec, tpg: TPGroup, name: str, to_all: bool) -> torch.Tensor | None:
@@ -59,20 +60,6 @@ def gather_full_state_dict(stage: nn.Module, to_all: bool = False) -> dict[str, 
         if keep:
             out[name] = done[key]
     return out
-
-
-class FullStateView:
-    """Stands in for a stage where code only calls ``state_dict()`` (HF export): the state has
-    full-size tensors. ``stage`` attributes other code reads (``tied_parameters``) pass through."""
-
-    def __init__(self, stage: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        self._stage, self._state = stage, state
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        return dict(self._state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stage, name)
 
 
 def tp_grad_norm_squared(stage: nn.Module, exclude: set[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

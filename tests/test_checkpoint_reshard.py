@@ -1,0 +1,102 @@
+"""Checkpoints resumed under another layout (issue 18): the loss curve goes on as if uninterrupted.
+
+A job of layout A trains ``STEPS`` steps of a tiny GPT-2 (fp32, AdamW, warm-up/decay scheduler)
+and saves a checkpoint before step ``SAVE_AT``; a job of layout B loads it and trains the
+remaining steps. Both see the same global batches (``G`` micro-batches per step, split over the
+data-parallel replicas), so B's losses must equal A's (1e-5 relative: the layouts reduce in
+other orders). Layout A's optimizer is ZeRO-1 where dp > 1, so its states come back from shards.
+The default run keeps tp=2 -> tp=1 (tensor-parallel shards re-assembled, world 2 -> 1) with an
+asynchronous save; the others are slow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_harness import run_distributed
+from tiny_models import tiny_model
+
+MICRO, SEQ, G, STEPS, SAVE_AT, LR = 2, 8, 4, 5, 2, 1e-2
+
+
+def _global_batch(make_batch: Any, step: int) -> list[dict[str, torch.Tensor]]:
+    return [make_batch(batch_size=MICRO, seq_len=SEQ, seed=1000 + step * G + i) for i in range(G)]
+
+
+def train_job(dims: dict[str, int], resume_from: str | None, zero: bool, save_at: dict[int, str],
+              async_save: bool = False) -> list[float]:
+    """One rank of a job of layout ``dims`` that resumes from ``resume_from`` (or starts fresh)
+    and saves a checkpoint to ``save_at[step]`` before each step listed there; returns the global
+    loss of every step it ran. ``zero``: ZeRO-1 optimizer states. ``async_save``: the saves are
+    written in the background while the next steps train, and waited for at the end."""
+    from transformers import get_linear_schedule_with_warmup
+
+    import merak
+    from merak.checkpoint import load_checkpoint, save_checkpoint
+    from merak.partitioner import build_stage, shard, trace
+    from merak.runtime.memory.recompute_plan import RecomputePlan
+    from merak.runtime.memory.zero import shard_optimizer_states
+    from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
+    from merak.runtime.pipeline.schedule import build
+    from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
+
+    grid = merak.init(**dims)
+    dp, pp = grid.dims.dp, grid.dims.pp
+    model, make_batch = tiny_model("gpt2")
+    graph = trace(model, make_batch(batch_size=MICRO, seq_len=SEQ, seed=0))
+    stage = build_stage(shard(graph, pp), grid.stage_id, seed=7 if resume_from else 1234)
+    if grid.dims.tp > 1:
+        apply_tensor_parallel(stage, grid, plan_tensor_parallel(graph, grid.dims.tp))
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=LR, weight_decay=0.1)
+    if zero:
+        optimizer = shard_optimizer_states(optimizer, grid.dp_group, dp)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=1, num_training_steps=STEPS)
+    state = {"stage": stage, "grid": grid, "optimizer": optimizer, "lr_scheduler": scheduler}
+    start = load_checkpoint(resume_from, **state)["global_step"] if resume_from else 0
+    micro = G // dp
+    executor = PipelineExecutor(stage, grid, optimizer)
+    instructions = build("1f1b", pp, micro, grid.stage_id, RecomputePlan.from_mode("none", pp))
+    losses, pending = [], []
+    for step in range(start, STEPS):
+        if step in save_at:
+            pending.append(save_checkpoint(save_at[step], **state, extra={"global_step": step}, async_save=async_save))
+        batches = _global_batch(make_batch, step)[grid.coord.dp * micro:(grid.coord.dp + 1) * micro]
+        losses.append(all_reduce_mean_loss(executor.run(instructions, batches).loss, grid))
+        scheduler.step()
+    for save in pending:
+        if save is not None:
+            save.wait()
+    merak.shutdown()
+    return losses
+
+
+def _world(dims: dict[str, int]) -> int:
+    return dims.get("dp", 1) * dims.get("tp", 1) * dims.get("pp", 1)
+
+
+def _check(tmp_path: Path, before: dict[str, int], after: dict[str, int], async_save: bool = False) -> None:
+    zero, ckpt = before.get("dp", 1) > 1, str(tmp_path / "ckpt")
+    first = run_distributed(train_job, _world(before), before, None, zero, {SAVE_AT: ckpt}, async_save,
+                            timeout=300)[0]
+    resumed = run_distributed(train_job, _world(after), after, ckpt, False, {}, timeout=300)[0]
+    assert len(set(first)) == len(first), "the model did not train"
+    assert resumed == pytest.approx(first[SAVE_AT:], rel=1e-5, abs=0)
+
+
+def test_tp2_resumes_at_tp1_from_an_async_save(tmp_path):
+    # the save is written in the background while the next steps change the weights
+    _check(tmp_path, {"tp": 2}, {"tp": 1}, async_save=True)
+
+
+@pytest.mark.slow
+def test_pp2_resumes_at_pp4(tmp_path):
+    _check(tmp_path, {"pp": 2}, {"pp": 4})
+
+
+@pytest.mark.slow
+def test_dp2_pp2_zero_resumes_at_tp2_pp2(tmp_path):
+    _check(tmp_path, {"dp": 2, "pp": 2}, {"tp": 2, "pp": 2})
