@@ -76,6 +76,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("memory", "memory per stage by recompute mode, estimated vs measured; stage-aware vs full"),
     Benchmark("cluster_sim", "cluster-scale simulator: the Merak paper's 64-GPU table"),
     Benchmark("planner_validation", "planner ranking vs measured step times on this CPU (Spearman)"),
+    Benchmark("checkpoint_io", "checkpoint save / load / HF export per rank: per-rank files + gather (old) vs DCP + "
+                               "per-stage shards (new)"),
 )
 
 

@@ -28,15 +28,16 @@ def _global_batch(make_batch: Any, step: int) -> list[dict[str, torch.Tensor]]:
 
 
 def train_job(dims: dict[str, int], resume_from: str | None, zero: bool, save_at: dict[int, str],
-              async_save: bool = False) -> list[float]:
+              async_save: bool = False, export_to: str | None = None) -> list[float]:
     """One rank of a job of layout ``dims`` that resumes from ``resume_from`` (or starts fresh)
     and saves a checkpoint to ``save_at[step]`` before each step listed there; returns the global
     loss of every step it ran. ``zero``: ZeRO-1 optimizer states. ``async_save``: the saves are
-    written in the background while the next steps train, and waited for at the end."""
+    written in the background while the next steps train, and waited for at the end.
+    ``export_to``: a Hugging Face export at the end (each stage writes its shard)."""
     from transformers import get_linear_schedule_with_warmup
 
     import merak
-    from merak.checkpoint import load_checkpoint, save_checkpoint
+    from merak.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
     from merak.partitioner import build_stage, shard, trace
     from merak.runtime.memory.recompute_plan import RecomputePlan
     from merak.runtime.memory.zero import shard_optimizer_states
@@ -70,6 +71,10 @@ def train_job(dims: dict[str, int], resume_from: str | None, zero: bool, save_at
     for save in pending:
         if save is not None:
             save.wait()
+    if export_to:
+        export_pretrained(export_to, stage=stage, grid=grid, model=tiny_model("gpt2", meta=True)[0])
+        if grid.coord.dp == 0 and grid.coord.tp == 0:  # what the export must hold
+            torch.save(stage.state_dict(), f"{export_to}.stage{grid.stage_id}.pt")
     merak.shutdown()
     return losses
 
@@ -78,11 +83,12 @@ def _world(dims: dict[str, int]) -> int:
     return dims.get("dp", 1) * dims.get("tp", 1) * dims.get("pp", 1)
 
 
-def _check(tmp_path: Path, before: dict[str, int], after: dict[str, int], async_save: bool = False) -> None:
+def _check(tmp_path: Path, before: dict[str, int], after: dict[str, int], async_save: bool = False,
+           export_to: str | None = None) -> None:
     zero, ckpt = before.get("dp", 1) > 1, str(tmp_path / "ckpt")
     first = run_distributed(train_job, _world(before), before, None, zero, {SAVE_AT: ckpt}, async_save,
                             timeout=300)[0]
-    resumed = run_distributed(train_job, _world(after), after, ckpt, False, {}, timeout=300)[0]
+    resumed = run_distributed(train_job, _world(after), after, ckpt, False, {}, False, export_to, timeout=300)[0]
     assert len(set(first)) == len(first), "the model did not train"
     assert resumed == pytest.approx(first[SAVE_AT:], rel=1e-5, abs=0)
 
@@ -93,8 +99,19 @@ def test_tp2_resumes_at_tp1_from_an_async_save(tmp_path):
 
 
 @pytest.mark.slow
-def test_pp2_resumes_at_pp4(tmp_path):
-    _check(tmp_path, {"pp": 2}, {"pp": 4})
+def test_pp2_resumes_at_pp4_and_exports_four_shards(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _check(tmp_path, {"pp": 2}, {"pp": 4}, export_to=str(tmp_path / "export"))
+    export = tmp_path / "export"
+    assert sorted(p.name for p in export.glob("*.safetensors")) == [
+        f"model-{k:05d}-of-00004.safetensors" for k in range(1, 5)]
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    exported = model.state_dict()
+    for stage_id in range(4):
+        for name, value in torch.load(f"{export}.stage{stage_id}.pt").items():
+            assert torch.equal(exported[name], value), f"stage {stage_id}: {name}"
 
 
 @pytest.mark.slow

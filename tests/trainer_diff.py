@@ -24,6 +24,7 @@ micro-batch by a collator), ``classifier`` (a BERT sequence classifier with ``co
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -240,7 +241,9 @@ def run_script(use_merak: bool, kind: str, out_dir: str, dp: int = 1, pp: int = 
                 state = json.load(f)
             checkpoints[name] = {"hf_files": sorted(files & HF_TRAINER_FILES), "state": state}
     trainer.save_model(os.path.join(out_dir, "final"))
-    saved = sorted(os.listdir(os.path.join(out_dir, "final")))
+    # A sharded save (one file per stage + index, issue 18) is the same HF format as one file.
+    saved = sorted({re.sub(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$", "model.safetensors", n)
+                    for n in os.listdir(os.path.join(out_dir, "final"))})
     best = trainer.state.best_model_checkpoint
     return {
         "events": recorder.events, "log_history": trainer.state.log_history, "checkpoints": checkpoints,
