@@ -4,7 +4,7 @@
 the whole model gathered on rank 0 for the HF export), loaded from git at ``--old-rev``; "new"
 is the current one (``torch.distributed.checkpoint`` for resume, one safetensors shard per stage
 for the export). Model: GPT-2 with ``--layers`` blocks (24 by default) of width ``--hidden``,
-cut into ``--pp`` stages, AdamW states initialised (one step on zero gradients), fp32 on CPU.
+cut into ``--pp`` stages of equal block counts, AdamW states initialised (one step on zero gradients), fp32 on CPU.
 
 Peak host memory is the largest resident-set growth of each rank *during* the operation
 (``/proc/self/statm`` sampled every 2 ms, minus the size just before): what the operation itself
@@ -95,7 +95,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, workdir: s
     with init_empty_weights():
         model = GPT2LMHeadModel(config)
     batch = {"input_ids": torch.zeros(1, 16, dtype=torch.long), "labels": torch.zeros(1, 16, dtype=torch.long)}
-    stage = build_stage(shard(trace(model, batch), args.pp), grid.stage_id, seed=0)
+    stage = build_stage(shard(trace(model, batch), args.pp, method="uniform"), grid.stage_id, seed=0)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-4)
     for p in stage.parameters():
         p.grad = torch.zeros_like(p)
@@ -136,11 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--pp", type=int, default=4)
     parser.add_argument("--old-rev", default=OLD_REV)
-    parser.add_argument("--quick", action="store_true", help="4 layers of width 128 (CI-sized)")
+    parser.add_argument("--quick", action="store_true", help="8 layers of width 128 (CI-sized)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.layers, args.hidden = 4, 128
+        args.layers, args.hidden = 8, 128
     from benchmarks.common import markdown_table, write_markdown_report
 
     workdir = Path(tempfile.mkdtemp(prefix="merak-ckpt-io-"))
@@ -150,7 +150,15 @@ def main(argv: list[str] | None = None) -> None:
     procs = [ctx.Process(target=_rank, args=(r, args.pp, port, args, str(workdir), queue)) for r in range(args.pp)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=1800) for _ in procs]
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(queue.get(timeout=5))
+        except Exception:  # noqa: BLE001 - queue.Empty: is anyone still running?
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
     for p in procs:
         p.join(timeout=120)
     shutil.rmtree(workdir, ignore_errors=True)
