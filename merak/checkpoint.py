@@ -36,7 +36,8 @@ Decisions worth knowing:
   is usually the training output directory, which holds checkpoints and logs and so must not be
   renamed as a whole.
 * **Failures are collective.** A rank that fails to write or read still joins a final
-  agreement step (DCP's own, or :func:`~merak.runtime.distributed.collectives.failed_ranks`),
+  agreement step (DCP's own, or an all-reduce of failure flags through
+  :mod:`merak.runtime.distributed.collectives`),
   so every rank raises (naming the failing ranks) instead of the healthy ones hanging in the
   next collective.
 * **What crosses a layout change:** weights, optimizer states (matched by parameter name,
@@ -73,7 +74,8 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
-from merak.runtime.distributed.collectives import all_gather_objects, failed_ranks
+from merak.runtime.distributed import collectives, groups
+from merak.runtime.distributed.objects import all_gather_objects
 from merak.runtime.distributed.grid import Coord, Grid
 from merak.hf_export import hf_names, shard_file_name, stage_export_tensors, write_index, write_shard
 from merak.runtime.memory.zero import local_optimizer
@@ -116,19 +118,11 @@ def coord_name(coord: Coord) -> str:
 
 # ---- collectives -----------------------------------------------------------------------------
 def _timeout_s() -> float:
-    from merak.initialize import DEFAULT_TIMEOUT_S
-
-    return DEFAULT_TIMEOUT_S
-
-
-def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return groups.default_timeout_s()
 
 
 def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+    return groups.is_active()
 
 
 def _agree(error: BaseException | None, what: str) -> None:
@@ -137,7 +131,12 @@ def _agree(error: BaseException | None, what: str) -> None:
     Also serves as the barrier that ends each phase, so a failing rank never leaves its peers
     waiting in a later collective.
     """
-    ranks = failed_ranks(error is not None, _timeout_s(), what, _comm_device())
+    ranks = [0] if error is not None else []
+    if groups.is_active():
+        flags = torch.zeros(groups.size(), dtype=torch.int32)
+        flags[groups.rank()] = int(error is not None)
+        collectives.all_reduce(flags, f"the other ranks to finish {what}", timeout_s=_timeout_s())
+        ranks = [r for r, bad in enumerate(flags.tolist()) if bad]
     if error is not None:
         raise error
     if ranks:
@@ -307,7 +306,7 @@ def _fault_point(where: str) -> None:
     if not spec:
         return
     rank, point, *count = spec.split(":")
-    if point != where or int(rank) != (dist.get_rank() if dist.is_initialized() else 0):
+    if point != where or int(rank) != groups.rank():
         return
     _FAULT_HITS[where] = _FAULT_HITS.get(where, 0) + 1
     if _FAULT_HITS[where] == int(count[0] if count else 1):
@@ -409,7 +408,7 @@ def save_checkpoint(
     try:
         state = _run_phase("collecting the training state", collect)
         specs = {item.name: spec_to_json(item.spec) for item in stage_tensors(stage) if item.spec is not None}
-        all_specs = all_gather_objects(specs, _timeout_s(), "tensor-parallel shard specs", _comm_device())
+        all_specs = all_gather_objects(specs, _timeout_s(), "tensor-parallel shard specs")
         layout = _layout(grid, {k: v for ranks in all_specs for k, v in ranks.items()},
                          optimizer is not None, lr_scheduler is not None)
 
@@ -563,7 +562,7 @@ def load_checkpoint(
 
 def _check_model_names(saved: set[str], own: set[str], directory: Path) -> None:
     """Collective: the stages of this job together hold exactly the checkpoint's tensors."""
-    held = set().union(*all_gather_objects(sorted(own), _timeout_s(), "the stages' tensor names", _comm_device()))
+    held = set().union(*all_gather_objects(sorted(own), _timeout_s(), "the stages' tensor names"))
     if held != saved:
         raise CheckpointError(
             _mismatch(f"{directory} holds the tensors of another model", held, saved)
@@ -664,8 +663,8 @@ def export_pretrained(directory: str | os.PathLike, *, stage: nn.Module, grid: G
     names = hf_names(model)
     tensors, unknown = stage_export_tensors(state, names) if writer else ({}, [])
     mine = (coord.pp, {n: t.numel() * t.element_size() for n, t in tensors.items()}, unknown) if writer else None
-    held = sorted((h for h in all_gather_objects(mine, _timeout_s(), "the stages' tensor names for export",
-                                                 _comm_device()) if h is not None), key=lambda h: h[0])
+    held = sorted((h for h in all_gather_objects(mine, _timeout_s(), "the stages' tensor names for export")
+                   if h is not None), key=lambda h: h[0])
     problems = [name for _, _, names_unknown in held for name in names_unknown]
     if problems:  # identical on every rank: no agreement needed
         raise CheckpointError(f"the stages do not fit the model passed to export_pretrained (pass the original "

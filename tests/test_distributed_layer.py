@@ -28,11 +28,7 @@ SCANNED = ("merak", "partitioner", "runtime", "launch")
 LAYER = "runtime/distributed/"
 
 #: Temporary exemptions, each with the reason and who removes it.
-ALLOWED = {
-    # TEMPORARY: issue 18 rewrites merak/checkpoint.py onto DCP; the lead removes this entry
-    # when it lands (the new module must go through runtime/distributed/ like everything else).
-    "merak/checkpoint.py",
-}
+ALLOWED: set[str] = set()
 
 #: torch.distributed functions that communicate (collectives and point-to-point).
 FORBIDDEN = frozenset({
