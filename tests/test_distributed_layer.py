@@ -155,6 +155,17 @@ def test_scalar_reductions_build_their_tensor_on_the_nccl_device(fake_nccl, monk
     assert reduced == [dist.ReduceOp.SUM, dist.ReduceOp.MAX]
 
 
+def test_a_collective_that_fails_to_start_is_named(fake_nccl, monkeypatch):
+    """A peer already gone can make the backend raise when the collective is issued, before any
+    wait: that error must name rank, group and what too."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "barrier", refuse)
+    with pytest.raises(P2PTimeoutError, match=r"rank 0 could not start the end of an epoch over the world \(2 ranks\)"):
+        collectives.barrier("the end of an epoch")
+
+
 def test_without_a_process_group_everything_is_local():
     t = torch.arange(4.0)
     assert collectives.all_reduce(t, "x", op="mean") is t and t.tolist() == [0, 1, 2, 3]

@@ -17,7 +17,7 @@ collective or p2p function of ``torch.distributed`` itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from merak.runtime.distributed import groups
 from merak.runtime.distributed.groups import Group
-from merak.runtime.distributed.p2p import wait_with_timeout
+from merak.runtime.distributed.p2p import P2PTimeoutError, wait_with_timeout
 
 __all__ = [
     "ReduceOpName", "wait", "all_reduce", "all_reduce_async", "reduce_values", "any_rank", "broadcast",
@@ -51,13 +51,25 @@ def _timeout(timeout_s: float | None) -> float:
     return groups.default_timeout_s() if timeout_s is None else timeout_s
 
 
+def _issue(start: Callable[[], Any], what: str, group: Group) -> Any:
+    """Start a collective; a peer that is already gone can make gloo raise right here, before
+    any wait, so that error too names this rank, the group and what."""
+    try:
+        return start()
+    except RuntimeError as exc:
+        raise P2PTimeoutError(f"rank {groups.rank()} could not start {what} over {groups.describe(group)} "
+                              f"(a peer probably died; check its log). [backend said: {str(exc).strip()[:200]}]"
+                              ) from exc
+
+
 def wait(work: Any, what: str, *, group: Group = None, timeout_s: float | None = None) -> None:
     """Wait for an asynchronous collective; past ``timeout_s`` raise naming rank, group and what."""
     if work is not None:
         wait_with_timeout(work, _timeout(timeout_s), f"{what} over {groups.describe(group)}")
 
 
-def all_reduce_async(tensor: torch.Tensor, *, op: ReduceOpName = "sum", group: Group = None) -> Any:
+def all_reduce_async(tensor: torch.Tensor, *, op: ReduceOpName = "sum", group: Group = None,
+                     what: str = "an all-reduce") -> Any:
     """Start an in-place all-reduce of ``tensor`` (already on the group's device); returns the
     work to :func:`wait` on, ``None`` for a one-rank group. ``"mean"`` is not offered here:
     the division must follow the wait, so use :func:`all_reduce` or divide after waiting."""
@@ -65,7 +77,7 @@ def all_reduce_async(tensor: torch.Tensor, *, op: ReduceOpName = "sum", group: G
         raise ValueError("all_reduce_async cannot average: reduce with 'sum' and divide after wait()")
     if not groups.is_active(group):
         return None
-    return dist.all_reduce(tensor, op=_op(op), group=group, async_op=True)
+    return _issue(lambda: dist.all_reduce(tensor, op=_op(op), group=group, async_op=True), what, group)
 
 
 def all_reduce(tensor: torch.Tensor, what: str, *, op: ReduceOpName = "sum", group: Group = None,
@@ -79,7 +91,8 @@ def all_reduce(tensor: torch.Tensor, what: str, *, op: ReduceOpName = "sum", gro
         return tensor
     target = groups.wants_device(tensor, group)
     buffer = tensor if target is None else tensor.to(target)
-    wait(dist.all_reduce(buffer, op=_op(op), group=group, async_op=True), what, group=group, timeout_s=timeout_s)
+    work = _issue(lambda: dist.all_reduce(buffer, op=_op(op), group=group, async_op=True), what, group)
+    wait(work, what, group=group, timeout_s=timeout_s)
     if op == "mean":
         buffer.div_(groups.size(group))
     if buffer is not tensor:
@@ -109,7 +122,8 @@ def broadcast(tensor: torch.Tensor, src: int, what: str, *, group: Group = None,
         return tensor
     target = groups.wants_device(tensor, group)
     buffer = tensor if target is None else tensor.to(target)
-    wait(dist.broadcast(buffer, src=src, group=group, async_op=True), what, group=group, timeout_s=timeout_s)
+    work = _issue(lambda: dist.broadcast(buffer, src=src, group=group, async_op=True), what, group)
+    wait(work, what, group=group, timeout_s=timeout_s)
     if buffer is not tensor:
         tensor.copy_(buffer)
     return tensor
@@ -118,23 +132,25 @@ def broadcast(tensor: torch.Tensor, src: int, what: str, *, group: Group = None,
 def barrier(what: str, *, group: Group = None, timeout_s: float | None = None) -> None:
     """Every rank of ``group`` reaches this point before any leaves it (bounded wait)."""
     if groups.is_active(group):
-        wait(dist.barrier(group=group, async_op=True), what, group=group, timeout_s=timeout_s)
+        wait(_issue(lambda: dist.barrier(group=group, async_op=True), what, group), what, group=group,
+             timeout_s=timeout_s)
 
 
-def all_gather_async(tensor: torch.Tensor, *, group: Group = None) -> tuple[Any, list[torch.Tensor]]:
+def all_gather_async(tensor: torch.Tensor, *, group: Group = None,
+                     what: str = "an all-gather") -> tuple[Any, list[torch.Tensor]]:
     """Start gathering every rank's ``tensor`` (same shape everywhere, on the group's device);
     returns the work and the list the parts land in, in group-rank order."""
     tensor = tensor.contiguous()
     if not groups.is_active(group):
         return None, [tensor]
     parts = [torch.empty_like(tensor) for _ in range(groups.size(group))]
-    return dist.all_gather(parts, tensor, group=group, async_op=True), parts
+    return _issue(lambda: dist.all_gather(parts, tensor, group=group, async_op=True), what, group), parts
 
 
 def all_gather(tensor: torch.Tensor, what: str, *, group: Group = None,
                timeout_s: float | None = None) -> list[torch.Tensor]:
     """Every rank's ``tensor``, in group-rank order, on every rank."""
-    work, parts = all_gather_async(tensor, group=group)
+    work, parts = all_gather_async(tensor, group=group, what=what)
     wait(work, what, group=group, timeout_s=timeout_s)
     return parts
 
@@ -154,7 +170,8 @@ def gather(tensor: torch.Tensor, what: str, *, group: Group = None,
     first = groups.rank(group) == 0
     parts = [torch.empty_like(tensor) for _ in range(groups.size(group))] if first else None
     dst = dist.get_global_rank(group, 0) if group is not None else 0
-    wait(dist.gather(tensor, parts, dst=dst, group=group, async_op=True), what, group=group, timeout_s=timeout_s)
+    work = _issue(lambda: dist.gather(tensor, parts, dst=dst, group=group, async_op=True), what, group)
+    wait(work, what, group=group, timeout_s=timeout_s)
     return parts
 
 
@@ -165,7 +182,8 @@ def all_to_all_single(tensor: torch.Tensor, send_rows: list[int], recv_rows: lis
     out = tensor.new_empty((sum(recv_rows), *tensor.shape[1:]))
     if not groups.is_active(group):
         return out.copy_(tensor)
-    work = dist.all_to_all_single(out, tensor.contiguous(), recv_rows, send_rows, group=group, async_op=True)
+    work = _issue(lambda: dist.all_to_all_single(out, tensor.contiguous(), recv_rows, send_rows, group=group,
+                                                 async_op=True), what, group)
     wait(work, what, group=group, timeout_s=timeout_s)
     return out
 
@@ -185,6 +203,7 @@ def reduce_scatter(tensor: torch.Tensor, what: str, *, op: ReduceOpName = "sum",
         full = all_reduce(tensor.clone(), what, op=op, group=group, timeout_s=timeout_s)
         return full.chunk(n, dim=0)[me].clone()
     out = tensor.new_empty((tensor.shape[0] // n, *tensor.shape[1:]))
-    work = dist.reduce_scatter_tensor(out, tensor.contiguous(), op=_op(op), group=group, async_op=True)
+    work = _issue(lambda: dist.reduce_scatter_tensor(out, tensor.contiguous(), op=_op(op), group=group, async_op=True),
+                  what, group)
     wait(work, what, group=group, timeout_s=timeout_s)
     return out.div_(n) if op == "mean" else out

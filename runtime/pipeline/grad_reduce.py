@@ -91,7 +91,8 @@ class DataParallelReducer:
 
     def _launch(self, key: int, params: list[nn.Parameter]) -> None:
         flat = _flatten_dense_tensors(_grads_or_zeros(params))
-        self._inflight[key] = (collectives.all_reduce_async(flat, group=self.group), flat)
+        self._inflight[key] = (collectives.all_reduce_async(
+            flat, group=self.group, what=f"data-parallel gradient all-reduce (bucket {key})"), flat)
 
     def finish(self) -> None:
         """Launch the remaining buckets, wait for all, and write averaged gradients back."""
