@@ -10,9 +10,9 @@ two-number header says "same as before" and only tensor bytes move. Every messag
     tensor 0 bytes, tensor 1 bytes, ...  each sent in place as a uint8 view (no packing copy)
 
 Messages on one (sender, receiver) pair are matched in FIFO order, so no tags are needed.
-Messages are posted in groups (:meth:`P2P.exchange`), each part of the message format above
-one ``batch_isend_irecv`` round shared by the group's messages, so two neighbours sending to
-each other complete under NCCL's rendezvous semantics. Sends are asynchronous (the buffers are
+Messages are posted in groups (:meth:`P2P.exchange`): all of a group's sends and the receives
+of its headers in one ``batch_isend_irecv``, the receives of descriptions and payloads in one
+round each, so two neighbours sending to each other complete under NCCL's rendezvous semantics. Sends are asynchronous (the buffers are
 kept alive until :meth:`P2P.wait_sends`); receives block, always with a timeout whose error
 names this rank, the peer and what was awaited. A received tensor requires grad exactly when
 the sent one did.
@@ -134,6 +134,13 @@ class _Encoded:
     desc: torch.Tensor | None
     payload: list[torch.Tensor]
 
+    def parts(self) -> list[tuple[torch.Tensor, int, str]]:
+        """(buffer, destination, what) of each send, in the order the receiver takes them."""
+        out = [(self.header, self.dst, self.what)]
+        if self.desc is not None:
+            out.append((self.desc, self.dst, f"{self.what} (structure)"))
+        return out + [(t, self.dst, self.what) for t in self.payload]
+
 
 #: ``batch_isend_irecv`` tags: data, and the acknowledgements of ``MERAK_P2P=rendezvous``
 #: (which travel against the data and must never match a data message from the same peer).
@@ -146,10 +153,13 @@ class P2P:
     One instance per rank; ``device`` is where tensors live (cpu for gloo, cuda for nccl).
     :meth:`exchange` posts a group of sends and receives together - what NCCL needs for two
     neighbours sending to each other (rendezvous: a large send completes only while its
-    receive is posted). A group runs in three rounds, each one ``batch_isend_irecv``: the
-    headers, the structure descriptions that changed, then the payloads; the receiver needs
-    the first two to size the third. Headers and descriptions are small (eager); payloads are
-    what :mod:`merak.runtime.pipeline.replay` checks under rendezvous semantics.
+    receive is posted). The group's receives run in three rounds, each one
+    ``batch_isend_irecv``: the headers, the structure descriptions that changed, then the
+    payloads - the receiver needs the first two to size the third. The group's sends (all
+    three parts of each) go out with the first round: had they followed the receives round by
+    round, a group receiving a message computed from one it sends (the V turn of zb_v and
+    dualpipe_v) would deadlock. Headers and descriptions are small (eager); payloads are what
+    :mod:`merak.runtime.pipeline.replay` checks under rendezvous semantics.
     """
 
     def __init__(self, device: torch.device | str = "cpu", timeout_s: float = 300.0) -> None:
@@ -165,12 +175,13 @@ class P2P:
         the order of ``recvs``. Sends are left in flight (see :meth:`wait_sends`)."""
         out = [self._encode(m) for m in sends]
         headers = [torch.empty(2, dtype=torch.int64, device=self.device) for _ in recvs]
-        self._round([(e.header, e.dst, e.what) for e in out],
+        # every part of every send goes out with the first round: a peer receiving from this
+        # rank never waits for this rank's own receives (see the class docstring)
+        self._round([part for e in out for part in e.parts()],
                     [(h, r.src, r.what) for h, r in zip(headers, recvs)])
         counts = torch.stack(headers).tolist() if headers else []  # one device->host sync per group
         descs = {i: torch.empty(n, dtype=torch.uint8, device=self.device) for i, (n, _) in enumerate(counts) if n}
-        self._round([(e.desc, e.dst, f"{e.what} (structure)") for e in out if e.desc is not None],
-                    [(buf, recvs[i].src, f"{recvs[i].what} (structure)") for i, buf in descs.items()])
+        self._round([], [(buf, recvs[i].src, f"{recvs[i].what} (structure)") for i, buf in descs.items()])
         skeletons, slots, tensors = [], [], []
         for i, (msg, (_, num_tensors)) in enumerate(zip(recvs, counts)):
             if i in descs:
@@ -179,10 +190,7 @@ class P2P:
             skeletons.append(skeleton)
             slots.append(found)
             tensors.append([torch.empty(slot.shape, dtype=slot.dtype, device=self.device) for slot in found])
-        self._round(
-            [(t, e.dst, e.what) for e in out for t in e.payload],
-            [(_as_bytes(t), msg.src, msg.what) for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0],
-        )
+        self._round([], [(_as_bytes(t), msg.src, msg.what) for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0])
         for found, ts in zip(slots, tensors):
             for slot, t in zip(found, ts):
                 # the sender's flag: a tensor it does not differentiate gets no gradient back

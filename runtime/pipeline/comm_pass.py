@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 from merak.runtime.pipeline.instructions import COMPUTE_OPS, P2P_PEER, Instruction, Op
 from merak.runtime.pipeline.placement import Placement, placement_of
-from merak.runtime.pipeline.replay import facing_sends, is_send, replay
+from merak.runtime.pipeline.replay import Replay, facing_sends, is_send
 
 #: Backward kinds that consume the gradient from the next stage and produce one for the previous.
 INPUT_GRAD_OPS = frozenset({Op.BACKWARD, Op.BACKWARD_INPUT})
@@ -161,13 +161,10 @@ def pair_exchanges(
         if mine <= theirs:
             chosen[stage].add(send)
     out = [_delay_sends(ops, _targets(ops, chosen[stage], placement)) for stage, ops in enumerate(schedule)]
-    if placement.num_chunks > 1:
-        # Virtual stages: several message kinds share a link in both directions and the repair
-        # below does not converge yet (dualpipe_v, P=8); the validator checks them with buffered
-        # sends only - a known gap, see docs/schedules.md.
-        return out
+    run = Replay(out, "rendezvous", placement)
+    out = run.schedule  # the replay's lists: rewritten in place as sends are regrouped
     for _ in range(sum(map(len, out))):  # each fix groups at least one more send: bounded
-        stall = replay(out, "rendezvous", placement)
+        stall = run.run()
         if stall is None:
             break
         facing = facing_sends(out, stall, placement)
@@ -190,7 +187,7 @@ def pair_exchanges(
         if not options:
             break  # nothing left to delay: the validator reports the deadlock
         stage, target = min(options, key=lambda o: _compute_passed(out[o[0]], o[1]))
-        out[stage] = _delay_sends(out[stage], target)
+        run.rewrite(stage, _delay_sends(out[stage], target))
     return out
 
 
@@ -238,11 +235,15 @@ def _compute_passed(ops: Sequence[Instruction], target: dict[int, int]) -> int:
 
 def _delay_sends(ops: Sequence[Instruction], target: dict[int, int]) -> list[Instruction]:
     """Move each send in ``target`` to just before its receive, joined to it with ``with_next``."""
-    out: list[Instruction] = []
-    for pos, ins in enumerate(ops):
+    first = min(target, default=len(ops))
+    joining: dict[int, list[int]] = {}
+    for send in sorted(target):
+        joining.setdefault(target[send], []).append(send)
+    out = list(ops[:first])
+    for pos in range(first, len(ops)):
+        ins = ops[pos]
         if pos in target:
             continue
-        joining = sorted(p for p, r in target.items() if r == pos)
-        out.extend(dataclasses.replace(ops[p], with_next=True) for p in joining)
+        out.extend(dataclasses.replace(ops[p], with_next=True) for p in joining.get(pos, ()))
         out.append(ins)
     return out

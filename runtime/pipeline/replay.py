@@ -9,10 +9,15 @@ The model is what the executor and :class:`merak.runtime.distributed.p2p.P2P` do
   ``with_next`` joins the next one (a ``batch_isend_irecv``); every other instruction is a
   group of its own. The stage moves on when every point-to-point member of the group
   completed; compute never waits;
-* a p2p group runs in :data:`P2P_ROUNDS` rounds, as the p2p layer does: the headers of all its
-  messages, the structure descriptions, then the payloads. The first two are a few bytes, so
-  *eager*: such a send completes without its receiver, as NCCL's small-message protocol and
-  gloo do. A round ends when all its members completed;
+* a message is three sends on its channel: header, structure description, payload. A p2p
+  group's receives run in :data:`P2P_ROUNDS` rounds, as the p2p layer does: the headers, the
+  descriptions, then the payloads (each round needs the one before to size its buffers). The
+  group's sends need no such wait, so all three parts of every send are posted with its first
+  round: a peer receiving from this stage never waits for this stage's own receives (with
+  sends posted round by round, a group receiving a message that depends on one it sends
+  would deadlock). Headers and descriptions are a few bytes, so *eager*: such a send completes
+  without its receiver, as NCCL's small-message protocol and gloo do. A round ends when its
+  receives completed, the last one also when the group's payload sends did;
 * a payload send completes at once (``buffered``: gloo, small messages) or only when the
   matching receive is posted at the same time (``rendezvous``: NCCL with large messages, and
   ``MERAK_P2P=rendezvous``), possibly inside the peer's group; receives block until their send
@@ -39,8 +44,9 @@ Channel = tuple[int, int]
 #: How a payload send completes (see the module docstring).
 SEMANTICS = ("rendezvous", "buffered")
 
-#: Rounds a p2p group is posted in: headers and structure descriptions (eager), payloads.
+#: Rounds a p2p group receives in: headers and structure descriptions (eager), payloads.
 P2P_ROUNDS = 3
+_PAYLOAD = P2P_ROUNDS - 1
 
 
 def is_send(ins: Instruction) -> bool:
@@ -58,11 +64,13 @@ def channel_of(ins: Instruction, placement: Placement | None = None) -> Channel:
     return (ins.stage, peer) if is_send(ins) else (peer, ins.stage)
 
 
-def groups_of(ops: Sequence[Instruction]) -> list[list[int]]:
-    """Positions of ``ops`` split into issue groups (``with_next`` joins the next instruction)."""
+def groups_of(ops: Sequence[Instruction], start: int = 0) -> list[list[int]]:
+    """Positions of ``ops`` split into issue groups (``with_next`` joins the next instruction),
+    from position ``start`` on."""
     groups: list[list[int]] = []
     current: list[int] = []
-    for pos, ins in enumerate(ops):
+    for pos in range(start, len(ops)):
+        ins = ops[pos]
         current.append(pos)
         if not ins.with_next:
             groups.append(current)
@@ -91,25 +99,47 @@ def replay(
     Event-driven: a stage is looked at again only when something it may wait for changed, so
     the replay costs about one visit per posting step (P=16, M=64 in a few tens of ms).
     """
-    if semantics not in SEMANTICS:
-        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-    return _Replay(schedule, semantics, placement_of(schedule, placement)).run()
+    return Replay(schedule, semantics, placement).run()
 
 
 Msg = tuple[Channel, int, int]  # (channel, index of the message on it, round)
 
 
-class _Replay:
-    def __init__(self, schedule: Sequence[Sequence[Instruction]], semantics: str, placement: Placement) -> None:
-        self.schedule, self.semantics = schedule, semantics
-        self.steps = [_posting_steps(ops) for ops in schedule]
-        self.slot = _fifo_slots(schedule, placement)
-        self.at = [0] * len(schedule)
-        self.posted_sends: dict[Msg, tuple[int, int]] = {}  # currently posted -> (stage, position)
-        self.posted_recvs: dict[Msg, tuple[int, int]] = {}
+class Replay:
+    """A resumable replay: :meth:`run` goes as far as the schedule allows; after a stall,
+    :meth:`rewrite` changes a stalled stage's list from its current group on and :meth:`run`
+    continues from where it stopped.
+
+    Why resumable: the communication pass repairs a stall by regrouping one send and asks again.
+    Progress never depends on timing, so the state reached before the stall is the same after
+    the rewrite (only instructions from the stalled group on moved); replaying from scratch per
+    repair cost O(fixes x length) - about ten seconds per virtual-stage schedule at P=8.
+    """
+
+    def __init__(
+        self, schedule: Sequence[Sequence[Instruction]], semantics: str = "rendezvous",
+        placement: Placement | None = None,
+    ) -> None:
+        if semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+        self.schedule = [list(ops) for ops in schedule]
+        self.semantics = semantics
+        self.placement = placement_of(schedule, placement)
+        self.steps = [_posting_steps(ops) for ops in self.schedule]
+        # keyed by instruction, not position, so that a rewrite moving sends keeps them valid
+        # (instructions are unique per stage; grouping is not part of their equality)
+        self.slot: dict[Instruction, tuple[Channel, int]] = {}
+        for ops in self.schedule:
+            self.slot.update(_fifo_slots(ops, self.placement))
+        self.at = [0] * len(self.schedule)
+        self.posted_sends: dict[Msg, Instruction] = {}  # currently posted
+        self.posted_recvs: dict[Msg, Instruction] = {}
         self.ever_sent: set[Msg] = set()
-        self.done: set[tuple[int, int, int]] = set()  # (stage, position, round)
+        self.done: set[tuple[Instruction, int]] = set()  # (instruction, round)
         self.barrier: set[int] = set()
+        self.todo: set[int] = set()
+        for stage in range(len(self.schedule)):
+            self.todo |= self._post(stage)
 
     def current(self, stage: int) -> tuple[list[int], int] | None:
         return self.steps[stage][self.at[stage]] if self.at[stage] < len(self.steps[stage]) else None
@@ -119,45 +149,76 @@ class _Replay:
         if step is None:
             return []
         members, rnd = step
-        return [(pos, self.schedule[stage][pos], (*self.slot[(stage, pos)], rnd))
-                for pos in members if self.schedule[stage][pos].op in P2P_PEER]
+        ops = self.schedule[stage]
+        return [(pos, ops[pos], (*self.slot[ops[pos]], rnd)) for pos in members if ops[pos].op in P2P_PEER]
 
     def _eager(self, msg: Msg) -> bool:
-        return msg[2] < P2P_ROUNDS - 1 or self.semantics == "buffered"
+        return msg[2] < _PAYLOAD or self.semantics == "buffered"
 
     def _post(self, stage: int) -> set[int]:
-        """Post ``stage``'s current step; complete what it matches; return stages to revisit."""
+        """Post ``stage``'s current step; complete what it matches; return stages to revisit.
+        Members already complete (a step re-posted after :meth:`rewrite`) are skipped."""
         woken = {stage}
         rnd = self.current(stage)[1] if self.current(stage) else 0
-        for pos, ins, msg in self._p2p(stage):
+        for _, ins, msg in self._p2p(stage):
             if is_send(ins):
-                self.ever_sent.add(msg)
-                peer = self.posted_recvs.get(msg)
-                if peer is not None:  # its receive waits posted: both complete
-                    self.done.update({(stage, pos, rnd), (*peer, rnd)})
-                    woken.add(peer[0])
-                elif self._eager(msg):
-                    self.done.add((stage, pos, rnd))
-                else:
-                    self.posted_sends[msg] = (stage, pos)
+                if rnd == 0:
+                    woken |= self._post_send(ins, msg[:2])
+                continue
+            if (ins, rnd) in self.done:
+                continue
             else:
                 peer = self.posted_sends.pop(msg, None)
                 if peer is not None:  # a rendezvous send waits posted: both complete
-                    self.done.update({(stage, pos, rnd), (*peer, rnd)})
-                    woken.add(peer[0])
+                    self.done.update({(ins, rnd), (peer, rnd)})
+                    woken.add(peer.stage)
                 elif msg in self.ever_sent and self._eager(msg):
-                    self.done.add((stage, pos, rnd))
+                    self.done.add((ins, rnd))
                 else:
-                    self.posted_recvs[msg] = (stage, pos)
+                    self.posted_recvs[msg] = ins
         return woken
+
+    def _post_send(self, ins: Instruction, slot: tuple[Channel, int]) -> set[int]:
+        """Post all parts of a message; complete the receives of them already waiting."""
+        woken: set[int] = set()
+        for rnd in range(P2P_ROUNDS):
+            msg = (*slot, rnd)
+            if (ins, rnd) in self.done:
+                continue
+            self.ever_sent.add(msg)
+            peer = self.posted_recvs.get(msg)
+            if peer is not None:  # its receive waits posted: both complete
+                self.done.update({(ins, rnd), (peer, rnd)})
+                woken.add(peer.stage)
+            elif self._eager(msg):
+                self.done.add((ins, rnd))
+            else:
+                self.posted_sends[msg] = ins
+        return woken
+
+    def _waits_on(self, stage: int) -> list[tuple[int, Instruction, Msg]]:
+        """The members the current step waits for: its round's receives, and in the last round
+        the group's payload sends too."""
+        step = self.current(stage)
+        return [(pos, ins, msg) for pos, ins, msg in self._p2p(stage)
+                if not is_send(ins) or (step is not None and step[1] == _PAYLOAD)]
 
     def _complete(self, stage: int) -> bool:
         step = self.current(stage)
-        return step is not None and all((stage, pos, step[1]) in self.done for pos, _, _ in self._p2p(stage))
+        return step is not None and all((ins, step[1]) in self.done for _, ins, _ in self._waits_on(stage))
+
+    def _unpost(self, stage: int, sends: bool) -> None:
+        for _, ins, msg in self._p2p(stage):
+            if is_send(ins) and not sends:
+                continue
+            posted = self.posted_sends if is_send(ins) else self.posted_recvs
+            key = (*msg[:2], _PAYLOAD) if is_send(ins) else msg
+            if posted.get(key) is ins:
+                del posted[key]
 
     def _advance(self, stage: int) -> set[int]:
-        for pos, ins, msg in self._p2p(stage):
-            (self.posted_sends if is_send(ins) else self.posted_recvs).pop(msg, None)
+        step = self.current(stage)
+        self._unpost(stage, sends=step is not None and step[1] == _PAYLOAD)
         self.at[stage] += 1
         return self._post(stage)
 
@@ -166,10 +227,9 @@ class _Replay:
         return step is not None and self.schedule[stage][step[0][0]].op is Op.REDUCE_TIED_GRADS
 
     def run(self) -> Stall | None:
+        """Replay until every stage finished (``None``) or none can move (the stall)."""
         num_stages = len(self.schedule)
-        todo: set[int] = set()
-        for stage in range(num_stages):
-            todo |= self._post(stage)
+        todo = self.todo
         while todo:
             stage = todo.pop()
             if self._at_barrier(stage):
@@ -188,31 +248,52 @@ class _Replay:
         for stage in stalled:
             members, rnd = self.current(stage)  # type: ignore[misc]
             waiting[stage] = [self.schedule[stage][pos] for pos in members]
-            pending[stage] = [pos for pos, _, _ in self._p2p(stage) if (stage, pos, rnd) not in self.done]
+            pending[stage] = [pos for pos, ins, _ in self._p2p(stage)
+                              if (ins, _PAYLOAD if is_send(ins) else rnd) not in self.done]
         return Stall(waiting, pending)
 
+    def rewrite(self, stage: int, ops: Sequence[Instruction]) -> None:
+        """Replace stalled ``stage``'s list by ``ops``, which must keep every instruction before
+        the current group in place and the order on every channel (the pass only delays sends
+        to a later receive). The current group is posted again from its first round; what of it
+        already completed stays complete, wherever it moved."""
+        step = self.current(stage)
+        if step is None:
+            raise ValueError(f"stage {stage} finished; nothing to rewrite")
+        members, _ = step
+        start, old, ops = members[0], self.schedule[stage], list(ops)
+        if len(ops) != len(old) or ops[start] != old[start] and not is_send(old[start]):
+            raise ValueError(f"stage {stage}: a rewrite may only move sends from position {start} on")
+        self._unpost(stage, sends=True)
+        self.barrier.discard(stage)
+        self.schedule[stage] = ops
+        keep = self.steps[stage][: self.at[stage] - step[1]]  # the steps before the current group
+        self.steps[stage] = keep + _posting_steps(ops, start)
+        self.at[stage] = len(keep)
+        self.todo |= self._post(stage)
 
-def _posting_steps(ops: Sequence[Instruction]) -> list[tuple[list[int], int]]:
-    """A stage's issue groups as (positions, round): p2p groups once per round, others once."""
+
+def _posting_steps(ops: Sequence[Instruction], start: int = 0) -> list[tuple[list[int], int]]:
+    """A stage's issue groups as (positions, round): p2p groups once per round, others once;
+    from position ``start`` on (a group's first member)."""
     out: list[tuple[list[int], int]] = []
-    for members in groups_of(ops):
+    for members in groups_of(ops, start):
         rounds = P2P_ROUNDS if any(ops[pos].op in P2P_PEER for pos in members) else 1
         out.extend((members, rnd) for rnd in range(rounds))
     return out
 
 
-def _fifo_slots(
-    schedule: Sequence[Sequence[Instruction]], placement: Placement
-) -> dict[tuple[int, int], tuple[Channel, int]]:
-    """(stage, position) of each p2p instruction -> (channel, index of its message there)."""
+def _fifo_slots(ops: Sequence[Instruction], placement: Placement) -> dict[Instruction, tuple[Channel, int]]:
+    """Each of a stage's p2p instructions -> (channel, index of its message there). A channel's
+    sends are all on one stage and its receives on another, so each stage's indices follow from
+    its own list."""
     count: dict[tuple[Channel, bool], int] = {}
-    out: dict[tuple[int, int], tuple[Channel, int]] = {}
-    for stage, ops in enumerate(schedule):
-        for pos, ins in enumerate(ops):
-            if ins.op in P2P_PEER:
-                key = (channel_of(ins, placement), is_send(ins))
-                out[(stage, pos)] = (key[0], count.get(key, 0))
-                count[key] = count.get(key, 0) + 1
+    out: dict[Instruction, tuple[Channel, int]] = {}
+    for ins in ops:
+        if ins.op in P2P_PEER:
+            key = (channel_of(ins, placement), is_send(ins))
+            out[ins] = (key[0], count.get(key, 0))
+            count[key] = count.get(key, 0) + 1
     return out
 
 

@@ -68,8 +68,7 @@ def validate(schedule: Sequence[Sequence[Instruction]], placement: Placement | N
     for stage, ops in enumerate(schedule):
         _check_lifecycle(ops, stage, placement, num_mb)
     check_fifo(schedule, placement)
-    # virtual stages are not paired for rendezvous yet (see comm_pass.pair_exchanges)
-    check_deadlock_free(schedule, placement, "rendezvous" if placement.num_chunks == 1 else "buffered")
+    check_deadlock_free(schedule, placement, "rendezvous")
     return ValidationReport(num_mb, [peak_inflight(ops) for ops in schedule])
 
 
