@@ -21,6 +21,7 @@ the sent one did.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -146,6 +147,20 @@ class _Encoded:
 #: (which travel against the data and must never match a data message from the same peer).
 _DATA_TAG, _ACK_TAG = 0, 1
 
+#: ``MERAK_P2P`` values: ``native`` - the backend's own send semantics (gloo buffers sends);
+#: ``rendezvous`` - on gloo, a send completes only once its receiver posted the matching
+#: receive (an acknowledgement travels back), as NCCL's large messages do, so the CPU test
+#: suite hangs - into the rank-named timeout - wherever a GPU job would.
+P2P_MODES = ("native", "rendezvous")
+
+
+def p2p_mode(mode: str | None = None) -> str:
+    """``mode``, or ``MERAK_P2P`` from the environment (default ``native``), checked."""
+    mode = mode or os.environ.get("MERAK_P2P", "native") or "native"
+    if mode not in P2P_MODES:
+        raise ValueError(f"MERAK_P2P must be one of {P2P_MODES}, got {mode!r}")
+    return mode
+
 
 class P2P:
     """Nested-structure send/receive with per-peer cached structure descriptions.
@@ -162,9 +177,13 @@ class P2P:
     :mod:`merak.runtime.pipeline.replay` checks under rendezvous semantics.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", timeout_s: float = 300.0) -> None:
+    def __init__(self, device: torch.device | str = "cpu", timeout_s: float = 300.0, mode: str | None = None) -> None:
         self.device = torch.device(device)
         self.timeout_s = timeout_s
+        self.mode = p2p_mode(mode)
+        if self.mode == "rendezvous" and self.device.type != "cpu":
+            raise ValueError("MERAK_P2P=rendezvous emulates NCCL's rendezvous sends on gloo (cpu); "
+                             f"on {self.device.type} unset it: the backend already behaves so")
         self._sent_desc: dict[int, bytes] = {}
         self._recv_desc: dict[int, Any] = {}
         self._pending: list[tuple[dist.Work, Any, int, str]] = []
@@ -177,8 +196,9 @@ class P2P:
         headers = [torch.empty(2, dtype=torch.int64, device=self.device) for _ in recvs]
         # every part of every send goes out with the first round: a peer receiving from this
         # rank never waits for this rank's own receives (see the class docstring)
-        self._round([part for e in out for part in e.parts()],
-                    [(h, r.src, r.what) for h, r in zip(headers, recvs)])
+        acks = self._round([part for e in out for part in e.parts()],
+                           [(h, r.src, r.what) for h, r in zip(headers, recvs)],
+                           acks_in=[(e.dst, e.what) for e in out] if self.mode == "rendezvous" else [])
         counts = torch.stack(headers).tolist() if headers else []  # one device->host sync per group
         descs = {i: torch.empty(n, dtype=torch.uint8, device=self.device) for i, (n, _) in enumerate(counts) if n}
         self._round([], [(buf, recvs[i].src, f"{recvs[i].what} (structure)") for i, buf in descs.items()])
@@ -190,7 +210,11 @@ class P2P:
             skeletons.append(skeleton)
             slots.append(found)
             tensors.append([torch.empty(slot.shape, dtype=slot.dtype, device=self.device) for slot in found])
-        self._round([], [(_as_bytes(t), msg.src, msg.what) for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0])
+        self._round([], [(_as_bytes(t), msg.src, msg.what) for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0],
+                    acks_out=[(msg.src, msg.what) for msg in recvs] if self.mode == "rendezvous" else [])
+        for work, _buf, dst, what in acks:  # the group's sends complete only once received
+            wait_with_timeout(work, self.timeout_s, f"rank {dst} to post the receive of {what} "
+                                                    f"(MERAK_P2P=rendezvous: a send completes only then)")
         for found, ts in zip(slots, tensors):
             for slot, t in zip(found, ts):
                 # the sender's flag: a tensor it does not differentiate gets no gradient back
@@ -230,19 +254,37 @@ class P2P:
             )
         return skeleton, slots
 
-    def _round(self, sends: list[tuple[torch.Tensor, int, str]], recvs: list[tuple[torch.Tensor, int, str]]) -> None:
-        """Post one round as a single ``batch_isend_irecv``; wait for its receives."""
-        if not sends and not recvs:
-            return
+    def _round(
+        self,
+        sends: list[tuple[torch.Tensor, int, str]],
+        recvs: list[tuple[torch.Tensor, int, str]],
+        acks_out: Sequence[tuple[int, str]] = (),
+        acks_in: Sequence[tuple[int, str]] = (),
+    ) -> list[tuple[dist.Work, torch.Tensor, int, str]]:
+        """Post one round as a single ``batch_isend_irecv``; wait for its receives.
+
+        ``MERAK_P2P=rendezvous`` adds acknowledgements: ``acks_out`` (peer, what) are sent with
+        this round's receives - they tell each sender its receive is now posted - and
+        ``acks_in`` are received for this group's sends; those are returned, not waited for.
+        """
+        if not sends and not recvs and not acks_out and not acks_in:
+            return []
+        ack_bufs = [torch.zeros(1, dtype=torch.uint8, device=self.device) for _ in [*acks_out, *acks_in]]
         ops = [dist.P2POp(dist.isend, buf, dst, tag=_DATA_TAG) for buf, dst, _ in sends]
+        ops += [dist.P2POp(dist.isend, buf, dst, tag=_ACK_TAG) for buf, (dst, _) in zip(ack_bufs, acks_out)]
+        ops += [dist.P2POp(dist.irecv, buf, src, tag=_ACK_TAG) for buf, (src, _) in zip(ack_bufs[len(acks_out):], acks_in)]
         ops += [dist.P2POp(dist.irecv, buf, src, tag=_DATA_TAG) for buf, src, _ in recvs]
         works = dist.batch_isend_irecv(ops)
-        for work, (buf, dst, what) in zip(works, sends):
+        outgoing = [*sends, *((buf, dst, f"the acknowledgement of {what}") for buf, (dst, what) in zip(ack_bufs, acks_out))]
+        for work, (buf, dst, what) in zip(works, outgoing):
             # Keep ``buf`` referenced until the send completes: isend does not own it.
             self._pending.append((work, buf, dst, what))
-        for work, (_, src, what) in zip(works[len(sends):], recvs):
+        acks = [(work, buf, src, what) for work, buf, (src, what)
+                in zip(works[len(outgoing):], ack_bufs[len(acks_out):], acks_in)]
+        for work, (_, src, what) in zip(works[len(outgoing) + len(acks_in):], recvs):
             wait_with_timeout(work, self.timeout_s, f"{what} from rank {src}")
         self._reap()
+        return acks
 
     def _reap(self) -> None:
         self._pending = [p for p in self._pending if not p[0].is_completed()]
