@@ -161,3 +161,46 @@ def test_dead_peer_fails_with_clear_error_instead_of_hanging(dist_run):
     seconds, message = report.split("s: ", 1)
     assert "rank 0" in message and "gradient of micro-batch 0 from rank 1" in message
     assert float(seconds) <= 21  # bounded by the p2p timeout, never a hang
+
+
+class _FakeWork:
+    """Records how it was waited for; optionally fails as NCCL's watchdog timeout does."""
+
+    def __init__(self, error: str | None = None) -> None:
+        self.calls: list[dict] = []
+        self.error = error
+
+    def wait(self, **kwargs) -> bool:
+        self.calls.append(kwargs)
+        if self.error:
+            raise RuntimeError(self.error)
+        return True
+
+
+def test_cuda_waits_leave_the_timeout_to_the_process_group():
+    # CPU: a timed wait (gloo blocks the host anyway). CUDA: an untimed wait, which only orders
+    # the stream - a timed one would poll on the host until the kernel finished.
+    from merak.runtime.distributed.p2p import P2PTimeoutError, wait_with_timeout, waits_on_host
+
+    assert waits_on_host("cpu") and not waits_on_host("cuda") and not waits_on_host(torch.device("cuda", 1))
+    assert waits_on_host()  # no process group: the host
+    host, device = _FakeWork(), _FakeWork()
+    wait_with_timeout(host, 5, "x", device="cpu")
+    wait_with_timeout(device, 5, "x", device="cuda")
+    assert list(host.calls[0]) == ["timeout"] and device.calls == [{}]
+    # the process group's timeout reaches the user with this rank, the peer and what
+    watchdog = _FakeWork("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=RECV) ran for 8000 ms")
+    with pytest.raises(P2PTimeoutError, match=r"rank 0 timed out after waiting up to 8s for activation 3 from rank 1"):
+        wait_with_timeout(watchdog, 8, "activation 3 from rank 1", device="cuda")
+
+
+def test_default_group_backend_selects_the_wait(monkeypatch):
+    from merak.runtime.distributed import p2p as p2p_module
+
+    monkeypatch.setattr(p2p_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(p2p_module.dist, "get_backend", lambda group=None: "nccl")
+    assert not p2p_module.waits_on_host()
+    monkeypatch.setattr(p2p_module.dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    assert not p2p_module.waits_on_host()
+    monkeypatch.setattr(p2p_module.dist, "get_backend", lambda group=None: "gloo")
+    assert p2p_module.waits_on_host()

@@ -35,23 +35,51 @@ class P2PTimeoutError(RuntimeError):
     """A distributed wait did not complete in time (or its peer died)."""
 
 
-def wait_with_timeout(work: dist.Work, timeout_s: float, what: str) -> None:
-    """Wait for an async op; convert gloo/NCCL timeouts and dead peers into a clear error."""
+def wait_with_timeout(work: dist.Work, timeout_s: float, what: str, *, device: torch.device | str | None = None) -> None:
+    """Wait for an async op; turn timeouts and dead peers into an error naming rank and ``what``.
+
+    Two ways to wait, chosen by :func:`waits_on_host` from ``device`` (default: the default
+    process group's backend):
+
+    * host (gloo, CPU tensors): ``work.wait(timeout)`` - the host blocks until the data is
+      there, which it must do anyway before the CPU computes on it;
+    * CUDA (NCCL): ``work.wait()`` with no timeout, which only makes the current stream wait
+      for the communication kernel - the host goes on queueing work. A timed wait would spin
+      on the host until the kernel finished, stalling every overlapped TP all-reduce. The
+      limit is then the process group's own (``init_process_group(timeout=MERAK_TIMEOUT_S)``,
+      enforced by NCCL's watchdog); its error is re-raised here with this rank and ``what``.
+    """
     try:
-        ok = work.wait(timeout=datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as exc:  # gloo raises on timeout and on a closed connection
-        me = dist.get_rank() if dist.is_initialized() else 0
-        text = str(exc)
-        cause = "timed out" if "imed out" in text else "failed (peer process probably died)"
-        raise P2PTimeoutError(
-            f"rank {me} {cause} after waiting up to {timeout_s:.0f}s for {what}. "
-            f"Check that rank's log for an earlier error; raise the limit with "
-            f"MerakArguments(p2p_timeout=...) or MERAK_TIMEOUT_S if the step is legitimately slow. "
-            f"[backend said: {text.strip()[:200]}]"
-        ) from exc
+        if waits_on_host(device):
+            ok = work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            ok = work.wait()
+    except RuntimeError as exc:  # gloo: timeout / closed connection; NCCL: DistBackendError
+        raise _wait_error(timeout_s, what, exc) from exc
     if ok is False:
         me = dist.get_rank() if dist.is_initialized() else 0
         raise P2PTimeoutError(f"rank {me} timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def waits_on_host(device: torch.device | str | None = None) -> bool:
+    """Whether a wait on ``device``'s communication may block the host with a timeout: yes for
+    the CPU (gloo), no for CUDA (NCCL; see :func:`wait_with_timeout`). Without ``device``, the
+    default process group's backend decides."""
+    if device is not None:
+        return torch.device(device).type == "cpu"
+    return not (dist.is_initialized() and "nccl" in str(dist.get_backend()).lower())
+
+
+def _wait_error(timeout_s: float, what: str, exc: BaseException) -> P2PTimeoutError:
+    me = dist.get_rank() if dist.is_initialized() else 0
+    text = str(exc)
+    cause = "timed out" if "imed out" in text or "timeout" in text.lower() else "failed (peer process probably died)"
+    return P2PTimeoutError(
+        f"rank {me} {cause} after waiting up to {timeout_s:.0f}s for {what}. "
+        f"Check that rank's log for an earlier error; raise the limit with "
+        f"MerakArguments(p2p_timeout=...) or MERAK_TIMEOUT_S if the step is legitimately slow. "
+        f"[backend said: {text.strip()[:200]}]"
+    )
 
 
 @dataclass(frozen=True)
@@ -214,7 +242,8 @@ class P2P:
                     acks_out=[(msg.src, msg.what) for msg in recvs] if self.mode == "rendezvous" else [])
         for work, _buf, dst, what in acks:  # the group's sends complete only once received
             wait_with_timeout(work, self.timeout_s, f"rank {dst} to post the receive of {what} "
-                                                    f"(MERAK_P2P=rendezvous: a send completes only then)")
+                                                    f"(MERAK_P2P=rendezvous: a send completes only then)",
+                              device=self.device)
         for found, ts in zip(slots, tensors):
             for slot, t in zip(found, ts):
                 # the sender's flag: a tensor it does not differentiate gets no gradient back
@@ -282,7 +311,7 @@ class P2P:
         acks = [(work, buf, src, what) for work, buf, (src, what)
                 in zip(works[len(outgoing):], ack_bufs[len(acks_out):], acks_in)]
         for work, (_, src, what) in zip(works[len(outgoing) + len(acks_in):], recvs):
-            wait_with_timeout(work, self.timeout_s, f"{what} from rank {src}")
+            wait_with_timeout(work, self.timeout_s, f"{what} from rank {src}", device=self.device)
         self._reap()
         return acks
 
@@ -293,5 +322,6 @@ class P2P:
         """Block until every started send completed (before buffers are reused or at step end)."""
         me = dist.get_rank()
         for work, _buf, dst, what in self._pending:
-            wait_with_timeout(work, self.timeout_s, f"rank {dst} to receive {what} (sent by rank {me})")
+            wait_with_timeout(work, self.timeout_s, f"rank {dst} to receive {what} (sent by rank {me})",
+                              device=self.device)
         self._pending.clear()
