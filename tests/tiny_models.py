@@ -243,6 +243,7 @@ def tiny_family(model_type: str, seed: int = 0) -> tuple[nn.Module, BatchFn]:
                        if isinstance(getattr(defaults, k, None), int) and getattr(defaults, k) >= VOCAB})
         config = _build_config(config_cls, values)
         config._attn_implementation = "eager"
+        _refuse_untiny(model_type, config)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
         make_batch = _batch_fn("llama", config)
@@ -255,6 +256,22 @@ def tiny_family(model_type: str, seed: int = 0) -> tuple[nn.Module, BatchFn]:
     except Exception as exc:  # noqa: BLE001 - any failure to build or run is the family's, not TP's
         raise FamilyUnavailable(f"{model_type}: {type(exc).__name__}: {exc}") from exc
     return model, make_batch
+
+
+#: A "tiny" model above this many parameters kept sizes the shrinker did not reach (e.g. a nested
+#: text_config): building it for real took ~20 GB (llama4's defaults are 108e9 parameters).
+MAX_TINY_PARAMETERS = 100_000_000
+
+
+def _refuse_untiny(model_type: str, config: Any) -> None:
+    """:class:`FamilyUnavailable` when ``config`` is not tiny, counted on the meta device (free)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if count > MAX_TINY_PARAMETERS:
+        raise FamilyUnavailable(f"{model_type}: the shrunk config still has {count / 1e6:.0f}M parameters "
+                                f"(sizes in a nested config the shrinker does not reach); not built")
 
 
 def _build_config(config_cls: Any, values: dict[str, Any]) -> Any:
