@@ -204,3 +204,32 @@ def test_default_group_backend_selects_the_wait(monkeypatch):
     assert not p2p_module.waits_on_host()
     monkeypatch.setattr(p2p_module.dist, "get_backend", lambda group=None: "gloo")
     assert p2p_module.waits_on_host()
+
+
+def _two_channels() -> int:
+    """Activations and gradients of differing structure alternate on one link; returns how
+    many messages carried a structure description."""
+    dist.init_process_group("gloo")
+    p2p, sent = P2P(timeout_s=30), []
+    encode = p2p._encode
+
+    def counting(msg):
+        encoded = encode(msg)
+        sent.append(encoded.desc is not None)
+        return encoded
+
+    p2p._encode = counting
+    for mb in range(4):
+        if dist.get_rank() == 0:
+            p2p.send(torch.ones(2, 3) * mb, 1, channel=("activations", 0))
+            p2p.send({"grad": torch.ones(5) * mb, "aux": None}, 1, channel=("gradients", 3))
+        else:
+            assert torch.equal(p2p.recv(0, channel=("activations", 0)), torch.ones(2, 3) * mb)
+            assert torch.equal(p2p.recv(0, channel=("gradients", 3))["grad"], torch.ones(5) * mb)
+    p2p.wait_sends()
+    return sum(sent)
+
+
+def test_structure_is_cached_per_channel(dist_run):
+    # per peer only, every message would carry its description (the two structures alternate)
+    assert dist_run(_two_channels, 2)[0] == 2

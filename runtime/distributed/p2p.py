@@ -2,19 +2,23 @@
 
 A stage sends whatever its graph hands to the next stage: tensors of any dtype, tuples, dicts,
 ``None``, ints, ``torch.Size``... The *structure* (with tensor shapes/dtypes) travels as a
-pickled description only when it differs from the last one sent on that channel; otherwise a
-two-number header says "same as before" and only tensor bytes move. Every message is then:
+pickled description only when it differs from the last one sent on that channel - the peer and
+the message's ``channel`` name (the executor names one per virtual-stage boundary and
+direction, so the activations and gradients of several chunks interleaving on one link do not
+evict each other's description); otherwise a two-number header says "same as before" and only
+tensor bytes move. Every message is then:
 
     header int64[2] = (description length or 0, number of tensors)
     [description bytes]                  only when the structure changed
     tensor 0 bytes, tensor 1 bytes, ...  each sent in place as a uint8 view (no packing copy)
 
-Messages on one (sender, receiver) pair are matched in FIFO order, so no tags are needed.
+Messages on one (sender, receiver) pair are matched in FIFO order, so data needs no tags.
 Messages are posted in groups (:meth:`P2P.exchange`): all of a group's sends and the receives
 of its headers in one ``batch_isend_irecv``, the receives of descriptions and payloads in one
-round each, so two neighbours sending to each other complete under NCCL's rendezvous semantics. Sends are asynchronous (the buffers are
-kept alive until :meth:`P2P.wait_sends`); receives block, always with a timeout whose error
-names this rank, the peer and what was awaited. A received tensor requires grad exactly when
+round each, so two neighbours sending to each other complete under NCCL's rendezvous
+semantics. Sends are asynchronous (the buffers are kept alive until :meth:`P2P.wait_sends`;
+under ``MERAK_P2P=rendezvous`` a group waits for its sends' acknowledgements); receives
+block, always with a timeout whose error names this rank, the peer and what was awaited. A received tensor requires grad exactly when
 the sent one did.
 """
 
@@ -25,7 +29,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.distributed as dist
@@ -138,11 +142,14 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """A message to send: ``obj`` to global rank ``dst``; ``what`` names it in errors."""
+    """A message to send: ``obj`` to global rank ``dst``; ``what`` names it in errors.
+    ``channel`` names the stream of messages it belongs to (see :class:`P2P`); the receiver
+    must name it the same way."""
 
     obj: Any
     dst: int
     what: str = "a message"
+    channel: Hashable = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class Incoming:
 
     src: int
     what: str = "a message"
+    channel: Hashable = None
 
 
 @dataclass
@@ -191,7 +199,7 @@ def p2p_mode(mode: str | None = None) -> str:
 
 
 class P2P:
-    """Nested-structure send/receive with per-peer cached structure descriptions.
+    """Nested-structure send/receive with structure descriptions cached per peer and channel.
 
     One instance per rank; ``device`` is where tensors live (cpu for gloo, cuda for nccl).
     :meth:`exchange` posts a group of sends and receives together - what NCCL needs for two
@@ -212,8 +220,9 @@ class P2P:
         if self.mode == "rendezvous" and self.device.type != "cpu":
             raise ValueError("MERAK_P2P=rendezvous emulates NCCL's rendezvous sends on gloo (cpu); "
                              f"on {self.device.type} unset it: the backend already behaves so")
-        self._sent_desc: dict[int, bytes] = {}
-        self._recv_desc: dict[int, Any] = {}
+        # structure descriptions, cached per (peer, channel)
+        self._sent_desc: dict[tuple[int, Hashable], bytes] = {}
+        self._recv_desc: dict[tuple[int, Hashable], Any] = {}
         self._pending: list[tuple[dist.Work, Any, int, str]] = []
 
     # ---- the group exchange -----------------------------------------------------------
@@ -233,7 +242,7 @@ class P2P:
         skeletons, slots, tensors = [], [], []
         for i, (msg, (_, num_tensors)) in enumerate(zip(recvs, counts)):
             if i in descs:
-                self._recv_desc[msg.src] = pickle.loads(descs[i].cpu().numpy().tobytes())
+                self._recv_desc[(msg.src, msg.channel)] = pickle.loads(descs[i].cpu().numpy().tobytes())
             skeleton, found = self._skeleton(msg, int(num_tensors))
             skeletons.append(skeleton)
             slots.append(found)
@@ -251,30 +260,30 @@ class P2P:
                     t.requires_grad_(True)
         return [unflatten(sk, ts) for sk, ts in zip(skeletons, tensors)]
 
-    def send(self, obj: Any, dst: int, what: str = "a message") -> None:
-        """Start sending ``obj`` to global rank ``dst``; returns without waiting."""
-        self.exchange(sends=[Outgoing(obj, dst, what)])
+    def send(self, obj: Any, dst: int, what: str = "a message", channel: Hashable = None) -> None:
+        """Send ``obj`` to global rank ``dst`` as a group of its own (see :meth:`exchange`)."""
+        self.exchange(sends=[Outgoing(obj, dst, what, channel)])
 
-    def recv(self, src: int, what: str = "a message") -> Any:
-        """Receive the next structure sent to this rank by global rank ``src``."""
-        return self.exchange(recvs=[Incoming(src, what)])[0]
+    def recv(self, src: int, what: str = "a message", channel: Hashable = None) -> Any:
+        """Receive the next structure sent to this rank by global rank ``src`` on ``channel``."""
+        return self.exchange(recvs=[Incoming(src, what, channel)])[0]
 
     def _encode(self, msg: Outgoing) -> _Encoded:
         skeleton, tensors = flatten(msg.obj)
         payload = [t.detach().contiguous() for t in tensors]
         desc = pickle.dumps(skeleton)
-        changed = self._sent_desc.get(msg.dst) != desc
+        changed = self._sent_desc.get((msg.dst, msg.channel)) != desc
         header = torch.tensor([len(desc) if changed else 0, len(payload)], dtype=torch.int64, device=self.device)
         desc_buf = None
         if changed:
             desc_buf = torch.frombuffer(bytearray(desc), dtype=torch.uint8).to(self.device)
-            self._sent_desc[msg.dst] = desc
+            self._sent_desc[(msg.dst, msg.channel)] = desc
         return _Encoded(msg.dst, msg.what, header, desc_buf, [_as_bytes(t) for t in payload if t.numel() > 0])
 
     def _skeleton(self, msg: Incoming, num_tensors: int) -> tuple[Any, list[_TensorSlot]]:
-        if msg.src not in self._recv_desc:
+        if (msg.src, msg.channel) not in self._recv_desc:
             raise RuntimeError(f"protocol error: rank {msg.src} sent {msg.what} without a structure first")
-        skeleton = self._recv_desc[msg.src]
+        skeleton = self._recv_desc[(msg.src, msg.channel)]
         slots = _slots(skeleton)
         if len(slots) != num_tensors:
             raise RuntimeError(

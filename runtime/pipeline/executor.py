@@ -386,22 +386,26 @@ class PipelineExecutor:
             assert mb.outputs is not None, f"{ins}: send before forward"
             assert chunk.next_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote successor"
             out = Outgoing(self.precision.on_wire({n: mb.outputs[n] for n in chunk.stage.send_outputs}),
-                           chunk.next_rank, self._what("activations", ins, chunk.virtual_stage))
+                           chunk.next_rank, self._what("activations", ins, chunk.virtual_stage),
+                           channel=("activations", chunk.virtual_stage))
             if self._forward_only:  # nothing will come back for it: drop what the forward held
                 mb.outputs, mb.data, mb.received = None, {}, {}
             return out
         assert mb.input_grads is not None, f"{ins}: send before backward"
         assert chunk.prev_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote predecessor"
         grads, mb.input_grads = mb.input_grads, None
-        return Outgoing(grads, chunk.prev_rank, self._what("gradients", ins, chunk.virtual_stage))
+        return Outgoing(grads, chunk.prev_rank, self._what("gradients", ins, chunk.virtual_stage),
+                        channel=("gradients", chunk.virtual_stage - 1))
 
     def _incoming(self, ins: Instruction) -> Incoming:
         chunk = self.chunks[ins.chunk]
         if ins.op is Op.RECV_ACT:
             assert chunk.prev_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote predecessor"
-            return Incoming(chunk.prev_rank, self._what("activations", ins, chunk.virtual_stage - 1))
+            return Incoming(chunk.prev_rank, self._what("activations", ins, chunk.virtual_stage - 1),
+                            channel=("activations", chunk.virtual_stage - 1))
         assert chunk.next_rank is not None, f"{ins}: virtual stage {chunk.virtual_stage} has no remote successor"
-        return Incoming(chunk.next_rank, self._what("gradients", ins, chunk.virtual_stage + 1))
+        return Incoming(chunk.next_rank, self._what("gradients", ins, chunk.virtual_stage + 1),
+                        channel=("gradients", chunk.virtual_stage))
 
     def _recompute(self, ins: Instruction) -> None:
         if self._mb[ins.key].outputs is None:
