@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from merak.launch.env import read_launch_env
+from merak.launch.env import LaunchEnv, read_launch_env
 from merak.logs import configure as configure_logging
 from merak.runtime.distributed.grid import Grid, GridError, ParallelDims
 from merak.runtime.memory.host_allocator import keep_freed_host_memory
@@ -87,6 +87,9 @@ def join_job(*, backend: str | None = None, timeout_s: float | None = None) -> t
                 backend or default_backend, store=dist.HashStore(), rank=0, world_size=1,
                 timeout=timeout,
             )
+        elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend or default_backend, store=_elastic_store(env, timeout), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
         else:
             dist.init_process_group(
                 backend or default_backend,
@@ -96,6 +99,19 @@ def join_job(*, backend: str | None = None, timeout_s: float | None = None) -> t
                 timeout=timeout,
             )
     return device, timeout
+
+
+def _elastic_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store under torchrun, with one key prefix per restart attempt.
+
+    Why: torchrun's workers share the agent's store, which outlives a restart (``--max-restarts``);
+    without a prefix, the restarted workers' gloo rendezvous reads the dead attempt's addresses
+    and fails with "connection refused" instead of resuming from the last checkpoint.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=not agent and env.rank == 0,
+                          timeout=timeout)
+    return dist.PrefixStore(f"merak/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def is_initialized() -> bool:
