@@ -215,14 +215,29 @@ class StateRequests:
             key = shards[None]
             if leaf.endswith(f".{OBJECT}"):
                 return self.want_object(key)
+            if section == MODEL and item.spec is None and self._fits(key, item.tensor):
+                return self._in_place(key, item.tensor)
             buf = self._buffer(key)
             return lambda: self._local(item, buf)
         saved = self.saved_specs[item.name]
         if item.spec == saved and (self.tp_rank, saved.parts) in shards:  # same tp: own shard only
-            buf = self._buffer(shards[(self.tp_rank, saved.parts)])
+            key = shards[(self.tp_rank, saved.parts)]
+            if section == MODEL and self._fits(key, item.tensor):
+                return self._in_place(key, item.tensor)
+            buf = self._buffer(key)
             return lambda: buf
         bufs = [self._buffer(shards[(t, saved.parts)]) for t in range(saved.parts)]
         return lambda: self._local(item, saved.full(bufs))
+
+    def _fits(self, key: str, tensor: torch.Tensor) -> bool:
+        md = self.metadata[key]
+        return tuple(md.size) == tuple(tensor.shape) and md.properties.dtype == tensor.dtype and tensor.is_contiguous()
+
+    def _in_place(self, key: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """DCP reads straight into the live weight: no second copy of the stage while loading."""
+        target = tensor.detach()
+        self.buffers[key] = target
+        return lambda: target
 
     def _local(self, item: StageTensor, full: torch.Tensor) -> torch.Tensor:
         if item.spec is None or tuple(full.shape) != item.full_shape():
