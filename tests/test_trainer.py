@@ -236,7 +236,7 @@ def test_p2p_timeout_defaults_to_merak_timeout_s(monkeypatch):
     assert merak.MerakArguments(output_dir="/tmp/x", report_to="none").p2p_timeout == 300.0
 
 
-def _train_with_checkpoints(out: str, resume: str | None) -> list[tuple[int, float]]:
+def _train_with_checkpoints(out: str, resume: str | None, async_save: bool = False) -> list[tuple[int, float]]:
     import merak
 
     merak.init(pp=2)
@@ -244,14 +244,16 @@ def _train_with_checkpoints(out: str, resume: str | None) -> list[tuple[int, flo
     args = merak.MerakArguments(
         output_dir=out, per_device_train_batch_size=MICRO, gradient_accumulation_steps=GLOBAL_MICROBATCHES,
         max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3, learning_rate=1e-2,
-        lr_scheduler_type="linear", warmup_steps=2, seed=3, report_to="none", disable_tqdm=True)
+        lr_scheduler_type="linear", warmup_steps=2, seed=3, report_to="none", disable_tqdm=True,
+        async_save=async_save)
     trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch))
     trainer.train(resume_from_checkpoint=resume)
     return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
 
 
 def test_resume_from_checkpoint_is_bitwise(dist_run, tmp_path):
-    full = dist_run(_train_with_checkpoints, 2, str(tmp_path), None, timeout=600)[0]
+    # the first run writes its checkpoints in the background (async_save), the resumed one in place
+    full = dist_run(_train_with_checkpoints, 2, str(tmp_path), None, True, timeout=600)[0]
     resumed = dist_run(_train_with_checkpoints, 2, str(tmp_path), str(tmp_path / "checkpoint-3"),
                        timeout=600)[0]
     assert [s for s, _ in full] == [1, 2, 3, 4, 5, 6]
