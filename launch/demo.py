@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{logged[0]:.3f} -> {logged[-1]:.3f}, eval loss {metrics['eval_loss']:.3f}")
 
     export_dir = args.output_dir / "model"
-    trainer.save_model(str(export_dir))  # consolidated on rank 0 as a save_pretrained directory
+    trainer.save_model(str(export_dir))  # HF format: one safetensors shard per stage + index
     if is_main:
         tokenizer.save_pretrained(export_dir)  # so the export is self-contained for HF users
         say(f"exported to {export_dir}")
