@@ -173,11 +173,13 @@ def pair_exchanges(
         options = []
         if facing is not None:
             for (stage, pos), (peer, theirs) in (facing, facing[::-1]):
-                target = _targets(out[stage], {pos}, placement)
-                # only grouping with the receive of the message the peer is stuck sending helps
+                # only grouping with the receive of the message the peer is stuck sending helps:
+                # the next receive from that peer, or - when the send already waits grouped with
+                # another receive (a V turn) - the first receive after that group
                 awaited = placement.message(out[peer][theirs])
-                if target and _changes(out[stage], target) and placement.message(out[stage][target[pos]]) == awaited:
-                    options.append((stage, target))
+                for target in (_targets(out[stage], {pos}, placement), _later_target(out[stage], pos, placement)):
+                    if target and _changes(out[stage], target) and placement.message(out[stage][target[pos]]) == awaited:
+                        options.append((stage, target))
         if not options:
             # sends grouped with the wrong receive: delay a stalled send into the group of the
             # next receive from any peer
