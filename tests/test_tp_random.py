@@ -108,3 +108,49 @@ def test_sharded_dropout_masks_differ_across_tp_ranks_replicated_ones_match(dist
         assert not torch.equal(rank0[key][0], rank1[key][0]), f"{key}: the TP ranks drew the same mask"
     for key in replicated:
         assert torch.equal(rank0[key][0], rank1[key][0]), f"{key}: replicated copies drew different masks"
+
+
+DROP, DRAWS = 0.1, 48  # GPT-2's three dropouts at p=0.1; losses of 48 independent draws
+
+
+def _dropout_losses(model, batch, stage=None) -> list[float]:
+    """The loss of ``batch`` under DRAWS dropout draws (the replicated stream seeded per draw,
+    the TP streams running on), through ``stage`` or, without one, the unsplit model."""
+    losses = []
+    for draw in range(DRAWS):
+        torch.manual_seed(100 + draw)
+        with torch.no_grad():
+            loss = model(**batch).loss if stage is None else stage(batch, {})["loss"]
+        losses.append(float(loss))
+    return losses
+
+
+def _dropout_losses_at_tp2() -> list[float]:
+    import merak
+    from merak.partitioner import build_stage, shard, trace
+    from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
+
+    grid = merak.init(tp=2)
+    model, make_batch = tiny_model("gpt2", n_layer=2, embd_pdrop=DROP, resid_pdrop=DROP, attn_pdrop=DROP)
+    batch = make_batch(batch_size=4, seq_len=16)
+    graph = trace(model, batch)
+    stage = apply_tensor_parallel(build_stage(shard(graph, 1), 0), grid, plan_tensor_parallel(graph, 2), seed=11)
+    stage.train()
+    return _dropout_losses(model, batch, stage)
+
+
+def test_dropout_at_tp2_matches_one_process_statistically(dist_run):
+    """With dropout on, tp=2 draws other masks than one process, so losses differ draw by draw;
+    their mean must agree with one process's within four standard errors, and both TP ranks see
+    the same (all-reduced) loss. Which masks differ across ranks is the mask test above; this one
+    checks that the sharded model's dropout is the same random process as the unsplit model's."""
+    model, make_batch = tiny_model("gpt2", n_layer=2, embd_pdrop=DROP, resid_pdrop=DROP, attn_pdrop=DROP)
+    model.train()
+    reference = torch.tensor(_dropout_losses(model, make_batch(batch_size=4, seq_len=16)))
+    rank0, rank1 = dist_run(_dropout_losses_at_tp2, 2, timeout=180)
+    assert rank0 == rank1
+    sharded = torch.tensor(rank0)
+    assert reference.std() > 0 and sharded.std() > 0, "dropout drew no noise"
+    assert not torch.equal(sharded, reference)
+    error = (reference.var() / DRAWS + sharded.var() / DRAWS).sqrt()
+    assert abs(sharded.mean() - reference.mean()) < 4 * error, (sharded.mean(), reference.mean(), error)
