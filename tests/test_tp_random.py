@@ -66,16 +66,23 @@ def test_recomputation_replays_the_sharded_stream():
     torch.testing.assert_close(grad, (out != 0).float() * 2 / (1 - P))
 
 
-def _masks_at_tp2() -> dict:
+def _dropout_stage_at_tp2(p: float, n_layer: int, batch_size: int, seq_len: int) -> tuple:
+    """``(model, batch, stage)``: a tiny GPT-2 with every dropout at ``p`` and this rank's
+    tp=2 stage of it (one pipeline stage, TP streams seeded 11)."""
     import merak
     from merak.partitioner import build_stage, shard, trace
     from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 
     grid = merak.init(tp=2)
-    model, make_batch = tiny_model("gpt2", n_layer=1, embd_pdrop=P, resid_pdrop=P, attn_pdrop=P)
-    batch = make_batch(batch_size=2, seq_len=8)
+    model, make_batch = tiny_model("gpt2", n_layer=n_layer, embd_pdrop=p, resid_pdrop=p, attn_pdrop=p)
+    batch = make_batch(batch_size=batch_size, seq_len=seq_len)
     graph = trace(model, batch)
     stage = apply_tensor_parallel(build_stage(shard(graph, 1), 0), grid, plan_tensor_parallel(graph, 2), seed=11)
+    return model, batch, stage
+
+
+def _masks_at_tp2() -> dict:
+    _, batch, stage = _dropout_stage_at_tp2(P, n_layer=1, batch_size=2, seq_len=8)
     masks: dict[str, list[torch.Tensor]] = {}
     wrapped = {id(m.op) for m in stage.modules() if isinstance(m, ShardedRandom)}
 
@@ -126,15 +133,7 @@ def _dropout_losses(model, batch, stage=None) -> list[float]:
 
 
 def _dropout_losses_at_tp2() -> list[float]:
-    import merak
-    from merak.partitioner import build_stage, shard, trace
-    from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
-
-    grid = merak.init(tp=2)
-    model, make_batch = tiny_model("gpt2", n_layer=2, embd_pdrop=DROP, resid_pdrop=DROP, attn_pdrop=DROP)
-    batch = make_batch(batch_size=4, seq_len=16)
-    graph = trace(model, batch)
-    stage = apply_tensor_parallel(build_stage(shard(graph, 1), 0), grid, plan_tensor_parallel(graph, 2), seed=11)
+    model, batch, stage = _dropout_stage_at_tp2(DROP, n_layer=2, batch_size=4, seq_len=16)
     stage.train()
     return _dropout_losses(model, batch, stage)
 
