@@ -692,9 +692,6 @@ def _placement(args: MerakArguments, grid: Any) -> Placement:
             raise ValueError(f"schedule={args.schedule!r} runs {placement.num_chunks} model chunks per rank, which "
                              f"does not support {what} yet: unset {name} or use a schedule without virtual "
                              f"stages (1f1b, zero_bubble, ...)")
-    if grid.dims.tp > 1:
-        raise ValueError(f"schedule={args.schedule!r} (virtual stages) does not support tensor parallelism yet; "
-                         f"use tp=1 or a schedule without virtual stages")
     if args.recompute == "stage_aware":
         raise ValueError(f"recompute='stage_aware' sizes recomputation for 1F1B's uneven in-flight counts; "
                          f"schedule={args.schedule!r} keeps the same count on every rank: use 'full' or 'selective'")

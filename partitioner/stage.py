@@ -329,6 +329,30 @@ class StageChunks(nn.Module):
         self.tied_parameters = tied
         self.canonical_names = {k: v for chunk in chunks for k, v in getattr(chunk, "canonical_names", {}).items()}
 
+    # Tensor parallelism is applied chunk by chunk (one plan, one TP group, one RNG stream; see
+    # ``apply_tensor_parallel``). Code written for one stage per rank (gradient norm, evaluation,
+    # checkpoints, export) reads these merged views, keyed like :meth:`state_dict`: chunks hold
+    # disjoint parts of one model under the model's own names, so the keys never collide.
+    @property
+    def tp_param_specs(self) -> dict[str, Any]:
+        """Parameter name -> ``ShardSpec`` of every TP-sharded parameter of every chunk."""
+        return {name: spec for chunk in self.chunks for name, spec in (getattr(chunk, "tp_param_specs", None) or {}).items()}
+
+    @property
+    def tp_sharded_outputs(self) -> dict[str, Any]:
+        """Model outputs a chunk keeps TP-sharded (only the last virtual stage has outputs)."""
+        return {k: v for chunk in self.chunks for k, v in (getattr(chunk, "tp_sharded_outputs", None) or {}).items()}
+
+    @property
+    def tp_group(self) -> Any:
+        """The tensor-parallel group every chunk was sharded over (``None`` without TP)."""
+        return getattr(self.chunks[0], "tp_group", None)
+
+    @property
+    def tp_plan(self) -> Any:
+        """The tensor-parallel plan every chunk was sharded by (``None`` without TP)."""
+        return getattr(self.chunks[0], "tp_plan", None)
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         merged: dict[str, Any] = {}
         for chunk in self.chunks:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from merak.partitioner.stage import StageChunks
 from merak.runtime.distributed.grid import Grid
 from merak.runtime.tensor_parallel.experts import shard_expert_bank
 from merak.runtime.tensor_parallel.layers import (
@@ -83,6 +84,12 @@ def apply_tensor_parallel(stage: nn.Module, grid: Grid, plan: TPPlan, sub_microb
     splits every micro-batch along the batch and overlaps one part's all-reduces with another's
     compute (results equal those of 1). ``seed`` (the user's) seeds the TP rank's own stream for
     dropout on sharded activations (``seed + TP_SEED_OFFSET + tp rank``).
+
+    ``stage`` may also be a :class:`~merak.partitioner.StageChunks` (a rank's model chunks
+    under virtual stages): every chunk is sharded by the same plan (each carries its own specs)
+    over the one TP group and RNG stream, and a parameter two chunks share (the V placement's
+    embedding and LM head on rank 0) becomes one shard, so it stays one ``Parameter``. The
+    :class:`StageChunks` reads the merged specs from its chunks.
     """
     tp = grid.dims.tp
     if plan.tp != tp:
@@ -94,8 +101,21 @@ def apply_tensor_parallel(stage: nn.Module, grid: Grid, plan: TPPlan, sub_microb
                       f"{plan.batch_coupled}, so the loss would change; set tp_sub_microbatches=1 (or turn the "
                       f"auxiliary loss off in the model's config)")
     tpg = TPGroup(grid.tp_group, grid.coord.tp, tp, timeout_s)
-    specs = _shard_modules(stage, plan, tpg)
     tracker = TPRNGTracker(seed, tpg.rank)
+    chunks = list(stage.chunks) if isinstance(stage, StageChunks) else [stage]
+    done: dict[int, nn.Parameter] = {}  # old parameter id -> its shard, shared by the chunks (ties survive)
+    originals = [p for chunk in chunks for p in chunk.parameters()]  # kept alive: ids in ``done`` stay unique
+    for chunk in chunks:
+        _apply_to_stage(chunk, plan, tpg, tracker, done, sub_microbatches)
+    del originals
+    return stage
+
+
+def _apply_to_stage(stage: nn.Module, plan: TPPlan, tpg: TPGroup, tracker: TPRNGTracker,
+                    done: dict[int, nn.Parameter], sub_microbatches: int) -> None:
+    """Shard one stage module (a whole stage, or one model chunk of a rank) and record the
+    bookkeeping on it."""
+    specs = _shard_modules(stage, plan, tpg, done)
     _rewrite_graph(stage, plan, tpg, tracker)
     stage.tp_plan = plan
     stage.tp_group = tpg
@@ -109,7 +129,6 @@ def apply_tensor_parallel(stage: nn.Module, grid: Grid, plan: TPPlan, sub_microb
         from merak.runtime.tensor_parallel.interleave import install_sub_microbatching
 
         install_sub_microbatching(stage, sub_microbatches)
-    return stage
 
 
 def sharded_parameters(stage: nn.Module) -> dict[str, ShardSpec]:
@@ -174,9 +193,11 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     owner._modules[name] = module
 
 
-def _shard_modules(stage: nn.Module, plan: TPPlan, tpg: TPGroup) -> dict[str, ShardSpec]:
+def _shard_modules(stage: nn.Module, plan: TPPlan, tpg: TPGroup, done: dict[int, nn.Parameter]) -> dict[str, ShardSpec]:
+    """Replace the stage's planned modules by sharded ones; returns local parameter name ->
+    spec. ``done`` (old parameter id -> shard) is shared by all chunks of a rank, so a
+    parameter two chunks hold is sharded once and stays one object."""
     targets = list(dict.fromkeys(str(n.target) for n in stage.graph.nodes if n.op == "call_module"))
-    done: dict[int, nn.Parameter] = {}
     replaced: dict[int, nn.Module] = {}
     for target in targets:
         layer = plan.layers.get(target)

@@ -70,7 +70,8 @@ def tp_grad_norm_squared(stage: nn.Module, exclude: set[int] | None = None) -> t
     parameter ids not to count (tied copies counted on another stage).
     """
     exclude = exclude or set()
-    sharded_ids = {id(stage.get_parameter(n)) for n in getattr(stage, "tp_param_specs", {}) or {}}
+    named = stage.state_dict(keep_vars=True)  # names as the specs key them, for a stage or a rank's chunks
+    sharded_ids = {id(named[n]) for n in getattr(stage, "tp_param_specs", {}) or {}}
     device = next((p.device for p in stage.parameters()), torch.device("cpu"))
     sharded = torch.zeros((), dtype=torch.float64, device=device)
     replicated = torch.zeros((), dtype=torch.float64, device=device)
