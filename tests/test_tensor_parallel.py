@@ -349,7 +349,7 @@ def test_overlap_model_hides_communication_and_charges_slicing():
 TRAIN_STEPS, SAVE_AT, TRAIN_LR = 4, 2, 0.1  # SGD: weights after a few steps are robust to rounding (Adam's are not)
 
 
-def _trainer_job(root: str, tp: int, pp: int) -> dict:
+def _trainer_job(root: str, tp: int, pp: int, schedule: str = "1f1b", m: int = M) -> dict:
     """Train TRAIN_STEPS (saving at SAVE_AT); resume a second trainer from that checkpoint; export."""
     import merak
     from test_trainer import dataset
@@ -359,10 +359,10 @@ def _trainer_job(root: str, tp: int, pp: int) -> dict:
     for phase in ("full", "resumed"):
         model, make_batch = tiny_model("gpt2")
         args = merak.MerakArguments(
-            output_dir=f"{root}/{phase}", per_device_train_batch_size=MICRO, gradient_accumulation_steps=M,
+            output_dir=f"{root}/{phase}", per_device_train_batch_size=MICRO, gradient_accumulation_steps=m,
             max_steps=TRAIN_STEPS, logging_steps=1, optim="sgd", learning_rate=TRAIN_LR, lr_scheduler_type="linear",
             max_grad_norm=1.0, seed=7, report_to="none", save_strategy="steps", save_steps=SAVE_AT,
-            disable_tqdm=True, tp_sub_microbatches=2)
+            disable_tqdm=True, tp_sub_microbatches=2, schedule=schedule)
         trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch))
         trainer.train(resume_from_checkpoint=f"{root}/full/checkpoint-{SAVE_AT}" if phase == "resumed" else None)
         results[phase] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -371,16 +371,21 @@ def _trainer_job(root: str, tp: int, pp: int) -> dict:
     return results
 
 
-def test_trainer_resumes_a_tp_checkpoint_and_exports_for_from_pretrained(dist_run, tmp_path):
+@pytest.mark.parametrize("tp, pp, schedule, m", [
+    pytest.param(2, 1, "1f1b", M, id="tp2"),
+    # two model chunks per rank, each sharded; zb_v puts GPT-2's tied embedding and head on one rank
+    pytest.param(2, 2, "zb_v", 4, id="tp2-pp2-zb_v", marks=pytest.mark.slow),
+    pytest.param(2, 2, "interleaved_1f1b", 4, id="tp2-pp2-interleaved", marks=pytest.mark.slow)])
+def test_trainer_resumes_a_tp_checkpoint_and_exports_for_from_pretrained(dist_run, tmp_path, tp, pp, schedule, m):
     from merak.data import StepBatches
     from test_trainer import dataset
     from transformers import AutoModelForCausalLM, default_data_collator, get_linear_schedule_with_warmup
 
-    per_rank = dist_run(_trainer_job, 2, str(tmp_path), 2, 1, timeout=600)
+    per_rank = dist_run(_trainer_job, tp * pp, str(tmp_path), tp, pp, schedule, m, timeout=600)
     for rank, res in enumerate(per_rank):  # the resumed job logs steps 1..4 too: 1..2 restored, 3..4 rerun
         assert res["resumed"] == res["full"] and len(res["full"]) == TRAIN_STEPS, f"rank {rank}"
     model, make_batch = tiny_model("gpt2")
-    batches = StepBatches(dataset(make_batch), default_data_collator, MICRO, M, 1, 0, seed=7)
+    batches = StepBatches(dataset(make_batch), default_data_collator, MICRO, m, 1, 0, seed=7)
     opt = torch.optim.SGD(model.parameters(), lr=TRAIN_LR)
     curve, _ = single_process_run(model, [batches.microbatches(s) for s in range(TRAIN_STEPS)], opt,
                                   scheduler=get_linear_schedule_with_warmup(opt, 0, TRAIN_STEPS), max_grad_norm=1.0)
