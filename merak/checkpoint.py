@@ -40,6 +40,10 @@ Decisions worth knowing:
   :mod:`merak.runtime.distributed.collectives`),
   so every rank raises (naming the failing ranks) instead of the healthy ones hanging in the
   next collective.
+* **Hung peers end every wait within ``MERAK_TIMEOUT_S``.** DCP's collectives run on a gloo
+  group of their own whose timeout is ``MERAK_TIMEOUT_S`` (:func:`_dcp_group`), and their errors
+  are re-raised as :class:`CheckpointTimeoutError` naming this rank, the checkpoint, its step and
+  the DCP phase it waited in (:func:`_call_dcp`, :func:`_while`).
 * **What crosses a layout change:** weights, optimizer states (matched by parameter name,
   including ZeRO-1 shards and tensor-parallel shards, re-cut with the TP code's ``ShardSpec``),
   hyper-parameters as the scheduler left them, the scheduler, and the caller's ``extra`` (step,
@@ -52,7 +56,9 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
+import datetime
 import json
 import logging
 import os
@@ -76,6 +82,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 
 from merak.runtime.distributed import collectives, groups
 from merak.runtime.distributed.objects import all_gather_objects
+from merak.runtime.distributed.p2p import P2PTimeoutError
 from merak.runtime.distributed.grid import Coord, Grid
 from merak.hf_export import hf_names, shard_file_name, stage_export_tensors, write_index, write_shard
 from merak.runtime.memory.zero import local_optimizer
@@ -86,6 +93,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
+    "CheckpointTimeoutError",
     "save_checkpoint",
     "load_checkpoint",
     "PendingSave",
@@ -111,6 +119,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, read or applied; the message says why and what to do."""
 
 
+class CheckpointTimeoutError(CheckpointError):
+    """A rank waited longer than ``MERAK_TIMEOUT_S`` for the others during a save or load (a peer
+    hung, was stopped or died); the message names this rank, the checkpoint, its step and what
+    it waited for."""
+
+
 def coord_name(coord: Coord) -> str:
     """A rank's coordinate as text, e.g. ``pp01-dp00-tp00`` (keys its RNG states)."""
     return f"pp{coord.pp:02d}-dp{coord.dp:02d}-tp{coord.tp:02d}"
@@ -129,8 +143,11 @@ def _agree(error: BaseException | None, what: str) -> None:
     """Collective: every rank learns which ranks failed ``what``; all raise if any did.
 
     Also serves as the barrier that ends each phase, so a failing rank never leaves its peers
-    waiting in a later collective.
+    waiting in a later collective. A rank that timed out waiting for its peers raises at once:
+    they hang (or time out in their own waits), and agreeing would wait for them a second time.
     """
+    if isinstance(error, CheckpointTimeoutError):
+        raise error  # a peer hangs: agreeing would only wait for it once more
     ranks = [0] if error is not None else []
     if groups.is_active():
         flags = torch.zeros(groups.size(), dtype=torch.int32)
@@ -153,6 +170,62 @@ def _run_phase(what: str, work: Callable[[], Any]) -> Any:
         error = exc
     _agree(error, what)
     return result
+
+
+_DCP_GROUPS: dict[tuple[Any, str, float], Any] = {}
+
+
+def _dcp_group(purpose: str) -> Any:
+    """A gloo group of all ranks, with ``MERAK_TIMEOUT_S`` as its timeout, for DCP's collectives.
+
+    Why a group of its own: DCP's planning and agreement steps are object collectives that wait
+    as long as their group's timeout, which for the default group is whatever the launcher chose
+    (torch's 30 minutes, or NCCL's); on this group a hung peer ends every rank's wait within the
+    limit, on the host (gloo) even in a GPU job. ``purpose`` keeps the foreground (save, load)
+    and the background (``async_save``'s thread) apart: DCP's advice is that a background save
+    must not share a communicator with anything running meanwhile. Created collectively by the
+    first save or load (every rank calls those), again for a new job or another timeout.
+    """
+    key = (dist.group.WORLD, purpose, _timeout_s())
+    if key not in _DCP_GROUPS:
+        _DCP_GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_timeout_s()))
+    return _DCP_GROUPS[key]
+
+
+def _step_text(extra: Mapping[str, Any] | None) -> str:
+    step = (extra or {}).get("global_step")
+    return f" (step {step})" if step is not None else ""
+
+
+def _call_dcp(call: Callable[[], Any], phase: str, context: str) -> Any:
+    """Run a DCP save or load (or wait for a background one); turn its failures into errors that
+    name this rank, ``context`` (which checkpoint, which step) and ``phase`` (what it waited for).
+
+    DCP's own errors name no rank: a gloo timeout reads "Timed out waiting 3000ms for send
+    operation to complete". A rank that fails itself (a full disk) is reported by DCP on every
+    rank with the failing ranks (its ``CheckpointException``); that text is kept.
+    """
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        text, me, limit = str(exc).strip(), groups.rank(), _timeout_s()
+        if "imed out" in text or "timeout" in text.lower() or isinstance(exc, TimeoutError):
+            raise CheckpointTimeoutError(
+                f"rank {me} timed out after waiting up to {limit:.0f}s (MERAK_TIMEOUT_S) for the other ranks in "
+                f"torch.distributed.checkpoint's {phase}, while {context}. A peer hung, was stopped or died: "
+                f"the ranks that do not report this error are the suspects (check their logs). "
+                f"[DCP said: {text[:200] or type(exc).__name__}]") from exc
+        raise CheckpointError(f"rank {me}: {phase} failed while {context}: {text}") from exc
+
+
+@contextlib.contextmanager
+def _while(context: str) -> Any:
+    """Add ``context`` (which checkpoint, which step) to a bounded wait's error raised inside:
+    Merak's own collectives already name this rank and what it waited for."""
+    try:
+        yield
+    except P2PTimeoutError as exc:
+        raise CheckpointTimeoutError(f"{exc} (while {context})") from exc
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -299,19 +372,24 @@ def _as_tuples(value: Any) -> Any:
 
 # ---- fault injection -------------------------------------------------------------------------
 def _fault_point(where: str) -> None:
-    """Test hook: ``MERAK_CHECKPOINT_FAULT=<rank>:<where>[:<n>]`` SIGKILLs that rank the ``n``-th
-    time (default 1st) it reaches ``where`` (``written``: its DCP part is on disk, the checkpoint
-    not yet complete). Lets a test prove that a crash mid-save leaves the previous checkpoint."""
+    """Test hook: ``MERAK_CHECKPOINT_FAULT=<rank>:<where>[:<n>[:stop]]`` SIGKILLs (or, with
+    ``stop``, SIGSTOPs: a hung peer whose sockets stay open) that rank the ``n``-th time (default
+    1st) it reaches ``where``: ``written`` (its DCP part of a save is on disk, the checkpoint not
+    yet complete) or ``read`` (its DCP reads of a load are done, the load not yet agreed). Lets a
+    test prove that a crash mid-save leaves the previous checkpoint, and that a hung peer ends the
+    others' wait within the timeout."""
     spec = os.environ.get("MERAK_CHECKPOINT_FAULT")
     if not spec:
         return
-    rank, point, *count = spec.split(":")
+    rank, point, *rest = spec.split(":")
     if point != where or int(rank) != groups.rank():
         return
     _FAULT_HITS[where] = _FAULT_HITS.get(where, 0) + 1
-    if _FAULT_HITS[where] == int(count[0] if count else 1):
-        logger.error("MERAK_CHECKPOINT_FAULT: killing rank %s at %s", rank, where)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _FAULT_HITS[where] == int(rest[0] if rest else 1):
+        action = rest[1] if len(rest) > 1 else "kill"
+        logger.error("MERAK_CHECKPOINT_FAULT: %s rank %s at %s", "stopping" if action == "stop" else "killing",
+                     rank, where)
+        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
 _FAULT_HITS: dict[str, int] = {}
@@ -327,6 +405,16 @@ class _Writer(FileSystemWriter):
         return future
 
 
+class _Reader(FileSystemReader):
+    """DCP's file reader with the ``read`` fault point after this rank's reads are done."""
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        future = super().read_data(plan, planner)
+        future.wait()
+        _fault_point("read")
+        return future
+
+
 # ---- save ------------------------------------------------------------------------------------
 class PendingSave:
     """A checkpoint being written in the background (``save_checkpoint(..., async_save=True)``).
@@ -336,36 +424,32 @@ class PendingSave:
     :func:`is_complete`, so a crash before ``wait`` leaves the previous checkpoint the last one).
     """
 
-    def __init__(self, future: Any, directory: Path, publish: Callable[[], None], cleanup: Callable[[], None]) -> None:
+    def __init__(self, future: Any, directory: Path, publish: Callable[[], None], cleanup: Callable[[], None],
+                 context: str) -> None:
         self.directory = directory
-        self._future, self._publish, self._cleanup = future, publish, cleanup
+        self._future, self._publish, self._cleanup, self._context = future, publish, cleanup, context
         self._done = False
+
+    def done(self) -> bool:
+        """Whether :meth:`wait` has returned or raised (the checkpoint is published or abandoned)."""
+        return self._done
 
     def wait(self) -> None:
         if self._done:
             return
-        self._done = True
         try:
-            _run_phase(f"writing checkpoint {self.directory} in the background",
-                       lambda: self._future.result(timeout=_timeout_s()))
-            _run_phase("publishing the checkpoint", self._publish)
+            with _while(self._context):
+                # The background thread's own collectives end within the limit (its group's
+                # timeout); twice that bounds this wait even if the thread started late.
+                _run_phase(f"writing checkpoint {self.directory} in the background", lambda: _call_dcp(
+                    lambda: self._future.result(timeout=2 * _timeout_s()), "background save", self._context))
+                _run_phase("publishing the checkpoint", self._publish)
         except BaseException:
             self._cleanup()
             raise
+        finally:
+            self._done = True
         logger.info("saved checkpoint %s (in the background)", self.directory)
-
-
-_ASYNC_GROUP: dict[str, Any] = {}
-
-
-def _async_group() -> Any:
-    """A gloo group of all ranks for DCP's background thread: its collectives must not share a
-    communicator with the training step's (DCP's advice for ``async_save``). Created by the first
-    asynchronous save (a collective call), re-created for a new job."""
-    world = dist.group.WORLD
-    if _ASYNC_GROUP.get("world") is not world:
-        _ASYNC_GROUP.update(world=world, group=dist.new_group(backend="gloo"))
-    return _ASYNC_GROUP["group"]
 
 
 def save_checkpoint(
@@ -393,9 +477,9 @@ def save_checkpoint(
     """
     directory = Path(directory).absolute()
     extra_json = json.dumps(extra or {})  # fails on every rank alike, before any collective
+    context = f"saving checkpoint {directory}{_step_text(extra)}"
     staging = _staging_path(directory)
     rank, coord = grid.rank, grid.coord
-    _run_phase("creating the staging directory", lambda: _fresh_dir(staging) if rank == 0 else None)
     tp_rank = _tp_rank(stage)
 
     def collect() -> dict[str, Any]:
@@ -405,31 +489,35 @@ def save_checkpoint(
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
 
-    try:
-        state = _run_phase("collecting the training state", collect)
-        specs = {item.name: spec_to_json(item.spec) for item in stage_tensors(stage) if item.spec is not None}
-        all_specs = all_gather_objects(specs, _timeout_s(), "tensor-parallel shard specs")
-        layout = _layout(grid, {k: v for ranks in all_specs for k, v in ranks.items()},
-                         optimizer is not None, lr_scheduler is not None)
-
-        def publish() -> None:
-            if rank == 0:
-                _publish_checkpoint(staging, directory, layout, extra_json)
-
-        writer = _Writer(staging / DCP_DIR, sync_files=True)
-        planner = DefaultSavePlanner(flatten_state_dict=False)
-        if async_save:
-            future = dcp.async_save(state, storage_writer=writer, planner=planner, no_dist=not _distributed(),
-                                    process_group=_async_group() if _distributed() else None)
-            return PendingSave(future, directory, publish, cleanup)
+    with _while(context):
+        _run_phase("creating the staging directory", lambda: _fresh_dir(staging) if rank == 0 else None)
         try:
-            dcp.save(state, storage_writer=writer, planner=planner, no_dist=not _distributed())
-        except Exception as exc:  # DCP already agreed: every rank raises
-            raise CheckpointError(f"writing checkpoint {directory} failed: {exc}") from exc
-        _run_phase("publishing the checkpoint", publish)
-    except BaseException:
-        cleanup()
-        raise
+            state = _run_phase("collecting the training state", collect)
+            specs = {item.name: spec_to_json(item.spec) for item in stage_tensors(stage) if item.spec is not None}
+            all_specs = all_gather_objects(specs, _timeout_s(), "tensor-parallel shard specs")
+            layout = _layout(grid, {k: v for ranks in all_specs for k, v in ranks.items()},
+                             optimizer is not None, lr_scheduler is not None)
+
+            def publish() -> None:
+                if rank == 0:
+                    _publish_checkpoint(staging, directory, layout, extra_json)
+
+            writer = _Writer(staging / DCP_DIR, sync_files=True)
+            planner = DefaultSavePlanner(flatten_state_dict=False)
+            distributed = _distributed()
+            if async_save:
+                group = _dcp_group("background") if distributed else None
+                future = _call_dcp(lambda: dcp.async_save(state, storage_writer=writer, planner=planner,
+                                                          no_dist=not distributed, process_group=group),
+                                   "asynchronous save (staging)", context)
+                return PendingSave(future, directory, publish, cleanup, context)
+            group = _dcp_group("foreground") if distributed else None
+            _call_dcp(lambda: dcp.save(state, storage_writer=writer, planner=planner, no_dist=not distributed,
+                                       process_group=group), "save (plan, write, agree)", context)
+            _run_phase("publishing the checkpoint", publish)
+        except BaseException:
+            cleanup()
+            raise
     logger.info("saved checkpoint %s (%s)", directory, grid.dims)
     return None
 
@@ -545,19 +633,23 @@ def load_checkpoint(
         return requests, _plan_restore(requests, items, stage, grid, optimizer, lr_scheduler,
                                        restore_rng and same_layout)
 
-    requests, appliers = _run_phase(f"planning the load of {directory}", plan)
-    _check_model_names(requests.names(MODEL), {item.name for item in items}, directory)
-    try:
-        dcp.load(requests.buffers, storage_reader=FileSystemReader(str(directory / DCP_DIR)),
-                 planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=not _distributed())
-    except Exception as exc:  # DCP already agreed: every rank raises
-        raise CheckpointError(f"reading checkpoint {directory} failed: {exc}") from exc
-    _run_phase(f"loading checkpoint {directory}", lambda: [apply() for apply in appliers])
+    extra = json.loads((directory / EXTRA_FILE).read_text())
+    context = f"loading checkpoint {directory}{_step_text(extra)}"
+    with _while(context):
+        requests, appliers = _run_phase(f"planning the load of {directory}", plan)
+        _check_model_names(requests.names(MODEL), {item.name for item in items}, directory)
+        distributed = _distributed()
+        group = _dcp_group("foreground") if distributed else None
+        _call_dcp(lambda: dcp.load(requests.buffers, storage_reader=_Reader(str(directory / DCP_DIR)),
+                                   planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+                                   no_dist=not distributed, process_group=group),
+                  "load (plan, read, agree)", context)
+        _run_phase(f"loading checkpoint {directory}", lambda: [apply() for apply in appliers])
     if restore_rng and not same_layout:
         logger.info("checkpoint %s was saved with %s, this job runs %s: RNG streams are not carried across "
                     "layouts", directory, saved_dims, grid.dims)
     logger.info("loaded checkpoint %s (%s)", directory, grid.dims)
-    return json.loads((directory / EXTRA_FILE).read_text())
+    return extra
 
 
 def _check_model_names(saved: set[str], own: set[str], directory: Path) -> None:
