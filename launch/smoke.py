@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         assert got == expected, f"{kind} group sum {got} != {expected}"
 
     # An activation travels down the pipeline and a gradient back up.
-    p2p = P2P(merak.get_device())
+    p2p = P2P.for_grid(grid, merak.get_device())
     act = torch.zeros(1, device=merak.get_device()) if grid.is_first_stage else p2p.recv(grid.prev_rank, "smoke activation")
     act = act + 1
     if not grid.is_last_stage:

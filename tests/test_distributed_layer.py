@@ -224,3 +224,13 @@ def _missing_peer() -> str:
 def test_a_missing_rank_is_named_with_group_and_what(dist_run):
     message = dist_run(_missing_peer, 2, timeout=60)[0]
     assert "rank 0" in message and "the step's loss" in message and "the world (2 ranks)" in message
+
+
+def test_an_accelerator_job_gets_a_host_group_for_control_messages(fake_nccl, monkeypatch):
+    made = []
+    monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or "the gloo group")
+    timeout = datetime.timedelta(seconds=7)
+    assert groups.new_host_group(timeout) == "the gloo group"
+    assert made == [{"backend": "gloo", "timeout": timeout}]
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert groups.new_host_group(timeout) is None and len(made) == 1  # gloo already is the host

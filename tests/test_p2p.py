@@ -233,3 +233,73 @@ def _two_channels() -> int:
 def test_structure_is_cached_per_channel(dist_run):
     # per peer only, every message would carry its description (the two structures alternate)
     assert dist_run(_two_channels, 2)[0] == 2
+
+
+#: Tensor methods that read a tensor's data on the host: on a CUDA tensor each is a device->host
+#: synchronisation that stalls the host until the stream got there.
+_HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _steady_state_traffic(mode: str) -> list[dict]:
+    """1F1B's steady state between two ranks - each sends a two-tensor message and receives the
+    peer's, as one group - with the payloads on a process group of their own (the stand-in for a
+    GPU job's NCCL group) and the headers on the world (its gloo host group). Per exchange:
+    how many operations each group carried, and how many host reads touched a payload-group
+    tensor while the exchange ran."""
+    dist.init_process_group("gloo")
+    me, peer = dist.get_rank(), 1 - dist.get_rank()
+    payload_group = dist.new_group(backend="gloo")
+    p2p = P2P(timeout_s=30, mode=mode, payload_group=payload_group, header_group=dist.group.WORLD)
+    on_payload_group: set[int] = set()  # storages that travelled on the payload group
+    counts = {"payload_ops": 0, "header_ops": 0, "payload_reads": 0}
+    batch = dist.batch_isend_irecv
+
+    def recording_batch(ops):
+        for op in ops:
+            if op.group is payload_group:
+                counts["payload_ops"] += 1
+                on_payload_group.add(op.tensor.untyped_storage().data_ptr())
+            else:
+                counts["header_ops"] += 1
+        return batch(ops)
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if self.untyped_storage().data_ptr() in on_payload_group:
+                counts["payload_reads"] += 1
+            return original(self, *args, **kwargs)
+        return original, read
+
+    originals = {name: counting(name) for name in _HOST_READS}
+    per_exchange = []
+    for step in range(4):
+        x = torch.full((4, 8), float(10 * me + step))
+        msg = {"x": x, "mask": x > step}
+        counts.update(payload_ops=0, header_ops=0, payload_reads=0)
+        dist.batch_isend_irecv = recording_batch
+        for name, (_, read) in originals.items():
+            setattr(torch.Tensor, name, read)
+        try:
+            [got] = p2p.exchange([Outgoing(msg, peer, f"message {step}")], [Incoming(peer, f"message {step}")])
+        finally:
+            dist.batch_isend_irecv = batch
+            for name, (original, _) in originals.items():
+                setattr(torch.Tensor, name, original)
+        assert torch.equal(got["x"], torch.full((4, 8), float(10 * peer + step)))
+        assert torch.equal(got["mask"], got["x"] > step)
+        per_exchange.append(dict(counts))
+    p2p.wait_sends()
+    return per_exchange
+
+
+@pytest.mark.parametrize("mode", ["native", "rendezvous"])
+def test_steady_state_exchange_reads_nothing_from_the_payload_device(dist_run, mode):
+    for per_exchange in dist_run(_steady_state_traffic, 2, mode):
+        acks = 2 if mode == "rendezvous" else 0  # one acknowledgement each way, on the payload group
+        # first exchange: header + description each way on the host group
+        assert per_exchange[0] == {"payload_ops": 4 + acks, "header_ops": 4, "payload_reads": 0}
+        # steady state: the header alone each way; the two tensors each way; no device->host read
+        for counts in per_exchange[1:]:
+            assert counts == {"payload_ops": 4 + acks, "header_ops": 2, "payload_reads": 0}

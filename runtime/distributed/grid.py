@@ -17,6 +17,8 @@ from typing import Iterator
 
 import torch.distributed as dist
 
+from merak.runtime.distributed import groups
+
 
 class GridError(ValueError):
     """Invalid parallel degrees; the message names the numbers and how to fix them."""
@@ -136,6 +138,9 @@ class Grid:
     dp_group: dist.ProcessGroup | None = field(init=False, default=None, repr=False)
     pp_group: dist.ProcessGroup | None = field(init=False, default=None, repr=False)
     tied_group: dist.ProcessGroup | None = field(init=False, default=None, repr=False)
+    #: A gloo group over the world for small host-side control messages (p2p headers) in a job
+    #: whose default group is on an accelerator; ``None`` when the default group is host-side.
+    host_group: dist.ProcessGroup | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.layout = GridLayout(self.dims)
@@ -158,6 +163,7 @@ class Grid:
                     group = dist.new_group(ranks, timeout=timeout)
                     if rank in ranks:
                         setattr(grid, f"{kind}_group", group)
+            grid.host_group = groups.new_host_group(timeout)
         return grid
 
     # ---- convenience views -------------------------------------------------------------

@@ -8,13 +8,15 @@ lets the rule be unit-tested on a CPU machine by faking the backend name.
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Group", "is_active", "size", "rank", "device", "describe", "default_timeout_s", "wants_device"]
+__all__ = ["Group", "is_active", "size", "rank", "device", "describe", "default_timeout_s", "wants_device",
+           "new_host_group"]
 
 #: A process group handle as torch returns it, or ``None`` for the default (world) group.
 Group = Any
@@ -65,6 +67,19 @@ def wants_device(tensor: torch.Tensor, group: Group = None) -> torch.device | No
     if here.type == target.type and (target.index is None or here.index == target.index):
         return None
     return target
+
+
+def new_host_group(timeout: datetime.timedelta | None = None) -> Group:
+    """A gloo group over the world when the default group's tensors live on an accelerator,
+    else ``None`` (the default group already is host-side). Collective: every rank calls it.
+
+    Why: small control messages (the p2p headers that size each payload) read from a device
+    tensor cost a device->host synchronisation each; read from a gloo tensor they are a host
+    read, and the device stream never stops the host.
+    """
+    if not is_active() or device().type == "cpu":
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def describe(group: Group = None) -> str:

@@ -34,6 +34,9 @@ from typing import Any, Callable, Hashable
 import torch
 import torch.distributed as dist
 
+from merak.runtime.distributed import groups
+from merak.runtime.distributed.groups import Group
+
 
 class P2PTimeoutError(RuntimeError):
     """A distributed wait did not complete in time (or its peer died)."""
@@ -163,7 +166,8 @@ class Incoming:
 
 @dataclass
 class _Encoded:
-    """An outgoing message as the buffers each round sends."""
+    """An outgoing message as the buffers each round sends: ``header`` and ``desc`` on the host
+    side (see :class:`P2P`), ``payload`` on the payload device."""
 
     dst: int
     what: str
@@ -171,12 +175,20 @@ class _Encoded:
     desc: torch.Tensor | None
     payload: list[torch.Tensor]
 
-    def parts(self) -> list[tuple[torch.Tensor, int, str]]:
-        """(buffer, destination, what) of each send, in the order the receiver takes them."""
-        out = [(self.header, self.dst, self.what)]
-        if self.desc is not None:
-            out.append((self.desc, self.dst, f"{self.what} (structure)"))
-        return out + [(t, self.dst, self.what) for t in self.payload]
+
+@dataclass(frozen=True)
+class _Op:
+    """One send or receive of a round and the process group it travels on."""
+
+    is_send: bool
+    buf: torch.Tensor
+    peer: int
+    what: str
+    group: Group = None
+    tag: int = 0
+
+    def p2p_op(self) -> dist.P2POp:
+        return dist.P2POp(dist.isend if self.is_send else dist.irecv, self.buf, self.peer, self.group, self.tag)
 
 
 #: ``batch_isend_irecv`` tags: data, and the acknowledgements of ``MERAK_P2P=rendezvous``
@@ -201,44 +213,75 @@ def p2p_mode(mode: str | None = None) -> str:
 class P2P:
     """Nested-structure send/receive with structure descriptions cached per peer and channel.
 
-    One instance per rank; ``device`` is where tensors live (cpu for gloo, cuda for nccl).
-    :meth:`exchange` posts a group of sends and receives together - what NCCL needs for two
-    neighbours sending to each other (rendezvous: a large send completes only while its
-    receive is posted). The group's receives run in three rounds, each one
-    ``batch_isend_irecv``: the headers, the structure descriptions that changed, then the
-    payloads - the receiver needs the first two to size the third. The group's sends (all
-    three parts of each) go out with the first round: had they followed the receives round by
-    round, a group receiving a message computed from one it sends (the V turn of zb_v and
-    dualpipe_v) would deadlock. Headers and descriptions are small (eager); payloads are what
-    :mod:`merak.runtime.pipeline.replay` checks under rendezvous semantics.
+    One instance per rank; ``device`` is where payload tensors live (cpu for gloo, cuda for
+    nccl). :meth:`exchange` posts a group of sends and receives together - what NCCL needs for
+    two neighbours sending to each other (rendezvous: a large send completes only while its
+    receive is posted). The group's receives run in three rounds: the headers, the structure
+    descriptions that changed, then the payloads - the receiver needs the first two to size the
+    third. The group's sends (all three parts of each) go out with the first round: had they
+    followed the receives round by round, a group receiving a message computed from one it
+    sends (the V turn of zb_v and dualpipe_v) would deadlock. Headers and descriptions are
+    small (eager); payloads are what :mod:`merak.runtime.pipeline.replay` checks under
+    rendezvous semantics.
+
+    **Two process groups.** The payload travels on ``payload_group`` (default: the world), the
+    headers and descriptions on ``header_group`` (default: the payload group). A GPU job gives
+    a host-side (gloo) header group (:meth:`for_grid` takes the grid's ``host_group``), so the
+    receiver reads a header - which it must, to size the payload buffers - from host memory:
+    the steady state does no device->host synchronisation at all, and the payload receive is
+    posted without waiting for the device. On gloo the two are one group and every round is
+    one ``batch_isend_irecv``, as before.
+
+    Why this and not static shapes (Megatron's ``tensor_shape``, or
+    ``torch.distributed.pipelining``'s shape inference once per run): HF models change shapes
+    between batches (dynamic padding, evaluation's last batch, generation-style inputs) and
+    send nested structures; negotiating every message on the host keeps that generality and
+    costs one small host message per tensor group - a description only when the structure
+    changed - instead of a device sync. Why not header on the device with a cache: the
+    receiver cannot know a message's structure is unchanged without reading *something* the
+    sender wrote, and on the device that read is the sync.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", timeout_s: float = 300.0, mode: str | None = None) -> None:
+    def __init__(self, device: torch.device | str = "cpu", timeout_s: float = 300.0, mode: str | None = None, *,
+                 payload_group: Group = None, header_group: Group = None) -> None:
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.mode = p2p_mode(mode)
         if self.mode == "rendezvous" and self.device.type != "cpu":
             raise ValueError("MERAK_P2P=rendezvous emulates NCCL's rendezvous sends on gloo (cpu); "
                              f"on {self.device.type} unset it: the backend already behaves so")
+        self.payload_group = payload_group
+        self.header_group = payload_group if header_group is None else header_group
+        # a separate header group is host-side by contract (see the class docstring)
+        self.header_device = self.device if header_group is None else groups.device(header_group)
         # structure descriptions, cached per (peer, channel)
         self._sent_desc: dict[tuple[int, Hashable], bytes] = {}
         self._recv_desc: dict[tuple[int, Hashable], Any] = {}
-        self._pending: list[tuple[dist.Work, Any, int, str]] = []
+        self._pending: list[tuple[dist.Work, _Op]] = []
+
+    @classmethod
+    def for_grid(cls, grid: Any, device: torch.device | str, timeout_s: float = 300.0, mode: str | None = None) -> "P2P":
+        """The p2p layer of a :class:`~merak.runtime.distributed.grid.Grid`'s rank: payloads on
+        the world group, headers on the grid's host-side group when it has one (GPU jobs)."""
+        return cls(device, timeout_s, mode, header_group=getattr(grid, "host_group", None))
 
     # ---- the group exchange -----------------------------------------------------------
     def exchange(self, sends: Sequence[Outgoing] = (), recvs: Sequence[Incoming] = ()) -> list[Any]:
         """Send ``sends`` and receive ``recvs`` as one group; return the received objects in
         the order of ``recvs``. Sends are left in flight (see :meth:`wait_sends`)."""
+        rendezvous = self.mode == "rendezvous"
         out = [self._encode(m) for m in sends]
-        headers = [torch.empty(2, dtype=torch.int64, device=self.device) for _ in recvs]
+        headers = [torch.empty(2, dtype=torch.int64, device=self.header_device) for _ in recvs]
         # every part of every send goes out with the first round: a peer receiving from this
         # rank never waits for this rank's own receives (see the class docstring)
-        acks = self._round([part for e in out for part in e.parts()],
-                           [(h, r.src, r.what) for h, r in zip(headers, recvs)],
-                           acks_in=[(e.dst, e.what) for e in out] if self.mode == "rendezvous" else [])
-        counts = torch.stack(headers).tolist() if headers else []  # one device->host sync per group
-        descs = {i: torch.empty(n, dtype=torch.uint8, device=self.device) for i, (n, _) in enumerate(counts) if n}
-        self._round([], [(buf, recvs[i].src, f"{recvs[i].what} (structure)") for i, buf in descs.items()])
+        first = [op for e in out for op in self._send_ops(e)]
+        first += [self._host_op(False, h, r.src, r.what) for h, r in zip(headers, recvs)]
+        if rendezvous:  # the acknowledgements of this group's sends, waited for at its end
+            first += [self._ack_op(False, e.dst, e.what) for e in out]
+        acks = self._round(first)
+        counts = [h.tolist() for h in headers]  # host reads on a GPU job too (see the class docstring)
+        descs = {i: torch.empty(n, dtype=torch.uint8, device=self.header_device) for i, (n, _) in enumerate(counts) if n}
+        self._round([self._host_op(False, buf, recvs[i].src, f"{recvs[i].what} (structure)") for i, buf in descs.items()])
         skeletons, slots, tensors = [], [], []
         for i, (msg, (_, num_tensors)) in enumerate(zip(recvs, counts)):
             if i in descs:
@@ -247,10 +290,13 @@ class P2P:
             skeletons.append(skeleton)
             slots.append(found)
             tensors.append([torch.empty(slot.shape, dtype=slot.dtype, device=self.device) for slot in found])
-        self._round([], [(_as_bytes(t), msg.src, msg.what) for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0],
-                    acks_out=[(msg.src, msg.what) for msg in recvs] if self.mode == "rendezvous" else [])
-        for work, _buf, dst, what in acks:  # the group's sends complete only once received
-            wait_with_timeout(work, self.timeout_s, f"rank {dst} to post the receive of {what} "
+        last = [self._payload_op(False, _as_bytes(t), msg.src, msg.what)
+                for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0]
+        if rendezvous:  # tell each sender its receive is posted now
+            last += [self._ack_op(True, msg.src, msg.what) for msg in recvs]
+        self._round(last)
+        for work, op in acks:  # the group's sends complete only once received
+            wait_with_timeout(work, self.timeout_s, f"rank {op.peer} to post the receive of {op.what} "
                                                     f"(MERAK_P2P=rendezvous: a send completes only then)",
                               device=self.device)
         for found, ts in zip(slots, tensors):
@@ -268,17 +314,38 @@ class P2P:
         """Receive the next structure sent to this rank by global rank ``src`` on ``channel``."""
         return self.exchange(recvs=[Incoming(src, what, channel)])[0]
 
+    # ---- messages and their operations ------------------------------------------------
     def _encode(self, msg: Outgoing) -> _Encoded:
         skeleton, tensors = flatten(msg.obj)
         payload = [t.detach().contiguous() for t in tensors]
         desc = pickle.dumps(skeleton)
         changed = self._sent_desc.get((msg.dst, msg.channel)) != desc
-        header = torch.tensor([len(desc) if changed else 0, len(payload)], dtype=torch.int64, device=self.device)
+        header = torch.tensor([len(desc) if changed else 0, len(payload)], dtype=torch.int64, device=self.header_device)
         desc_buf = None
         if changed:
-            desc_buf = torch.frombuffer(bytearray(desc), dtype=torch.uint8).to(self.device)
+            desc_buf = torch.frombuffer(bytearray(desc), dtype=torch.uint8).to(self.header_device)
             self._sent_desc[(msg.dst, msg.channel)] = desc
         return _Encoded(msg.dst, msg.what, header, desc_buf, [_as_bytes(t) for t in payload if t.numel() > 0])
+
+    def _send_ops(self, e: _Encoded) -> list[_Op]:
+        """A message's sends in the order the receiver takes them: header, description, payload."""
+        ops = [self._host_op(True, e.header, e.dst, e.what)]
+        if e.desc is not None:
+            ops.append(self._host_op(True, e.desc, e.dst, f"{e.what} (structure)"))
+        return ops + [self._payload_op(True, t, e.dst, e.what) for t in e.payload]
+
+    def _host_op(self, is_send: bool, buf: torch.Tensor, peer: int, what: str) -> _Op:
+        return _Op(is_send, buf, peer, what, self.header_group, _DATA_TAG)
+
+    def _payload_op(self, is_send: bool, buf: torch.Tensor, peer: int, what: str) -> _Op:
+        return _Op(is_send, buf, peer, what, self.payload_group, _DATA_TAG)
+
+    def _ack_op(self, is_send: bool, peer: int, what: str) -> _Op:
+        """``MERAK_P2P=rendezvous``: a one-byte acknowledgement on the payload group, sent when
+        the receive of ``what`` is posted (``is_send``) or awaited by its sender."""
+        what = f"the acknowledgement of {what}" if is_send else what
+        return _Op(is_send, torch.zeros(1, dtype=torch.uint8, device=self.device), peer, what,
+                   self.payload_group, _ACK_TAG)
 
     def _skeleton(self, msg: Incoming, num_tensors: int) -> tuple[Any, list[_TensorSlot]]:
         if (msg.src, msg.channel) not in self._recv_desc:
@@ -292,37 +359,28 @@ class P2P:
             )
         return skeleton, slots
 
-    def _round(
-        self,
-        sends: list[tuple[torch.Tensor, int, str]],
-        recvs: list[tuple[torch.Tensor, int, str]],
-        acks_out: Sequence[tuple[int, str]] = (),
-        acks_in: Sequence[tuple[int, str]] = (),
-    ) -> list[tuple[dist.Work, torch.Tensor, int, str]]:
-        """Post one round as a single ``batch_isend_irecv``; wait for its receives.
+    # ---- posting and waiting ----------------------------------------------------------
+    def _round(self, ops: list[_Op]) -> list[tuple[dist.Work, _Op]]:
+        """Post one round - one ``batch_isend_irecv`` per process group it uses (a batch must
+        stay inside one group) - and wait for its data receives.
 
-        ``MERAK_P2P=rendezvous`` adds acknowledgements: ``acks_out`` (peer, what) are sent with
-        this round's receives - they tell each sender its receive is now posted - and
-        ``acks_in`` are received for this group's sends; those are returned, not waited for.
+        Sends are kept (with their buffers: isend does not own them) until they complete; the
+        receives of acknowledgements (``MERAK_P2P=rendezvous``) are returned, not waited for.
         """
-        if not sends and not recvs and not acks_out and not acks_in:
+        if not ops:
             return []
-        ack_bufs = [torch.zeros(1, dtype=torch.uint8, device=self.device) for _ in [*acks_out, *acks_in]]
-        ops = [dist.P2POp(dist.isend, buf, dst, tag=_DATA_TAG) for buf, dst, _ in sends]
-        ops += [dist.P2POp(dist.isend, buf, dst, tag=_ACK_TAG) for buf, (dst, _) in zip(ack_bufs, acks_out)]
-        ops += [dist.P2POp(dist.irecv, buf, src, tag=_ACK_TAG) for buf, (src, _) in zip(ack_bufs[len(acks_out):], acks_in)]
-        ops += [dist.P2POp(dist.irecv, buf, src, tag=_DATA_TAG) for buf, src, _ in recvs]
-        works = dist.batch_isend_irecv(ops)
-        outgoing = [*sends, *((buf, dst, f"the acknowledgement of {what}") for buf, (dst, what) in zip(ack_bufs, acks_out))]
-        for work, (buf, dst, what) in zip(works, outgoing):
-            # Keep ``buf`` referenced until the send completes: isend does not own it.
-            self._pending.append((work, buf, dst, what))
-        acks = [(work, buf, src, what) for work, buf, (src, what)
-                in zip(works[len(outgoing):], ack_bufs[len(acks_out):], acks_in)]
-        for work, (_, src, what) in zip(works[len(outgoing) + len(acks_in):], recvs):
-            wait_with_timeout(work, self.timeout_s, f"{what} from rank {src}", device=self.device)
+        batches: dict[int, list[_Op]] = {}
+        for op in ops:
+            batches.setdefault(id(op.group), []).append(op)
+        posted: list[tuple[dist.Work, _Op]] = []
+        for batch in batches.values():
+            posted += zip(dist.batch_isend_irecv([op.p2p_op() for op in batch]), batch)
+        self._pending += [(work, op) for work, op in posted if op.is_send]
+        for work, op in posted:
+            if not op.is_send and op.tag == _DATA_TAG:
+                wait_with_timeout(work, self.timeout_s, f"{op.what} from rank {op.peer}", device=op.buf.device)
         self._reap()
-        return acks
+        return [(work, op) for work, op in posted if not op.is_send and op.tag == _ACK_TAG]
 
     def _reap(self) -> None:
         self._pending = [p for p in self._pending if not p[0].is_completed()]
@@ -330,7 +388,7 @@ class P2P:
     def wait_sends(self) -> None:
         """Block until every started send completed (before buffers are reused or at step end)."""
         me = dist.get_rank()
-        for work, _buf, dst, what in self._pending:
-            wait_with_timeout(work, self.timeout_s, f"rank {dst} to receive {what} (sent by rank {me})",
-                              device=self.device)
+        for work, op in self._pending:
+            wait_with_timeout(work, self.timeout_s, f"rank {op.peer} to receive {op.what} (sent by rank {me})",
+                              device=op.buf.device)
         self._pending.clear()

@@ -184,7 +184,7 @@ class PipelineExecutor:
         self.before_optimizer_step = before_optimizer_step
         self.after_optimizer_step = after_optimizer_step
         self.precision = precision or MixedPrecision()
-        self.p2p = P2P(self.device, timeout_s)
+        self.p2p = P2P.for_grid(grid, self.device, timeout_s)
         self.is_first, self.is_last = grid.is_first_stage, grid.is_last_stage
         self.chunks = [self._chunk(c, s, activation_plan) for c, s in enumerate(stages)]
         self.activations = self.chunks[0].activations
