@@ -28,28 +28,35 @@ def _global_batch(make_batch: Any, step: int) -> list[dict[str, torch.Tensor]]:
 
 
 def train_job(dims: dict[str, int], resume_from: str | None, zero: bool, save_at: dict[int, str],
-              async_save: bool = False, export_to: str | None = None) -> list[float]:
+              async_save: bool = False, export_to: str | None = None, schedule: str = "1f1b") -> list[float]:
     """One rank of a job of layout ``dims`` that resumes from ``resume_from`` (or starts fresh)
     and saves a checkpoint to ``save_at[step]`` before each step listed there; returns the global
     loss of every step it ran. ``zero``: ZeRO-1 optimizer states. ``async_save``: the saves are
     written in the background while the next steps train, and waited for at the end.
-    ``export_to``: a Hugging Face export at the end (each stage writes its shard)."""
+    ``export_to``: a Hugging Face export at the end (each stage writes its shard). ``schedule``:
+    a virtual-stage one builds this rank's model chunks (interleaved_1f1b: two per rank)."""
     from transformers import get_linear_schedule_with_warmup
 
     import merak
     from merak.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
-    from merak.partitioner import build_stage, shard, trace
+    from merak.partitioner import StageChunks, build_chunks, build_stage, shard, trace
     from merak.runtime.memory.recompute_plan import RecomputePlan
     from merak.runtime.memory.zero import shard_optimizer_states
     from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
-    from merak.runtime.pipeline.schedule import build
+    from merak.runtime.pipeline.schedule import build, placement_for, uses_weight_passes
     from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 
     grid = merak.init(**dims)
     dp, pp = grid.dims.dp, grid.dims.pp
     model, make_batch = tiny_model("gpt2")
     graph = trace(model, make_batch(batch_size=MICRO, seq_len=SEQ, seed=0))
-    stage = build_stage(shard(graph, pp), grid.stage_id, seed=7 if resume_from else 1234)
+    placement = placement_for(schedule, pp, 2 if schedule == "interleaved_1f1b" else None)
+    seed = 7 if resume_from else 1234
+    plan = shard(graph, placement.num_virtual)
+    if placement.num_chunks > 1:
+        stage = StageChunks(build_chunks(plan, placement.chunks_of(grid.stage_id), seed=seed))
+    else:
+        stage = build_stage(plan, grid.stage_id, seed=seed)
     if grid.dims.tp > 1:
         apply_tensor_parallel(stage, grid, plan_tensor_parallel(graph, grid.dims.tp))
     optimizer = torch.optim.AdamW(stage.parameters(), lr=LR, weight_decay=0.1)
@@ -59,8 +66,9 @@ def train_job(dims: dict[str, int], resume_from: str | None, zero: bool, save_at
     state = {"stage": stage, "grid": grid, "optimizer": optimizer, "lr_scheduler": scheduler}
     start = load_checkpoint(resume_from, **state)["global_step"] if resume_from else 0
     micro = G // dp
-    executor = PipelineExecutor(stage, grid, optimizer)
-    instructions = build("1f1b", pp, micro, grid.stage_id, RecomputePlan.from_mode("none", pp))
+    executor = PipelineExecutor(list(stage.chunks) if placement.num_chunks > 1 else stage, grid, optimizer,
+                                zero_bubble=uses_weight_passes(schedule), placement=placement)
+    instructions = build(schedule, pp, micro, grid.stage_id, RecomputePlan.from_mode("none", pp), placement.num_chunks)
     losses, pending = [], []
     for step in range(start, STEPS):
         if step in save_at:
@@ -84,11 +92,12 @@ def _world(dims: dict[str, int]) -> int:
 
 
 def _check(tmp_path: Path, before: dict[str, int], after: dict[str, int], async_save: bool = False,
-           export_to: str | None = None) -> None:
+           export_to: str | None = None, schedules: tuple[str, str] = ("1f1b", "1f1b")) -> None:
     zero, ckpt = before.get("dp", 1) > 1, str(tmp_path / "ckpt")
-    first = run_distributed(train_job, _world(before), before, None, zero, {SAVE_AT: ckpt}, async_save,
-                            timeout=300)[0]
-    resumed = run_distributed(train_job, _world(after), after, ckpt, False, {}, False, export_to, timeout=300)[0]
+    first = run_distributed(train_job, _world(before), before, None, zero, {SAVE_AT: ckpt}, async_save, None,
+                            schedules[0], timeout=300)[0]
+    resumed = run_distributed(train_job, _world(after), after, ckpt, False, {}, False, export_to, schedules[1],
+                              timeout=300)[0]
     assert len(set(first)) == len(first), "the model did not train"
     assert resumed == pytest.approx(first[SAVE_AT:], rel=1e-5, abs=0)
 
@@ -117,3 +126,14 @@ def test_pp2_resumes_at_pp4_and_exports_four_shards(tmp_path):
 @pytest.mark.slow
 def test_dp2_pp2_zero_resumes_at_tp2_pp2(tmp_path):
     _check(tmp_path, {"dp": 2, "pp": 2}, {"tp": 2, "pp": 2})
+
+
+@pytest.mark.parametrize("schedules", [
+    pytest.param(("1f1b", "interleaved_1f1b"), id="1f1b-to-interleaved"),
+    pytest.param(("interleaved_1f1b", "1f1b"), id="interleaved-to-1f1b", marks=pytest.mark.slow),
+    pytest.param(("zb_v", "interleaved_1f1b"), id="zb_v-to-interleaved", marks=pytest.mark.slow)])
+def test_pp2_resumes_under_another_schedule_and_chunk_count(tmp_path, schedules):
+    """Tensors are keyed by the model's names, not by stage or chunk: a pp=2 checkpoint of one
+    schedule resumes under another that cuts the model into 2 or 4 chunks (the tied embedding
+    moves between ranks), with the optimizer states, scheduler and step carried."""
+    _check(tmp_path, {"pp": 2}, {"pp": 2}, schedules=schedules)

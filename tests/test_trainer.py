@@ -236,7 +236,8 @@ def test_p2p_timeout_defaults_to_merak_timeout_s(monkeypatch):
     assert merak.MerakArguments(output_dir="/tmp/x", report_to="none").p2p_timeout == 300.0
 
 
-def _train_with_checkpoints(out: str, resume: str | None, async_save: bool = False) -> list[tuple[int, float]]:
+def _train_with_checkpoints(out: str, resume: str | None, async_save: bool = False,
+                            schedule: str = "1f1b") -> list[tuple[int, float]]:
     import merak
 
     merak.init(pp=2)
@@ -245,7 +246,7 @@ def _train_with_checkpoints(out: str, resume: str | None, async_save: bool = Fal
         output_dir=out, per_device_train_batch_size=MICRO, gradient_accumulation_steps=GLOBAL_MICROBATCHES,
         max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3, learning_rate=1e-2,
         lr_scheduler_type="linear", warmup_steps=2, seed=3, report_to="none", disable_tqdm=True,
-        async_save=async_save)
+        async_save=async_save, schedule=schedule)
     trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch))
     trainer.train(resume_from_checkpoint=resume)
     return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
@@ -258,6 +259,19 @@ def test_resume_from_checkpoint_is_bitwise(dist_run, tmp_path):
                        timeout=600)[0]
     assert [s for s, _ in full] == [1, 2, 3, 4, 5, 6]
     assert resumed == full  # steps 1-3 from the checkpoint's history, 4-6 recomputed: exactly equal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [("1f1b", "interleaved_1f1b"), ("interleaved_1f1b", "1f1b")])
+def test_resume_under_another_schedule(dist_run, tmp_path, before, after):
+    """A pp=2 checkpoint resumes under a schedule with another chunk count (2 <-> 4 model
+    chunks): HF's step, scheduler and Merak's optimizer states carry over, and the remaining
+    losses equal the uninterrupted run's (1e-5: the chunks reduce in another order)."""
+    full = dist_run(_train_with_checkpoints, 2, str(tmp_path), None, False, before, timeout=600)[0]
+    resumed = dist_run(_train_with_checkpoints, 2, str(tmp_path / "b"), str(tmp_path / "checkpoint-3"), False,
+                       after, timeout=600)[0]
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6] and resumed[:3] == full[:3]
+    assert [loss for _, loss in resumed[3:]] == pytest.approx([loss for _, loss in full[3:]], rel=1e-5, abs=0)
 
 
 def _virtual_train_evaluate_export(out: str, resume: str | None) -> tuple[list[tuple[int, float]], float]:
