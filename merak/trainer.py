@@ -674,7 +674,6 @@ class MerakTrainer(Trainer):
 # ---- helpers ------------------------------------------------------------------------------
 #: What does not work with several model chunks per rank yet, and the argument that asks for it.
 _NOT_WITH_CHUNKS = {
-    "load_weights_from": "loading pretrained weights into model chunks",
     "partition_calibration_rounds": "calibrating the partition (it times one stage per rank)",
     "max_memory_per_device": "the memory-budget planner (it sizes one stage per rank)",
 }

@@ -307,22 +307,32 @@ def test_virtual_stages_evaluate_resume_and_export(dist_run, tmp_path):
     torch.testing.assert_close(eval_loss, float(torch.stack(losses).mean()), rtol=1e-5, atol=1e-6)
 
 
-def _import_train_export(weights: str, export: str) -> tuple[float, list[float]]:
+def _import_train_export(weights: str, export: str, dp: int = 2, schedule: str = "1f1b") -> tuple[list[float], list[str]]:
+    """(loss curve, the file keys this rank read) of a job importing ``weights`` into its stage
+    (or model chunks), training two steps and exporting."""
     import merak
+    import merak.checkpoint
 
-    merak.init(dp=2, pp=2)
+    read: list[str] = []
+    load = merak.checkpoint.load_pretrained_weights
+    merak.checkpoint.load_pretrained_weights = lambda *a, **kw: read.extend(load(*a, **kw)) or read
+    merak.init(dp=dp, pp=2)
     model, make_batch = tiny_model("gpt2", meta=True)  # nothing allocated until the stage
     args = merak.MerakArguments(
-        output_dir=export, per_device_train_batch_size=MICRO, gradient_accumulation_steps=GLOBAL_MICROBATCHES // 2,
+        output_dir=export, per_device_train_batch_size=MICRO, gradient_accumulation_steps=GLOBAL_MICROBATCHES // dp,
         max_steps=2, logging_steps=1, learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0,
-        seed=7, report_to="none", save_strategy="no", disable_tqdm=True, load_weights_from=weights)
+        seed=7, report_to="none", save_strategy="no", disable_tqdm=True, load_weights_from=weights, schedule=schedule)
     trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch))
     trainer.train()
     trainer.save_model(export)
-    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e], read
 
 
-def test_import_hf_weights_train_and_export(dist_run, tmp_path):
+@pytest.mark.parametrize("dp, schedule", [
+    (2, "1f1b"),
+    (1, "zb_v"),  # two model chunks per rank, GPT-2's embedding and head both on rank 0
+    pytest.param(1, "interleaved_1f1b", marks=pytest.mark.slow)])
+def test_import_hf_weights_train_and_export(dist_run, tmp_path, dp, schedule):
     from transformers import AutoModelForCausalLM, default_data_collator
 
     from merak.data import StepBatches
@@ -333,10 +343,18 @@ def test_import_hf_weights_train_and_export(dist_run, tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     ref_curve, _ = single_process_run(model, [batches.microbatches(s) for s in range(2)], opt)
 
-    curves = dist_run(_import_train_export, 4, str(tmp_path / "pretrained"), str(tmp_path / "export"),
-                      timeout=600)
-    for curve in curves:
+    per_rank = dist_run(_import_train_export, 2 * dp, str(tmp_path / "pretrained"), str(tmp_path / "export"), dp,
+                        schedule, timeout=600)
+    for curve, _ in per_rank:
         torch.testing.assert_close(curve, ref_curve, rtol=2e-5, atol=2e-6)  # first loss: weights imported right
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "pretrained" / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    reads = [set(per_rank[rank][1]) for rank in range(0, 2 * dp, dp)]  # data-parallel replica 0 of each stage
+    assert set.union(*reads) == stored
+    if schedule == "zb_v":  # both ends of the tie on rank 0: each rank reads only its own chunks' tensors
+        assert not reads[0] & reads[1], reads[0] & reads[1]
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     probe = make_batch(batch_size=2, seq_len=SEQ, seed=99)
     with torch.no_grad():
