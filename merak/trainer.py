@@ -672,28 +672,38 @@ class MerakTrainer(Trainer):
 
 
 # ---- helpers ------------------------------------------------------------------------------
-#: What does not work with several model chunks per rank yet, and the argument that asks for it.
+#: What still does not work with several model chunks per rank: the argument asking for it ->
+#: (why, what to use instead). Both pieces size *one stage per rank* against 1F1B's timeline.
 _NOT_WITH_CHUNKS = {
-    "partition_calibration_rounds": "calibrating the partition (it times one stage per rank)",
-    "max_memory_per_device": "the memory-budget planner (it sizes one stage per rank)",
+    "partition_calibration_rounds": (
+        "calibration re-cuts the plan from stage times measured in dry 1F1B steps, one stage per rank",
+        "partition_cost_model='profile' (node times measured on this device; the P·v chunks are cut from them) "
+        "or partition_method='manual' with partition_cuts"),
+    "max_memory_per_device": (
+        "the memory-budget planner sizes each rank's recomputation for one stage per rank, not for a rank's "
+        "chunks sharing one device",
+        "recompute='full' or 'selective' (planned per chunk), and check the budget beforehand with "
+        "`python -m merak.runtime.memory --schedule SCHEDULE --pp P --budget SIZE`"),
 }
 
 
 def _placement(args: MerakArguments, grid: Any) -> Placement:
     """Which rank holds which model chunk under ``args.schedule``; refuses, naming the argument,
-    what virtual stages do not support yet."""
+    why and what to use instead, what virtual stages do not support yet."""
     placement = placement_for(args.schedule, grid.num_stages,
                               args.chunks_per_stage if args.schedule == "interleaved_1f1b" else None)
     if placement.num_chunks == 1:
         return placement
-    for name, what in _NOT_WITH_CHUNKS.items():
+    for name, (why, instead) in _NOT_WITH_CHUNKS.items():
         if getattr(args, name):
-            raise ValueError(f"schedule={args.schedule!r} runs {placement.num_chunks} model chunks per rank, which "
-                             f"does not support {what} yet: unset {name} or use a schedule without virtual "
-                             f"stages (1f1b, zero_bubble, ...)")
+            raise ValueError(f"schedule={args.schedule!r} runs {placement.num_chunks} model chunks per rank, but "
+                             f"{name} is set and {why}. Unset {name} and use {instead}; or keep {name} with a "
+                             f"schedule without virtual stages (1f1b, zero_bubble, shifted_critical_path)")
     if args.recompute == "stage_aware":
-        raise ValueError(f"recompute='stage_aware' sizes recomputation for 1F1B's uneven in-flight counts; "
-                         f"schedule={args.schedule!r} keeps the same count on every rank: use 'full' or 'selective'")
+        raise ValueError(f"recompute='stage_aware' sizes recomputation per stage from 1F1B's in-flight counts "
+                         f"(stage s holds P-s micro-batches), which do not describe schedule={args.schedule!r}'s "
+                         f"chunks (the V schedules hold about P on every rank): use recompute='full' or "
+                         f"'selective', which are planned per chunk")
     return placement
 
 

@@ -111,6 +111,25 @@ def _train_virtual(kind: str, schedule: str, recompute: str) -> tuple[list[float
     return curve, trainer.evaluate()["eval_loss"]
 
 
+@pytest.mark.parametrize("setting, names", [
+    ({"partition_calibration_rounds": 1}, ["partition_cost_model='profile'", "partition_cuts"]),
+    ({"max_memory_per_device": "1GB"}, ["recompute='full'", "python -m merak.runtime.memory"]),
+    ({"recompute": "stage_aware"}, ["recompute='full'", "1F1B's in-flight counts"])])
+def test_virtual_stages_refuse_what_they_cannot_size_and_say_what_to_use(setting, names):
+    from types import SimpleNamespace
+
+    from merak.trainer import _placement
+
+    plain = {"schedule": "zb_v", "chunks_per_stage": 2, "partition_calibration_rounds": 0,
+             "max_memory_per_device": None, "recompute": "none"}
+    grid = SimpleNamespace(num_stages=2)
+    assert _placement(SimpleNamespace(**plain), grid).num_chunks == 2
+    with pytest.raises(ValueError) as refused:
+        _placement(SimpleNamespace(**{**plain, **setting}), grid)
+    for name in [next(iter(setting)), *names]:  # the argument, why, and what to use instead
+        assert name in str(refused.value)
+
+
 def test_meta_model_gets_the_same_weights_in_every_layout(dist_run):
     """Built under init_empty_weights, each stage initializes only its own parameters, seeded
     per parameter name: layouts must agree on the weights, hence on the whole loss curve."""
