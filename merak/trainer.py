@@ -27,6 +27,8 @@ import time
 from typing import Any, Callable, Mapping
 
 import torch
+import transformers.trainer
+import transformers.trainer_pt_utils
 from torch import nn
 from transformers import Trainer, default_data_collator
 from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
@@ -42,6 +44,7 @@ from merak.partitioner.meta import meta_like
 from merak.runtime.pipeline.executor import LossFn, PipelineExecutor, all_reduce_mean_loss
 from merak.runtime.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel, tp_grad_norm_squared
 from merak.runtime.distributed import collectives
+from merak.runtime.distributed.routed import routed
 from merak.runtime.memory.precision import MixedPrecision
 from merak.runtime.memory.zero import shard_optimizer_states
 from merak.runtime.memory.policy import ActivationPlan
@@ -353,9 +356,27 @@ class MerakTrainer(Trainer):
             if self.grid.rank == 0:
                 logger.info("resuming from the last complete checkpoint %s", found)
             resume_from_checkpoint = found
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        with self._hf_collectives_bounded():
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._finish_pending_save()  # after an error it is simply not published
         return output
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """HF's ``evaluate``, its own ``torch.distributed`` calls bounded (see ``_hf_collectives_bounded``)."""
+        with self._hf_collectives_bounded():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """HF's ``predict``, its own ``torch.distributed`` calls bounded (see ``_hf_collectives_bounded``)."""
+        with self._hf_collectives_bounded():
+            return super().predict(*args, **kwargs)
+
+    def _hf_collectives_bounded(self) -> Any:
+        """While HF's Trainer code runs, its direct ``torch.distributed`` calls (the barrier in
+        ``_save_checkpoint``, ``store_flos``' all-gather) go through Merak's distributed layer:
+        bounded by ``p2p_timeout`` and naming rank, group and the HF function on a stuck peer."""
+        return routed(transformers.trainer, transformers.trainer_pt_utils, owner="transformers' Trainer",
+                      timeout_s=self.args.p2p_timeout)
 
     def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None
                               ) -> tuple[nn.Module, Any]:
