@@ -16,6 +16,7 @@ and ``schedule_bubble_vs_m.png`` under ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -76,8 +77,26 @@ class Row:
 
 
 def simulate_config(schedule: str, recompute: str, p: int, m: int, costs: Costs) -> Row:
+    """The simulated row of one configuration; raises ``ValueError`` where the schedule refuses
+    (P, M). Built once per (schedule, recompute, P, M, costs): the table, the curve against M and
+    the timelines share their configurations, and building a schedule (with its rendezvous
+    repair) is what the benchmark spends its time on."""
+    row = _simulated(schedule, recompute, p, m, costs)
+    if isinstance(row, str):
+        raise ValueError(row)
+    return row
+
+
+@functools.lru_cache(maxsize=None)
+def _simulated(schedule: str, recompute: str, p: int, m: int, costs: Costs) -> Row | str:
+    """:func:`simulate_config`'s memo; a refusal is kept as its message (``lru_cache`` does
+    not keep exceptions), so a refused configuration is not rebuilt either."""
     plan = RecomputePlan.from_mode(recompute, p)
-    return Row(schedule, recompute, p, m, simulate(build_all(schedule, p, m, plan), costs, plan))
+    try:
+        instructions = build_all(schedule, p, m, plan)
+    except ValueError as refused:
+        return str(refused)
+    return Row(schedule, recompute, p, m, simulate(instructions, costs, plan))
 
 
 def grid(stages: Sequence[int], factors: Sequence[int], costs: Costs) -> list[Row]:
