@@ -47,8 +47,9 @@ Decisions worth knowing:
 * **What crosses a layout change:** weights, optimizer states (matched by parameter name,
   including ZeRO-1 shards and tensor-parallel shards, re-cut with the TP code's ``ShardSpec``),
   hyper-parameters as the scheduler left them, the scheduler, and the caller's ``extra`` (step,
-  data position). RNG streams come back only under the layout that saved them: a rank of another
-  layout has no counterpart whose stream would mean the same.
+  data position). Random streams (default and tensor-parallel) come back where the rank's
+  coordinates still mean the same: all of them under the same layout, some under another
+  (:mod:`merak.rng_streams` has the rule).
 * A checkpoint of another *model* (missing or extra tensor names) raises
   :class:`CheckpointError` listing them.
 """
@@ -62,7 +63,6 @@ import datetime
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import signal
@@ -70,7 +70,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -83,7 +82,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from merak.runtime.distributed import collectives, groups
 from merak.runtime.distributed.objects import all_gather_objects
 from merak.runtime.distributed.p2p import P2PTimeoutError
-from merak.runtime.distributed.grid import Coord, Grid
+from merak.runtime.distributed.grid import Grid
+from merak.rng_streams import capture as capture_rng, coord_name, restore as restore_rng_streams, restore_sources
 from merak.hf_export import hf_names, shard_file_name, stage_export_tensors, write_index, write_shard
 from merak.runtime.memory.zero import local_optimizer
 from merak.train_state import (HPARAMS, LR_SCHEDULER, MODEL, OPTIM, StageTensor, StateRequests, collect_state,
@@ -123,11 +123,6 @@ class CheckpointTimeoutError(CheckpointError):
     """A rank waited longer than ``MERAK_TIMEOUT_S`` for the others during a save or load (a peer
     hung, was stopped or died); the message names this rank, the checkpoint, its step and what
     it waited for."""
-
-
-def coord_name(coord: Coord) -> str:
-    """A rank's coordinate as text, e.g. ``pp01-dp00-tp00`` (keys its RNG states)."""
-    return f"pp{coord.pp:02d}-dp{coord.dp:02d}-tp{coord.tp:02d}"
 
 
 # ---- collectives -----------------------------------------------------------------------------
@@ -336,40 +331,6 @@ def _mismatch(what: str, expected: Iterable[str], found: Iterable[str]) -> str:
            f"unexpected {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
 
 
-# ---- RNG -------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        # numpy's state as plain values and a tensor, so the file loads with weights_only=True
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(_as_tuples(state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-        else:
-            logger.warning("the checkpoint holds a CUDA RNG state but CUDA is not available; not restored")
-
-
-def _as_tuples(value: Any) -> Any:
-    """``random.setstate`` wants tuples; be robust to a loader that returns lists."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-
 # ---- fault injection -------------------------------------------------------------------------
 def _fault_point(where: str) -> None:
     """Test hook: ``MERAK_CHECKPOINT_FAULT=<rank>:<where>[:<n>[:stop]]`` SIGKILLs (or, with
@@ -483,7 +444,7 @@ def save_checkpoint(
     tp_rank = _tp_rank(stage)
 
     def collect() -> dict[str, Any]:
-        return collect_state(stage, tp_rank, optimizer, lr_scheduler, (coord_name(coord), _rng_state()))
+        return collect_state(stage, tp_rank, optimizer, lr_scheduler, (coord_name(coord), capture_rng(stage)))
 
     def cleanup() -> None:
         if rank == 0:
@@ -593,6 +554,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, also: Iterable[str] 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
+
 def load_checkpoint(
     directory: str | os.PathLike,
     *,
@@ -605,10 +567,11 @@ def load_checkpoint(
     """Restore a checkpoint written by :func:`save_checkpoint` and return its ``extra`` dict.
 
     Any layout may load it: each rank asks for the tensors its stage holds, by name (another
-    cut, pp, dp, tp, ZeRO-1 or not, virtual stages); see the module docstring. RNG states come
-    back only under the layout that saved them (each rank its own); under another layout the
-    ranks keep their current streams. ``restore_rng=False`` skips them (loading the best model at
-    the end of training must not rewind the random streams).
+    cut, pp, dp, tp, ZeRO-1 or not, virtual stages); see the module docstring. Random streams
+    (default and tensor-parallel) come back whole under the layout that saved them, and under
+    another layout where the rank's coordinates still exist (:mod:`merak.rng_streams` has the
+    rule); other ranks keep their current streams. ``restore_rng=False`` skips them (loading the
+    best model at the end of training must not rewind the random streams).
 
     Collective. Restores the stage's tensors (in place, so an optimizer built over the stage
     keeps working), the optimizer and scheduler when given, and the RNG states last. Raises
@@ -623,15 +586,14 @@ def load_checkpoint(
     if lr_scheduler is not None and not layout.get("lr_scheduler"):
         raise CheckpointError(f"{directory} was saved without a learning-rate scheduler; pass lr_scheduler=None")
     saved_dims = layout["dims"]
-    same_layout = (saved_dims["dp"], saved_dims["tp"], saved_dims["pp"]) == (grid.dims.dp, grid.dims.tp, grid.dims.pp)
+    rng_sources = restore_sources(saved_dims, grid.dims, grid.coord) if restore_rng else (None, None)
     items = stage_tensors(stage)
 
     def plan() -> tuple[StateRequests, list[Callable[[], None]]]:
         metadata = FileSystemReader(str(directory / DCP_DIR)).read_metadata().state_dict_metadata
         specs = {name: spec_from_json(value) for name, value in layout.get("tp_specs", {}).items()}
         requests = StateRequests(metadata, specs, _tp_rank(stage))
-        return requests, _plan_restore(requests, items, stage, grid, optimizer, lr_scheduler,
-                                       restore_rng and same_layout)
+        return requests, _plan_restore(requests, items, stage, optimizer, lr_scheduler, rng_sources)
 
     extra = json.loads((directory / EXTRA_FILE).read_text())
     context = f"loading checkpoint {directory}{_step_text(extra)}"
@@ -645,9 +607,10 @@ def load_checkpoint(
                                    no_dist=not distributed, process_group=group),
                   "load (plan, read, agree)", context)
         _run_phase(f"loading checkpoint {directory}", lambda: [apply() for apply in appliers])
-    if restore_rng and not same_layout:
-        logger.info("checkpoint %s was saved with %s, this job runs %s: RNG streams are not carried across "
-                    "layouts", directory, saved_dims, grid.dims)
+    if restore_rng and rng_sources != (coord_name(grid.coord),) * 2:
+        logger.info("checkpoint %s was saved with %s, this job runs %s: default random streams continue from "
+                    "%s, tensor-parallel ones from %s (None: this rank keeps its own)", directory, saved_dims,
+                    grid.dims, *rng_sources)
     logger.info("loaded checkpoint %s (%s)", directory, grid.dims)
     return extra
 
@@ -662,10 +625,12 @@ def _check_model_names(saved: set[str], own: set[str], directory: Path) -> None:
         )
 
 
-def _plan_restore(requests: StateRequests, items: list[StageTensor], stage: nn.Module, grid: Grid,
+def _plan_restore(requests: StateRequests, items: list[StageTensor], stage: nn.Module,
                   optimizer: torch.optim.Optimizer | None, lr_scheduler: Any | None,
-                  restore_rng: bool) -> list[Callable[[], None]]:
-    """Register this rank's DCP requests; return what to run, in order, once they are filled."""
+                  rng_sources: tuple[str | None, str | None]) -> list[Callable[[], None]]:
+    """Register this rank's DCP requests; return what to run, in order, once they are filled.
+    ``rng_sources``: the saved ranks whose default and TP random streams this rank continues
+    (:func:`merak.rng_streams.restore_sources`)."""
     appliers: list[Callable[[], None]] = []
     for item in items:
         if not requests.has(MODEL, item.name):
@@ -677,9 +642,17 @@ def _plan_restore(requests: StateRequests, items: list[StageTensor], stage: nn.M
     if lr_scheduler is not None:
         state = requests.want_object(LR_SCHEDULER)
         appliers.append(lambda: lr_scheduler.load_state_dict(state()))
-    if restore_rng:
-        rng = requests.want_object(rng_key(coord_name(grid.coord)))
-        appliers.append(lambda: _set_rng_state(rng()))
+    wanted = {key: requests.want_object(rng_key(key)) for key in dict.fromkeys(rng_sources)
+              if key is not None and rng_key(key) in requests.metadata}
+    if wanted:
+        default, tp = rng_sources
+
+        def apply_rng() -> None:
+            values = {key: value() for key, value in wanted.items()}
+            for warning in restore_rng_streams(values.get(default), values.get(tp), stage):
+                logger.warning(warning)
+
+        appliers.append(apply_rng)
     return appliers
 
 

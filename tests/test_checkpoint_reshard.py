@@ -28,18 +28,23 @@ def _global_batch(make_batch: Any, step: int) -> list[dict[str, torch.Tensor]]:
 
 
 def train_job(dims: dict[str, int], resume_from: str | None, zero: bool, save_at: dict[int, str],
-              async_save: bool = False, export_to: str | None = None, schedule: str = "1f1b") -> list[float]:
+              async_save: bool = False, export_to: str | None = None, schedule: str = "1f1b",
+              dropout: float = 0.0, rng_probe: str | None = None) -> list[float]:
     """One rank of a job of layout ``dims`` that resumes from ``resume_from`` (or starts fresh)
     and saves a checkpoint to ``save_at[step]`` before each step listed there; returns the global
     loss of every step it ran. ``zero``: ZeRO-1 optimizer states. ``async_save``: the saves are
     written in the background while the next steps train, and waited for at the end.
     ``export_to``: a Hugging Face export at the end (each stage writes its shard). ``schedule``:
-    a virtual-stage one builds this rank's model chunks (interleaved_1f1b: two per rank)."""
+    a virtual-stage one builds this rank's model chunks (interleaved_1f1b: two per rank).
+    ``dropout``: every dropout of the GPT-2 at that rate. ``rng_probe``: each rank writes its
+    random streams (:func:`merak.rng_streams.capture`) to ``<rng_probe>.<saved|loaded>.<coord>.pt``
+    as it saves a checkpoint and right after it loads one."""
     from transformers import get_linear_schedule_with_warmup
 
     import merak
     from merak.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
     from merak.partitioner import StageChunks, build_chunks, build_stage, shard, trace
+    from merak.rng_streams import capture, coord_name
     from merak.runtime.memory.recompute_plan import RecomputePlan
     from merak.runtime.memory.zero import shard_optimizer_states
     from merak.runtime.pipeline.executor import PipelineExecutor, all_reduce_mean_loss
@@ -48,7 +53,7 @@ def train_job(dims: dict[str, int], resume_from: str | None, zero: bool, save_at
 
     grid = merak.init(**dims)
     dp, pp = grid.dims.dp, grid.dims.pp
-    model, make_batch = tiny_model("gpt2")
+    model, make_batch = tiny_model("gpt2", embd_pdrop=dropout, resid_pdrop=dropout, attn_pdrop=dropout)
     graph = trace(model, make_batch(batch_size=MICRO, seq_len=SEQ, seed=0))
     placement = placement_for(schedule, pp, 2 if schedule == "interleaved_1f1b" else None)
     seed = 7 if resume_from else 1234
@@ -64,7 +69,14 @@ def train_job(dims: dict[str, int], resume_from: str | None, zero: bool, save_at
         optimizer = shard_optimizer_states(optimizer, grid.dp_group, dp)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=1, num_training_steps=STEPS)
     state = {"stage": stage, "grid": grid, "optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def probe(event: str) -> None:
+        if rng_probe:
+            torch.save(capture(stage), f"{rng_probe}.{event}.{coord_name(grid.coord)}.pt")
+
     start = load_checkpoint(resume_from, **state)["global_step"] if resume_from else 0
+    if resume_from:
+        probe("loaded")
     micro = G // dp
     executor = PipelineExecutor(list(stage.chunks) if placement.num_chunks > 1 else stage, grid, optimizer,
                                 zero_bubble=uses_weight_passes(schedule), placement=placement)
@@ -72,6 +84,7 @@ def train_job(dims: dict[str, int], resume_from: str | None, zero: bool, save_at
     losses, pending = [], []
     for step in range(start, STEPS):
         if step in save_at:
+            probe("saved")
             pending.append(save_checkpoint(save_at[step], **state, extra={"global_step": step}, async_save=async_save))
         batches = _global_batch(make_batch, step)[grid.coord.dp * micro:(grid.coord.dp + 1) * micro]
         losses.append(all_reduce_mean_loss(executor.run(instructions, batches).loss, grid))
