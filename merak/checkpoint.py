@@ -99,6 +99,7 @@ __all__ = [
     "PendingSave",
     "is_complete",
     "last_complete_checkpoint",
+    "rotate_checkpoints",
     "export_pretrained",
     "load_pretrained_weights",
 ]
@@ -553,6 +554,40 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, also: Iterable[str] 
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
+
+def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | None, *,
+                       best_model_checkpoint: str | None = None, in_flight: Iterable[str | os.PathLike] = (),
+                       also: Iterable[str] = ()) -> list[str]:
+    """HF's ``save_total_limit`` rotation (``transformers.trainer_utils.rotate_checkpoints``:
+    oldest first by modification time, the newest and the best kept), made safe for checkpoints
+    written in the background; returns the directories deleted.
+
+    Besides HF's newest and best it never deletes a checkpoint in ``in_flight`` (being written:
+    its directory may hold only the trainer's files, so HF would count it as the newest) nor the
+    last complete checkpoint (:func:`last_complete_checkpoint` with ``also``), the one a crash
+    would resume from. So with ``save_total_limit=1`` and a save in flight, two checkpoints
+    stay on disk until the new one is complete.
+    """
+    from transformers.trainer_utils import sort_checkpoints
+
+    if save_total_limit is None or save_total_limit <= 0:
+        return []
+    checkpoints = sort_checkpoints(str(output_dir), use_mtime=True)
+    if len(checkpoints) <= save_total_limit:
+        return []
+    protected = {checkpoints[-1], *(str(Path(p)) for p in in_flight)}
+    for keep in (best_model_checkpoint, last_complete_checkpoint(output_dir, also)):
+        if keep is not None:
+            protected.add(str(Path(keep)))
+    remaining, deleted = len(checkpoints), []
+    for checkpoint in checkpoints:
+        if remaining <= max(save_total_limit, len(protected & set(checkpoints))):
+            break
+        if checkpoint not in protected:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            deleted.append(checkpoint)
+            remaining -= 1
+    return deleted
 
 
 def load_checkpoint(

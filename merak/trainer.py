@@ -590,8 +590,12 @@ class MerakTrainer(Trainer):
                         ", ".join(f"{k}={v:.4g}" for k, v in figures.items()))
 
     def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> TrainOutput:
+        """HF's, after the last background save is published: HF's end-of-training cleanup
+        (``save_total_limit=1`` with a best checkpoint) deletes checkpoints and must not meet
+        one still being written."""
         if self.grid.rank == 0:
             logger.info("partitioning took %.2fs", self._plan_seconds)
+        self._finish_pending_save()
         return super()._finalize_training(trial, num_train_samples, start_time)
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -651,12 +655,41 @@ class MerakTrainer(Trainer):
             torch.save(self.args, f"{directory}/{TRAINING_ARGS_NAME}")
         _barrier(self.args.p2p_timeout)
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """HF's, except that with ``async_save`` the ``save_total_limit`` rotation waits until
+        this checkpoint is published (:meth:`_finish_pending_save`). Rotating while it is written
+        would count its directory (which holds only the trainer's files yet) as the newest
+        checkpoint: ``save_total_limit=1`` would delete the last complete one, and a misordered
+        modification time could delete the one being written."""
+        limit = self.args.save_total_limit
+        if not (self.args.async_save and limit):
+            return super()._save_checkpoint(model, trial)
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self._rotate_after_publish = (self._get_output_dir(trial=trial), limit)
+
     def _finish_pending_save(self) -> None:
-        """Collective: wait for the checkpoint being written in the background (``async_save``)
-        and publish it."""
+        """Collective: wait for the checkpoint being written in the background (``async_save``),
+        publish it, then run the rotation its save deferred (no save is in flight then; the
+        rotation still keeps the last complete checkpoint, see
+        :func:`merak.checkpoint.rotate_checkpoints`)."""
+        from merak.checkpoint import rotate_checkpoints
+
         pending, self._pending_save = getattr(self, "_pending_save", None), None
+        rotation, self._rotate_after_publish = getattr(self, "_rotate_after_publish", None), None
         if pending is not None:
             pending.wait()
+        if rotation is not None and self.args.should_save:
+            # (the limit saved with the request: this may run inside the next _save_checkpoint,
+            # which has set args.save_total_limit aside)
+            run_dir, limit = rotation
+            for deleted in rotate_checkpoints(run_dir, limit,
+                                              best_model_checkpoint=self.state.best_model_checkpoint,
+                                              also=(TRAINER_STATE_NAME,)):
+                logger.info("Deleting older checkpoint [%s] due to args.save_total_limit", deleted)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """The optimizer lives in Merak's shards (one per stage); HF's ``scheduler.pt`` (the same
