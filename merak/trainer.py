@@ -111,7 +111,7 @@ class MerakTrainer(Trainer):
                           manual_cuts=args.partition_cuts or None,
                           cost_model=_partition_cost_model(args, graph, example))
         if args.partition_calibration_rounds and self.grid.num_stages > 1:
-            calibration = _calibrate(self.plan, self.grid, args, example, loss_fn)
+            calibration = _calibrate(self.plan, self.grid, args, example, loss_fn, self.placement)
             self.plan = calibration.plan
             if self.grid.rank == 0:
                 logger.info("%s", calibration.table())
@@ -727,12 +727,8 @@ class MerakTrainer(Trainer):
 
 # ---- helpers ------------------------------------------------------------------------------
 #: What still does not work with several model chunks per rank: the argument asking for it ->
-#: (why, what to use instead). Both pieces size *one stage per rank* against 1F1B's timeline.
+#: (why, what to use instead).
 _NOT_WITH_CHUNKS = {
-    "partition_calibration_rounds": (
-        "calibration re-cuts the plan from stage times measured in dry 1F1B steps, one stage per rank",
-        "partition_cost_model='profile' (node times measured on this device; the P·v chunks are cut from them) "
-        "or partition_method='manual' with partition_cuts"),
     "max_memory_per_device": (
         "the memory-budget planner sizes each rank's recomputation for one stage per rank, not for a rank's "
         "chunks sharing one device",
@@ -783,16 +779,18 @@ def _partition_cost_model(args: MerakArguments, graph: Any, example: Mapping[str
 
 
 def _calibrate(plan: Any, grid: Any, args: MerakArguments, example: Mapping[str, Any],
-               loss_fn: LossFn | None) -> Any:
-    """``plan`` re-cut on its stage times measured in dry 1F1B steps of the pipeline
-    (:mod:`merak.runtime.pipeline.calibration`; M copies of the example micro-batch); the times
-    are gathered on every rank, so all ranks keep the same cut."""
+               loss_fn: LossFn | None, placement: Placement) -> Any:
+    """``plan`` re-cut on its stage times measured in dry steps of the pipeline
+    (:mod:`merak.runtime.pipeline.calibration`; M copies of the example micro-batch): 1F1B steps
+    with one stage per rank, the training schedule's own with model chunks (each chunk timed).
+    The times are gathered on every rank, so all ranks keep the same cut."""
     from merak.runtime.pipeline.calibration import calibrate_in_pipeline
 
+    virtual = {"schedule": args.schedule, "placement": placement} if placement.num_chunks > 1 else {}
     microbatches = [example] * max(args.gradient_accumulation_steps, grid.num_stages)
     return calibrate_in_pipeline(plan, grid, microbatches, rounds=args.partition_calibration_rounds,
                                  device=merak.get_device(), loss_fn=loss_fn, seed=args.seed,
-                                 fuse=args.fuse_ops, timeout_s=args.p2p_timeout)
+                                 fuse=args.fuse_ops, timeout_s=args.p2p_timeout, **virtual)
 
 
 def _budget_activation_plan(args: MerakArguments, grid: Any, plan: Any, tp_plan: Any) -> ActivationPlan:

@@ -102,31 +102,34 @@ def test_arguments_reject_calibrating_a_fixed_cut() -> None:
         MerakArguments(output_dir="/tmp/unused", partition_calibration_rounds=-1)
 
 
-def _pipeline_times() -> dict[str, object]:
+def _pipeline_times(schedule: str = "1f1b") -> dict[str, object]:
     import merak
     from merak.partitioner import trace
     from merak.runtime.pipeline.calibration import calibrate_in_pipeline, pipeline_stage_times
+    from merak.runtime.pipeline.schedule import placement_for
 
     grid = merak.init(pp=2)
     torch.manual_seed(0)
     model, make_batch = tiny_model("gpt2")
     batch = make_batch(batch_size=2, seq_len=16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plan = shard(trace(model, batch), 2)
+    plan = shard(trace(model, batch), placement_for(schedule, 2).num_virtual)
     rng = torch.get_rng_state()
-    times = pipeline_stage_times(plan, grid, [batch] * 4, steps=1, timeout_s=60)
+    times = pipeline_stage_times(plan, grid, [batch] * 4, steps=1, timeout_s=60, schedule=schedule)
     unchanged = torch.equal(rng, torch.get_rng_state()) and all(
         torch.equal(before[n], p) and p.grad is None for n, p in model.named_parameters())
-    calibration = calibrate_in_pipeline(plan, grid, [batch] * 4, rounds=1, steps=1, timeout_s=60)
+    calibration = calibrate_in_pipeline(plan, grid, [batch] * 4, rounds=1, steps=1, timeout_s=60, schedule=schedule)
     return {"times": [(t.forward, t.backward) for t in times], "unchanged": unchanged,
             "bounds": calibration.plan.bounds, "rounds": len(calibration.rounds)}
 
 
-def test_pipeline_stage_times_are_measured_in_dry_steps_every_rank_agrees_on(dist_run) -> None:
-    """Each rank times its own stage in dry 1F1B steps; all ranks learn every stage's times and
-    keep the same calibrated cut; the dry steps leave weights, gradients and RNG untouched."""
-    first, second = dist_run(_pipeline_times, 2, timeout=300)
+@pytest.mark.parametrize("schedule, stages", [("1f1b", 2), ("zb_v", 4)])
+def test_pipeline_stage_times_are_measured_in_dry_steps_every_rank_agrees_on(dist_run, schedule, stages) -> None:
+    """Each rank times its own stage in dry 1F1B steps (under zb_v: each of its two chunks, in
+    dry zb_v steps); all ranks learn every stage's times and keep the same calibrated cut; the
+    dry steps leave weights, gradients and RNG untouched."""
+    first, second = dist_run(_pipeline_times, 2, schedule, timeout=300)
     assert first["times"] == second["times"] and first["bounds"] == second["bounds"]
-    assert len(first["times"]) == 2 and all(f > 0 and b > 0 for f, b in first["times"])
+    assert len(first["times"]) == stages and all(f > 0 and b > 0 for f, b in first["times"])
     assert first["unchanged"] and second["unchanged"]
     assert 1 <= first["rounds"] <= 2

@@ -95,7 +95,7 @@ def test_virtual_stage_schedules_match_single_process(dist_run, kind, schedule, 
         assert math.isfinite(eval_loss) and eval_loss == results[0][1], (rank, eval_loss)
 
 
-def _train_virtual(kind: str, schedule: str, recompute: str) -> tuple[list[float], float]:
+def _train_virtual(kind: str, schedule: str, recompute: str, extra: dict | None = None) -> tuple[list[float], float]:
     import merak
 
     merak.init(pp=2)
@@ -104,15 +104,24 @@ def _train_virtual(kind: str, schedule: str, recompute: str) -> tuple[list[float
         output_dir="/tmp/merak-test-trainer", per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=GLOBAL_MICROBATCHES, max_steps=STEPS, logging_steps=1, learning_rate=1e-2,
         lr_scheduler_type="linear", max_grad_norm=1.0, seed=7, report_to="none", save_strategy="no",
-        schedule=schedule, recompute=recompute, disable_tqdm=True)
+        schedule=schedule, recompute=recompute, disable_tqdm=True, **(extra or {}))
     trainer = merak.MerakTrainer(model, args, train_dataset=dataset(make_batch), eval_dataset=dataset(make_batch, 8))
     trainer.train()
     curve = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return curve, trainer.evaluate()["eval_loss"]
 
 
+@pytest.mark.slow
+def test_virtual_stages_calibrate_the_partition_per_chunk(dist_run):
+    """partition_calibration_rounds with zb_v: the 4 chunks are timed in dry zb_v steps and
+    re-cut; wherever the cut lands, the loss curve is one process's."""
+    ref = single_process_curve("gpt2")
+    results = dist_run(_train_virtual, 2, "gpt2", "zb_v", "none", {"partition_calibration_rounds": 1}, timeout=600)
+    for rank, (curve, _) in enumerate(results):
+        torch.testing.assert_close(curve, ref, rtol=2e-5, atol=2e-6, msg=f"rank {rank}")
+
+
 @pytest.mark.parametrize("setting, names", [
-    ({"partition_calibration_rounds": 1}, ["partition_cost_model='profile'", "partition_cuts"]),
     ({"max_memory_per_device": "1GB"}, ["recompute='full'", "python -m merak.runtime.memory"]),
     ({"recompute": "stage_aware"}, ["recompute='full'", "1F1B's in-flight counts"])])
 def test_virtual_stages_refuse_what_they_cannot_size_and_say_what_to_use(setting, names):

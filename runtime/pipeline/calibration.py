@@ -15,6 +15,10 @@ run is invisible to training) and reports the seconds its forward and backward i
 took per micro-batch. The times are gathered so every rank knows every stage's - replicas of a
 stage (data or tensor parallel) are averaged - and :func:`merak.partitioner.calibration.calibrate`
 corrects the cost model and cuts again.
+
+Under virtual stages (``placement`` with several chunks per rank) each rank builds its chunks
+and runs dry steps of the training schedule itself (interleaved 1F1B, ZB-V, ...): the executor
+reports busy time per chunk, so every one of the ``P·v`` chunks gets its own row.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from merak.partitioner import NodeCost, PartitionPlan, build_stage
+from merak.partitioner import NodeCost, PartitionPlan, StageChunks, build_chunks, build_stage
 from merak.partitioner.calibration import Calibration, calibrate
 from merak.partitioner.profiler import mean_over_ranks
 from merak.runtime.pipeline.executor import LossFn, PipelineExecutor
 from merak.runtime.distributed.grid import Grid
 from merak.runtime.memory.recompute_plan import RecomputePlan
-from merak.runtime.pipeline.schedule import build
+from merak.runtime.pipeline.placement import Placement
+from merak.runtime.pipeline.schedule import build, placement_for, uses_weight_passes
 
 __all__ = ["calibrate_in_pipeline", "pipeline_stage_times"]
 
@@ -49,31 +54,43 @@ def pipeline_stage_times(
     seed: int = 1234,
     fuse: bool = True,
     timeout_s: float = 300.0,
+    schedule: str = "1f1b",
+    placement: Placement | None = None,
 ) -> list[NodeCost]:
-    """Every stage's forward and backward seconds per micro-batch, measured in ``steps`` dry
-    1F1B steps (after one warm-up step) of ``plan`` on ``grid``. Collective: every rank calls it."""
+    """Every (virtual) stage's forward and backward seconds per micro-batch, measured in
+    ``steps`` dry steps of ``schedule`` (after one warm-up step) of ``plan`` on ``grid``.
+    ``placement`` says which chunks of ``plan`` each rank holds (default: ``schedule``'s own,
+    two chunks per rank for ``interleaved_1f1b``).
+    Collective: every rank calls it."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if plan.num_stages != grid.num_stages:
-        raise ValueError(f"the plan has {plan.num_stages} stages but the grid {grid.num_stages}")
-    stage = build_stage(plan, grid.stage_id, device=device, seed=seed, fuse=fuse)
-    instructions = build("1f1b", grid.num_stages, len(microbatches), grid.stage_id,
-                         RecomputePlan.from_mode("none", grid.num_stages))
-    forward = backward = 0.0
+    placement = placement or placement_for(schedule, grid.num_stages)
+    if plan.num_stages != placement.num_virtual:
+        raise ValueError(f"the plan has {plan.num_stages} stages but {placement} needs {placement.num_virtual}")
+    virtual = placement.chunks_of(grid.stage_id)
+    chunks = build_chunks(plan, virtual, device=device, seed=seed, fuse=fuse)
+    stage = chunks[0] if len(chunks) == 1 else StageChunks(chunks)
+    instructions = build(schedule, grid.num_stages, len(microbatches), grid.stage_id,
+                         RecomputePlan.from_mode("none", grid.num_stages), placement.num_chunks)
+    seconds = [[0.0, 0.0] for _ in chunks]
     with _unchanged(stage, torch.device(device)):
-        executor = PipelineExecutor(stage, grid, None, device=device, loss_fn=loss_fn, timeout_s=timeout_s)
+        executor = PipelineExecutor(chunks if len(chunks) > 1 else stage, grid, None, device=device, loss_fn=loss_fn,
+                                    timeout_s=timeout_s, zero_bubble=uses_weight_passes(schedule),
+                                    placement=placement)
         try:
             for step in range(steps + 1):
                 result = executor.run(instructions, microbatches)
                 for p in stage.parameters():
                     p.grad = None
                 if step:  # the first step warms up (allocator, lazy initialisation)
-                    forward += result.forward_seconds
-                    backward += result.backward_seconds
+                    for total, (forward, backward) in zip(seconds, result.chunk_seconds):
+                        total[0] += forward
+                        total[1] += backward
         finally:
             executor.close()
     per_microbatch = steps * len(microbatches)
-    return _gathered(NodeCost(forward / per_microbatch, backward / per_microbatch), grid, timeout_s)
+    local = {k: NodeCost(f / per_microbatch, b / per_microbatch) for k, (f, b) in zip(virtual, seconds)}
+    return _gathered(local, plan.num_stages, timeout_s)
 
 
 @contextlib.contextmanager
@@ -94,11 +111,13 @@ def _unchanged(stage: nn.Module, device: torch.device) -> Iterator[None]:
                     b.copy_(buffers[name])
 
 
-def _gathered(local: NodeCost, grid: Grid, timeout_s: float) -> list[NodeCost]:
-    """Every stage's cost from every rank's own: each rank fills its stage's row and a count of 1;
-    averaged over all ranks, a row's times over its count are the mean over that stage's replicas."""
-    table = torch.zeros(grid.num_stages, 3, dtype=torch.float64)
-    table[grid.stage_id] = torch.tensor([local.forward, local.backward, 1.0], dtype=torch.float64)
+def _gathered(local: Mapping[int, NodeCost], num_stages: int, timeout_s: float) -> list[NodeCost]:
+    """Every (virtual) stage's cost from every rank's own: each rank fills its stages' rows and a
+    count of 1; averaged over all ranks, a row's times over its count are the mean over that
+    stage's replicas."""
+    table = torch.zeros(num_stages, 3, dtype=torch.float64)
+    for k, cost in local.items():
+        table[k] = torch.tensor([cost.forward, cost.backward, 1.0], dtype=torch.float64)
     table = mean_over_ranks(table, None, timeout_s, "the all-reduce of measured pipeline stage times (every rank "
                                                    "must calibrate the partition)")
     return [NodeCost(f / n, b / n) for f, b, n in table.tolist()]

@@ -129,6 +129,9 @@ class StepResult:
     #: communication and the optimizer. What pipeline calibration balances.
     forward_seconds: float = 0.0
     backward_seconds: float = 0.0
+    #: the same two totals per model chunk (one entry per chunk of this rank, in chunk order):
+    #: what calibration balances under virtual stages
+    chunk_seconds: tuple[tuple[float, float], ...] = ()
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -273,7 +276,7 @@ class PipelineExecutor:
         last_backward = max((n for n, i in enumerate(instructions) if i.op in backward_ops), default=-1)
         self._forward_only = last_backward < 0
         self._skipped = False
-        busy = [0.0, 0.0]  # forward, backward seconds
+        busy = [[0.0, 0.0] for _ in self.chunks]  # per chunk: forward, backward seconds
         for group in groups_of(instructions):
             n, instruction = group[0], instructions[group[0]]
             if n == last_backward:
@@ -290,7 +293,7 @@ class PipelineExecutor:
                 raise
             kind = _COMPUTE_KIND.get(instruction.op)
             if kind is not None:
-                busy[kind] += time.perf_counter() - began
+                busy[instruction.chunk][kind] += time.perf_counter() - began
         self.p2p.wait_sends()
         losses = [(m.loss, self._weights[key[1]]) for key, m in self._mb.items() if m.loss is not None]
         if not losses:
@@ -302,7 +305,8 @@ class PipelineExecutor:
         self._mb.clear()
         for chunk in self.chunks:
             chunk.activations.release_all()
-        return StepResult(loss, self._num_mb, time.perf_counter() - start, self._skipped, *busy)
+        return StepResult(loss, self._num_mb, time.perf_counter() - start, self._skipped,
+                          sum(f for f, _ in busy), sum(b for _, b in busy), tuple((f, b) for f, b in busy))
 
     def close(self) -> None:
         """Detach this executor from the stage's parameters (its gradient hooks), for an executor
