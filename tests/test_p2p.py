@@ -240,21 +240,26 @@ def test_structure_is_cached_per_channel(dist_run):
 _HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
-def _steady_state_traffic(mode: str) -> list[dict]:
+def _steady_state_traffic(mode: str, sends_with_payload: bool = False) -> list[dict]:
     """1F1B's steady state between two ranks - each sends a two-tensor message and receives the
     peer's, as one group - with the payloads on a process group of their own (the stand-in for a
     GPU job's NCCL group) and the headers on the world (its gloo host group). Per exchange:
     how many operations each group carried, and how many host reads touched a payload-group
-    tensor while the exchange ran."""
+    tensor while the exchange ran; and each payload-group batch as (sends, receives).
+    ``sends_with_payload`` forces the CUDA order (payload sends in the payload round) on gloo."""
     dist.init_process_group("gloo")
     me, peer = dist.get_rank(), 1 - dist.get_rank()
     payload_group = dist.new_group(backend="gloo")
-    p2p = P2P(timeout_s=30, mode=mode, payload_group=payload_group, header_group=dist.group.WORLD)
-    on_payload_group: set[int] = set()  # storages that travelled on the payload group
-    counts = {"payload_ops": 0, "header_ops": 0, "payload_reads": 0}
+    p2p = P2P(timeout_s=30, mode=mode, payload_group=payload_group, header_group=dist.group.WORLD,
+              sends_with_payload=sends_with_payload)
+    on_payload_group: set[int] = set()  # storages on the payload group in this exchange
+    counts: dict = {"payload_ops": 0, "header_ops": 0, "payload_reads": 0, "payload_batches": []}
     batch = dist.batch_isend_irecv
 
     def recording_batch(ops):
+        if ops[0].group is payload_group:
+            sends = sum(op.op is dist.isend for op in ops)
+            counts["payload_batches"].append((sends, len(ops) - sends))
         for op in ops:
             if op.group is payload_group:
                 counts["payload_ops"] += 1
@@ -277,7 +282,8 @@ def _steady_state_traffic(mode: str) -> list[dict]:
     for step in range(4):
         x = torch.full((4, 8), float(10 * me + step))
         msg = {"x": x, "mask": x > step}
-        counts.update(payload_ops=0, header_ops=0, payload_reads=0)
+        counts.update(payload_ops=0, header_ops=0, payload_reads=0, payload_batches=[])
+        on_payload_group.clear()  # freed storages' addresses get reused by later tensors
         dist.batch_isend_irecv = recording_batch
         for name, (_, read) in originals.items():
             setattr(torch.Tensor, name, read)
@@ -289,17 +295,34 @@ def _steady_state_traffic(mode: str) -> list[dict]:
                 setattr(torch.Tensor, name, original)
         assert torch.equal(got["x"], torch.full((4, 8), float(10 * peer + step)))
         assert torch.equal(got["mask"], got["x"] > step)
-        per_exchange.append(dict(counts))
+        per_exchange.append({**counts, "payload_batches": list(counts["payload_batches"])})
     p2p.wait_sends()
     return per_exchange
 
 
-@pytest.mark.parametrize("mode", ["native", "rendezvous"])
-def test_steady_state_exchange_reads_nothing_from_the_payload_device(dist_run, mode):
-    for per_exchange in dist_run(_steady_state_traffic, 2, mode):
-        acks = 2 if mode == "rendezvous" else 0  # one acknowledgement each way, on the payload group
+#: Payload-group batches (sends, receives) of one facing exchange of two-tensor messages: the host
+#: order posts the payload sends with the first round, the CUDA order with the payload receives
+#: (one NCCL group); ``MERAK_P2P=rendezvous`` adds an acknowledgement each way.
+_PAYLOAD_BATCHES = {
+    ("native", False): [(2, 0), (0, 2)], ("rendezvous", False): [(2, 1), (1, 2)],
+    ("native", True): [(2, 2)], ("rendezvous", True): [(0, 1), (3, 2)],
+}
+
+
+@pytest.mark.parametrize("mode, sends_with_payload", list(_PAYLOAD_BATCHES))
+def test_steady_state_exchange_reads_nothing_from_the_payload_device(dist_run, mode, sends_with_payload):
+    acks = 2 if mode == "rendezvous" else 0  # one acknowledgement each way, on the payload group
+    batches = _PAYLOAD_BATCHES[(mode, sends_with_payload)]
+    for per_exchange in dist_run(_steady_state_traffic, 2, mode, sends_with_payload):
         # first exchange: header + description each way on the host group
-        assert per_exchange[0] == {"payload_ops": 4 + acks, "header_ops": 4, "payload_reads": 0}
+        assert per_exchange[0] == {"payload_ops": 4 + acks, "header_ops": 4, "payload_reads": 0,
+                                   "payload_batches": batches}
         # steady state: the header alone each way; the two tensors each way; no device->host read
         for counts in per_exchange[1:]:
-            assert counts == {"payload_ops": 4 + acks, "header_ops": 2, "payload_reads": 0}
+            assert counts == {"payload_ops": 4 + acks, "header_ops": 2, "payload_reads": 0,
+                              "payload_batches": batches}
+
+
+def test_cuda_posts_payload_sends_with_the_payload_receives():
+    # no device needed: the order is decided from the device type at construction
+    assert P2P("cuda").sends_with_payload and not P2P("cpu").sends_with_payload

@@ -14,7 +14,7 @@ from merak.runtime.memory.recompute_plan import RECOMPUTE_MODES, RecomputePlan
 from merak.runtime.pipeline.schedule import SCHEDULES, VIRTUAL_SCHEDULES, build, build_all, placement_for
 from merak.runtime.pipeline.schedules.common import STEP_END_OPS
 from merak.runtime.pipeline.schedules.memory import peak_activations, peak_inflight
-from merak.runtime.pipeline.replay import groups_of
+from merak.runtime.pipeline.replay import groups_of, replay
 from merak.runtime.pipeline.validate import ScheduleError, check_deadlock_free, validate
 
 # Dense where schedules change shape (M around P, M < P), sparse up to the P ≤ 16, M ≤ 64 limit.
@@ -268,6 +268,8 @@ def test_every_registered_schedule_is_deadlock_free_under_rendezvous(name: str, 
                 continue
             schedule = built(name, p, m, mode)  # build_all validates under rendezvous ...
             check_deadlock_free(schedule, placement_for(name, p), "rendezvous")  # ... said here
+            # and in the CUDA order: one NCCL group per exchange, payload sends with the receives
+            assert replay(schedule, "rendezvous", placement_for(name, p), rounds=1) is None, (name, p, m, mode)
 
 
 def test_the_communication_pass_pairs_facing_exchanges() -> None:
@@ -289,6 +291,8 @@ def test_rendezvous_rejects_an_unpaired_facing_exchange() -> None:
         check_deadlock_free(unpaired, semantics="rendezvous")
     text = str(err.value)
     assert "stage 0" in text and "stage 1" in text and "0SA1" in text and "1SG0" in text
+    # the CUDA order (one device group per exchange) needs the pairing as much
+    assert replay(unpaired, "rendezvous", rounds=1) is not None and replay(paired, "rendezvous", rounds=1) is None
 
 
 def test_grouped_instructions_print_and_parse_with_a_plus() -> None:

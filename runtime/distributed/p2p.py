@@ -218,7 +218,8 @@ class P2P:
     two neighbours sending to each other (rendezvous: a large send completes only while its
     receive is posted). The group's receives run in three rounds: the headers, the structure
     descriptions that changed, then the payloads - the receiver needs the first two to size the
-    third. The group's sends (all three parts of each) go out with the first round: had they
+    third. On the host the group's sends (all three parts of each) go out with the first round
+    (on CUDA the payload waits for the last; see below): had they
     followed the receives round by round, a group receiving a message computed from one it
     sends (the V turn of zb_v and dualpipe_v) would deadlock. Headers and descriptions are
     small (eager); payloads are what :mod:`merak.runtime.pipeline.replay` checks under
@@ -232,6 +233,19 @@ class P2P:
     posted without waiting for the device. On gloo the two are one group and every round is
     one ``batch_isend_irecv``, as before.
 
+    **When the payload sends go out.** On the host (gloo, and ``MERAK_P2P=rendezvous``) with the
+    first round, as above: a host that blocks in a receive must already have let its sends go.
+    On CUDA (``sends_with_payload``) with the payload round, in one ``batch_isend_irecv`` with
+    the payload receives - one NCCL group per exchange, which is what NCCL requires of facing
+    large messages (a send in one group and its peer's send in another deadlock once the
+    message outgrows NCCL's buffer: each group's kernel waits for a receive queued behind the
+    other). That is safe on CUDA only because no wait there blocks the host
+    (:func:`wait_with_timeout`): a rank's host moves on after posting a receive, so its next
+    headers - host messages, posted at the start of each exchange - never wait on its device.
+    The host then replays the schedule with every message eager (what the validator's
+    rendezvous replay implies), and the device runs one group per exchange with sends and
+    receives posted together, no later than the host-side model posts them.
+
     Why this and not static shapes (Megatron's ``tensor_shape``, or
     ``torch.distributed.pipelining``'s shape inference once per run): HF models change shapes
     between batches (dynamic padding, evaluation's last batch, generation-style inputs) and
@@ -243,13 +257,16 @@ class P2P:
     """
 
     def __init__(self, device: torch.device | str = "cpu", timeout_s: float = 300.0, mode: str | None = None, *,
-                 payload_group: Group = None, header_group: Group = None) -> None:
+                 payload_group: Group = None, header_group: Group = None,
+                 sends_with_payload: bool | None = None) -> None:
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.mode = p2p_mode(mode)
         if self.mode == "rendezvous" and self.device.type != "cpu":
             raise ValueError("MERAK_P2P=rendezvous emulates NCCL's rendezvous sends on gloo (cpu); "
                              f"on {self.device.type} unset it: the backend already behaves so")
+        # payload sends join the payload round where waits leave the host free (CUDA); see above
+        self.sends_with_payload = not waits_on_host(self.device) if sends_with_payload is None else sends_with_payload
         self.payload_group = payload_group
         self.header_group = payload_group if header_group is None else header_group
         # a separate header group is host-side by contract (see the class docstring)
@@ -274,7 +291,7 @@ class P2P:
         headers = [torch.empty(2, dtype=torch.int64, device=self.header_device) for _ in recvs]
         # every part of every send goes out with the first round: a peer receiving from this
         # rank never waits for this rank's own receives (see the class docstring)
-        first = [op for e in out for op in self._send_ops(e)]
+        first = [op for e in out for op in self._send_ops(e, payload=not self.sends_with_payload)]
         first += [self._host_op(False, h, r.src, r.what) for h, r in zip(headers, recvs)]
         if rendezvous:  # the acknowledgements of this group's sends, waited for at its end
             first += [self._ack_op(False, e.dst, e.what) for e in out]
@@ -290,8 +307,9 @@ class P2P:
             skeletons.append(skeleton)
             slots.append(found)
             tensors.append([torch.empty(slot.shape, dtype=slot.dtype, device=self.device) for slot in found])
-        last = [self._payload_op(False, _as_bytes(t), msg.src, msg.what)
-                for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0]
+        last = [self._payload_op(True, t, e.dst, e.what) for e in out for t in e.payload] if self.sends_with_payload else []
+        last += [self._payload_op(False, _as_bytes(t), msg.src, msg.what)
+                 for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0]
         if rendezvous:  # tell each sender its receive is posted now
             last += [self._ack_op(True, msg.src, msg.what) for msg in recvs]
         self._round(last)
@@ -327,12 +345,13 @@ class P2P:
             self._sent_desc[(msg.dst, msg.channel)] = desc
         return _Encoded(msg.dst, msg.what, header, desc_buf, [_as_bytes(t) for t in payload if t.numel() > 0])
 
-    def _send_ops(self, e: _Encoded) -> list[_Op]:
-        """A message's sends in the order the receiver takes them: header, description, payload."""
+    def _send_ops(self, e: _Encoded, payload: bool = True) -> list[_Op]:
+        """A message's sends in the order the receiver takes them: header, description and
+        (with ``payload``) the payload tensors."""
         ops = [self._host_op(True, e.header, e.dst, e.what)]
         if e.desc is not None:
             ops.append(self._host_op(True, e.desc, e.dst, f"{e.what} (structure)"))
-        return ops + [self._payload_op(True, t, e.dst, e.what) for t in e.payload]
+        return ops + ([self._payload_op(True, t, e.dst, e.what) for t in e.payload] if payload else [])
 
     def _host_op(self, is_send: bool, buf: torch.Tensor, peer: int, what: str) -> _Op:
         return _Op(is_send, buf, peer, what, self.header_group, _DATA_TAG)

@@ -22,6 +22,9 @@ The model is what the executor and :class:`merak.runtime.distributed.p2p.P2P` do
   matching receive is posted at the same time (``rendezvous``: NCCL with large messages, and
   ``MERAK_P2P=rendezvous``), possibly inside the peer's group; receives block until their send
   is posted;
+* ``rounds=1`` models the CUDA order instead (:class:`~merak.runtime.distributed.p2p.P2P`'s
+  ``sends_with_payload``): the device runs one NCCL group per exchange, its payload sends and
+  receives posted together, headers having gone ahead on the host;
 * ``REDUCE_TIED_GRADS`` is a barrier of all stages (the worst case: which stages share tied
   parameters is unknown here).
 
@@ -46,7 +49,6 @@ SEMANTICS = ("rendezvous", "buffered")
 
 #: Rounds a p2p group receives in: headers and structure descriptions (eager), payloads.
 P2P_ROUNDS = 3
-_PAYLOAD = P2P_ROUNDS - 1
 
 
 def is_send(ins: Instruction) -> bool:
@@ -90,7 +92,8 @@ class Stall:
 
 
 def replay(
-    schedule: Sequence[Sequence[Instruction]], semantics: str = "rendezvous", placement: Placement | None = None
+    schedule: Sequence[Sequence[Instruction]], semantics: str = "rendezvous", placement: Placement | None = None,
+    rounds: int = P2P_ROUNDS,
 ) -> Stall | None:
     """Run the model over all stages; ``None`` if every stage finishes, else where they stall.
     ``placement`` routes messages between ranks (default: the schedule's own, see
@@ -99,7 +102,7 @@ def replay(
     Event-driven: a stage is looked at again only when something it may wait for changed, so
     the replay costs about one visit per posting step (P=16, M=64 in a few tens of ms).
     """
-    return Replay(schedule, semantics, placement).run()
+    return Replay(schedule, semantics, placement, rounds).run()
 
 
 Msg = tuple[Channel, int, int]  # (channel, index of the message on it, round)
@@ -118,14 +121,17 @@ class Replay:
 
     def __init__(
         self, schedule: Sequence[Sequence[Instruction]], semantics: str = "rendezvous",
-        placement: Placement | None = None,
+        placement: Placement | None = None, rounds: int = P2P_ROUNDS,
     ) -> None:
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
         self.schedule = [list(ops) for ops in schedule]
         self.semantics = semantics
+        if rounds not in (1, P2P_ROUNDS):
+            raise ValueError(f"rounds must be {P2P_ROUNDS} (the host order) or 1 (the CUDA order), got {rounds}")
+        self.rounds, self.payload = rounds, rounds - 1
         self.placement = placement_of(schedule, placement)
-        self.steps = [_posting_steps(ops) for ops in self.schedule]
+        self.steps = [_posting_steps(ops, 0, rounds) for ops in self.schedule]
         # keyed by instruction, not position, so that a rewrite moving sends keeps them valid
         # (instructions are unique per stage; grouping is not part of their equality)
         self.slot: dict[Instruction, tuple[Channel, int]] = {}
@@ -153,7 +159,7 @@ class Replay:
         return [(pos, ops[pos], (*self.slot[ops[pos]], rnd)) for pos in members if ops[pos].op in P2P_PEER]
 
     def _eager(self, msg: Msg) -> bool:
-        return msg[2] < _PAYLOAD or self.semantics == "buffered"
+        return msg[2] < self.payload or self.semantics == "buffered"
 
     def _post(self, stage: int) -> set[int]:
         """Post ``stage``'s current step; complete what it matches; return stages to revisit.
@@ -181,7 +187,7 @@ class Replay:
     def _post_send(self, ins: Instruction, slot: tuple[Channel, int]) -> set[int]:
         """Post all parts of a message; complete the receives of them already waiting."""
         woken: set[int] = set()
-        for rnd in range(P2P_ROUNDS):
+        for rnd in range(self.rounds):
             msg = (*slot, rnd)
             if (ins, rnd) in self.done:
                 continue
@@ -201,7 +207,7 @@ class Replay:
         the group's payload sends too."""
         step = self.current(stage)
         return [(pos, ins, msg) for pos, ins, msg in self._p2p(stage)
-                if not is_send(ins) or (step is not None and step[1] == _PAYLOAD)]
+                if not is_send(ins) or (step is not None and step[1] == self.payload)]
 
     def _complete(self, stage: int) -> bool:
         step = self.current(stage)
@@ -212,13 +218,13 @@ class Replay:
             if is_send(ins) and not sends:
                 continue
             posted = self.posted_sends if is_send(ins) else self.posted_recvs
-            key = (*msg[:2], _PAYLOAD) if is_send(ins) else msg
+            key = (*msg[:2], self.payload) if is_send(ins) else msg
             if posted.get(key) is ins:
                 del posted[key]
 
     def _advance(self, stage: int) -> set[int]:
         step = self.current(stage)
-        self._unpost(stage, sends=step is not None and step[1] == _PAYLOAD)
+        self._unpost(stage, sends=step is not None and step[1] == self.payload)
         self.at[stage] += 1
         return self._post(stage)
 
@@ -249,7 +255,7 @@ class Replay:
             members, rnd = self.current(stage)  # type: ignore[misc]
             waiting[stage] = [self.schedule[stage][pos] for pos in members]
             pending[stage] = [pos for pos, ins, _ in self._p2p(stage)
-                              if (ins, _PAYLOAD if is_send(ins) else rnd) not in self.done]
+                              if (ins, self.payload if is_send(ins) else rnd) not in self.done]
         return Stall(waiting, pending)
 
     def rewrite(self, stage: int, ops: Sequence[Instruction]) -> None:
@@ -268,17 +274,18 @@ class Replay:
         self.barrier.discard(stage)
         self.schedule[stage] = ops
         keep = self.steps[stage][: self.at[stage] - step[1]]  # the steps before the current group
-        self.steps[stage] = keep + _posting_steps(ops, start)
+        self.steps[stage] = keep + _posting_steps(ops, start, self.rounds)
         self.at[stage] = len(keep)
         self.todo |= self._post(stage)
 
 
-def _posting_steps(ops: Sequence[Instruction], start: int = 0) -> list[tuple[list[int], int]]:
+def _posting_steps(ops: Sequence[Instruction], start: int = 0, p2p_rounds: int = P2P_ROUNDS
+                   ) -> list[tuple[list[int], int]]:
     """A stage's issue groups as (positions, round): p2p groups once per round, others once;
     from position ``start`` on (a group's first member)."""
     out: list[tuple[list[int], int]] = []
     for members in groups_of(ops, start):
-        rounds = P2P_ROUNDS if any(ops[pos].op in P2P_PEER for pos in members) else 1
+        rounds = p2p_rounds if any(ops[pos].op in P2P_PEER for pos in members) else 1
         out.extend((members, rnd) for rnd in range(rounds))
     return out
 
