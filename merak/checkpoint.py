@@ -84,6 +84,7 @@ from merak.runtime.distributed.objects import all_gather_objects
 from merak.runtime.distributed.p2p import P2PTimeoutError
 from merak.runtime.distributed.grid import Grid
 from merak.rng_streams import capture as capture_rng, coord_name, restore as restore_rng_streams, restore_sources
+from merak.dcp_reader import CONTIGUOUS_ITEMS, DirectReader
 from merak.hf_export import hf_names, shard_file_name, stage_export_tensors, write_index, write_shard
 from merak.runtime.memory.zero import local_optimizer
 from merak.train_state import (HPARAMS, LR_SCHEDULER, MODEL, OPTIM, StageTensor, StateRequests, collect_state,
@@ -367,8 +368,9 @@ class _Writer(FileSystemWriter):
         return future
 
 
-class _Reader(FileSystemReader):
-    """DCP's file reader with the ``read`` fault point after this rank's reads are done."""
+class _Reader(DirectReader):
+    """Merak's DCP file reader (:mod:`merak.dcp_reader`) with the ``read`` fault point after this
+    rank's reads are done."""
 
     def read_data(self, plan: Any, planner: Any) -> Any:
         future = super().read_data(plan, planner)
@@ -500,6 +502,7 @@ def _layout(grid: Grid, specs: dict[str, Any], optimizer: bool, lr_scheduler: bo
         "optimizer": optimizer,
         "lr_scheduler": lr_scheduler,
         "torch_version": torch.__version__,
+        CONTIGUOUS_ITEMS: True,  # collect_state hands DCP contiguous tensors only
     }
 
 
@@ -637,7 +640,8 @@ def load_checkpoint(
         _check_model_names(requests.names(MODEL), {item.name for item in items}, directory)
         distributed = _distributed()
         group = _dcp_group("foreground") if distributed else None
-        _call_dcp(lambda: dcp.load(requests.buffers, storage_reader=_Reader(str(directory / DCP_DIR)),
+        reader = _Reader(str(directory / DCP_DIR), contiguous=bool(layout.get(CONTIGUOUS_ITEMS)))
+        _call_dcp(lambda: dcp.load(requests.buffers, storage_reader=reader,
                                    planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
                                    no_dist=not distributed, process_group=group),
                   "load (plan, read, agree)", context)
@@ -691,6 +695,10 @@ def _plan_restore(requests: StateRequests, items: list[StageTensor], stage: nn.M
     return appliers
 
 
+def _tensor_or_none(value: Any) -> torch.Tensor | None:
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def _copy_into(item: StageTensor, value: torch.Tensor) -> None:
     if tuple(value.shape) != tuple(item.tensor.shape):
         raise CheckpointError(f"{item.name}: the checkpoint holds shape {tuple(value.shape)} for this rank, "
@@ -710,8 +718,10 @@ def _plan_optimizer(requests: StateRequests, items: list[StageTensor],
     for index, p in enumerate(flat):
         item = by_id[id(p)]
         leaves = requests.leaves(OPTIM, item.name)
+        current = local.state.get(p, {})  # read in place where it fits (load_state_dict keeps the tensors)
         if leaves:
-            states[index] = {leaf_name(leaf): requests.want_tensor(OPTIM, item, leaf) for leaf in leaves}
+            states[index] = {leaf_name(leaf): requests.want_tensor(OPTIM, item, leaf, _tensor_or_none(
+                current.get(leaf_name(leaf)))) for leaf in leaves}
     # (optimizer, group index, saved hyper-parameters): groups are found again after the load,
     # since load_state_dict replaces the group dicts. The ZeRO-1 wrapper's groups hold what the
     # scheduler set since the shard's last step.

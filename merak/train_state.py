@@ -142,11 +142,13 @@ def _shard_of(item: StageTensor, tp_rank: int, value: torch.Tensor) -> tuple[int
 def collect_state(stage: nn.Module, tp_rank: int, optimizer: torch.optim.Optimizer | None,
                   lr_scheduler: Any | None, rng: tuple[str, Any] | None) -> dict[str, Any]:
     """This rank's part of the job's state as a flat DCP state dict (tensors are the live ones:
-    DCP copies them while writing). ``rng`` is (this rank's coordinate name, its RNG states)."""
+    DCP copies them while writing). ``rng`` is (this rank's coordinate name, its RNG states).
+    Every tensor is contiguous (a copy only for the rare one that is not), which lets the loader
+    read items straight into their destinations (:mod:`merak.dcp_reader`)."""
     items = stage_tensors(stage)
     state: dict[str, Any] = {}
     for item in items:
-        state[tensor_key(MODEL, item.name, shard=_shard_of(item, tp_rank, item.tensor))] = item.tensor.detach()
+        state[tensor_key(MODEL, item.name, shard=_shard_of(item, tp_rank, item.tensor))] = item.tensor.detach().contiguous()
     if optimizer is not None:
         by_id = {id(item.tensor): item for item in items}
         for group in optimizer.param_groups:  # the wrapper's groups: every parameter, current lr
@@ -157,7 +159,7 @@ def collect_state(stage: nn.Module, tp_rank: int, optimizer: torch.optim.Optimiz
             item = by_id[id(p)]
             for leaf, value in values.items():
                 if isinstance(value, torch.Tensor):
-                    state[tensor_key(OPTIM, item.name, leaf, _shard_of(item, tp_rank, value))] = value
+                    state[tensor_key(OPTIM, item.name, leaf, _shard_of(item, tp_rank, value))] = value.contiguous()
                 else:
                     state[tensor_key(OPTIM, item.name, f"{leaf}.{OBJECT}")] = pack(value)
     if lr_scheduler is not None:
@@ -208,22 +210,28 @@ class StateRequests:
         buf = self._buffer(key)
         return lambda: unpack(buf)
 
-    def want_tensor(self, section: str, item: StageTensor, leaf: str = "") -> Callable[[], Any]:
-        """The saved value of ``item`` (or its optimizer state ``leaf``) shaped as this rank holds it."""
+    def want_tensor(self, section: str, item: StageTensor, leaf: str = "",
+                    into: torch.Tensor | None = None) -> Callable[[], Any]:
+        """The saved value of ``item`` (or its optimizer state ``leaf``) shaped as this rank holds it.
+
+        Read in place - straight into the live weight, or into ``into`` (an optimizer's current
+        state tensor) - when the saved tensor is exactly this rank's (same shape, dtype, shard),
+        so a load holds no second copy of the stage or of its optimizer states."""
+        dest = item.tensor if section == MODEL else into
         shards = self.index[(section, item.name, leaf)]
         if None in shards:  # saved whole (or a state not shaped like the parameter: ``step``)
             key = shards[None]
             if leaf.endswith(f".{OBJECT}"):
                 return self.want_object(key)
-            if section == MODEL and item.spec is None and self._fits(key, item.tensor):
-                return self._in_place(key, item.tensor)
+            if dest is not None and item.spec is None and self._fits(key, dest):
+                return self._in_place(key, dest)
             buf = self._buffer(key)
             return lambda: self._local(item, buf)
         saved = self.saved_specs[item.name]
         if item.spec == saved and (self.tp_rank, saved.parts) in shards:  # same tp: own shard only
             key = shards[(self.tp_rank, saved.parts)]
-            if section == MODEL and self._fits(key, item.tensor):
-                return self._in_place(key, item.tensor)
+            if dest is not None and self._fits(key, dest):
+                return self._in_place(key, dest)
             buf = self._buffer(key)
             return lambda: buf
         bufs = [self._buffer(shards[(t, saved.parts)]) for t in range(saved.parts)]
@@ -234,7 +242,7 @@ class StateRequests:
         return tuple(md.size) == tuple(tensor.shape) and md.properties.dtype == tensor.dtype and tensor.is_contiguous()
 
     def _in_place(self, key: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """DCP reads straight into the live weight: no second copy of the stage while loading."""
+        """DCP reads straight into ``tensor`` (a live weight or optimizer state): no second copy."""
         target = tensor.detach()
         self.buffers[key] = target
         return lambda: target

@@ -479,3 +479,51 @@ def test_single_stage_export_round_trips(tmp_path, kind, auto_class):
     assert not all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
     load_pretrained_weights(fresh, tmp_path)
     assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+
+
+def test_load_reads_weights_and_optimizer_states_in_place(tmp_path):
+    """No second copy of the stage or its optimizer states while loading: DCP reads into the live
+    tensors (the optimizer keeps them), which hold the saved values afterwards."""
+    from merak.checkpoint import load_checkpoint, save_checkpoint
+
+    stage, optimizer, _ = _trained_single_stage()
+    grid, ckpt = _one_rank_grid(), tmp_path / "ckpt"
+    save_checkpoint(ckpt, stage=stage, grid=grid, optimizer=optimizer, extra={"global_step": 1})
+    saved = {(id(p), k): v.clone() for p, s in optimizer.state.items() for k, v in s.items()}
+    weights = {k: v.clone() for k, v in stage.state_dict().items()}
+    live = {(id(p), k): v for p, s in optimizer.state.items() for k, v in s.items()}
+    with torch.no_grad():
+        for value in [*live.values(), *stage.parameters()]:
+            value.add_(1.0)
+    load_checkpoint(ckpt, stage=stage, grid=grid, optimizer=optimizer)
+    now = {(id(p), k): v for p, s in optimizer.state.items() for k, v in s.items()}
+    assert now.keys() == saved.keys()
+    for key, value in now.items():
+        assert value.data_ptr() == live[key].data_ptr(), f"{key[1]}: read into a new tensor"
+        assert torch.equal(value, saved[key]), key[1]
+    for name, value in stage.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+
+
+def test_direct_reader_reads_contiguous_items_into_their_destinations(tmp_path):
+    """merak.dcp_reader: one read per whole contiguous tensor into its destination; every other
+    item (a view of a larger storage, or a checkpoint not marked contiguous) goes DCP's way."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+
+    from merak.dcp_reader import DirectReader
+
+    source = {"matrix": torch.randn(5, 7), "step": torch.tensor(3.0), "ids": torch.arange(10),
+              "empty": torch.empty(0), "half": torch.randn(4, 4).to(torch.bfloat16),
+              "bytes": torch.frombuffer(bytearray(b"hello"), dtype=torch.uint8),
+              "view": torch.randn(10)[2:5]}  # its storage (10 floats) is larger than the tensor
+    dcp.save(source, storage_writer=FileSystemWriter(str(tmp_path)), planner=DefaultSavePlanner(flatten_state_dict=False),
+             no_dist=True)
+    for contiguous, direct in ((True, len(source) - 1), (False, 0)):
+        loaded = {k: torch.zeros_like(v) for k, v in source.items()}
+        reader = DirectReader(str(tmp_path), contiguous=contiguous)
+        dcp.load(loaded, storage_reader=reader, planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
+        assert reader.direct_items == direct
+        for name, value in source.items():
+            assert torch.equal(loaded[name], value), name
