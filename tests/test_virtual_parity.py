@@ -9,8 +9,6 @@ over the tie group). One process group per layout runs every schedule in turn.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -83,9 +81,9 @@ def test_virtual_stages_match_single_process(dist_run, kind, pp, cases):
 
 
 # ---- tensor parallelism inside the chunks, through MerakTrainer ------------------------------------
-def _tp_reference() -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process: the loss curve and first-step gradients of test_trainer's recipe (AdamW,
-    linear decay, clipping at 1)."""
+def _tp_reference() -> tuple[list[float], dict[str, torch.Tensor], float]:
+    """One process: the loss curve, first-step gradients and final evaluation loss (on the
+    trainer's 8 evaluation samples) of test_trainer's recipe (AdamW, linear decay, clipping at 1)."""
     from test_trainer import GLOBAL_MICROBATCHES, MICRO as TRAIN_MICRO, STEPS as TRAIN_STEPS, dataset
     from transformers import default_data_collator, get_linear_schedule_with_warmup
 
@@ -95,8 +93,12 @@ def _tp_reference() -> tuple[list[float], dict[str, torch.Tensor]]:
     model, make_batch = tiny_model("gpt2")
     batches = StepBatches(dataset(make_batch), default_data_collator, TRAIN_MICRO, GLOBAL_MICROBATCHES, 1, 0, seed=7)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    return single_process_run(model, [batches.microbatches(s) for s in range(TRAIN_STEPS)], opt,
-                              scheduler=get_linear_schedule_with_warmup(opt, 0, TRAIN_STEPS), max_grad_norm=1.0)
+    curve, grads = single_process_run(model, [batches.microbatches(s) for s in range(TRAIN_STEPS)], opt,
+                                      scheduler=get_linear_schedule_with_warmup(opt, 0, TRAIN_STEPS), max_grad_norm=1.0)
+    with torch.no_grad():  # equal-length samples: the token mean of the batch of 8 is this mean
+        samples = dataset(make_batch, 8)
+        evaluation = torch.stack([model(**default_data_collator(samples[i:i + 2])).loss for i in range(0, 8, 2)])
+    return curve, grads, float(evaluation.mean())
 
 
 def _tp_virtual_job(schedules: tuple[str, ...]) -> dict:
@@ -133,7 +135,7 @@ def _tp_virtual_job(schedules: tuple[str, ...]) -> dict:
 
 
 def _assert_tp_virtual(per_rank: list[dict], schedules: tuple[str, ...]) -> None:
-    ref_curve, ref_grads = _tp_reference()
+    ref_curve, ref_grads, ref_eval = _tp_reference()
     for schedule in schedules:
         seen: set[str] = set()
         for rank, results in enumerate(per_rank):
@@ -144,7 +146,7 @@ def _assert_tp_virtual(per_rank: list[dict], schedules: tuple[str, ...]) -> None
                 want = ref_grads[name] if spec is None else spec.local(ref_grads[name], results["tp_rank"])
                 torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=f"{schedule} rank {rank} grad {name}")
             seen |= set(res["grads"])
-            assert math.isfinite(res["eval"]) and res["eval"] == per_rank[0][schedule]["eval"], (rank, res["eval"])
+            assert res["eval"] == pytest.approx(ref_eval, rel=1e-5), (schedule, rank, res["eval"], ref_eval)
         assert seen == set(ref_grads), f"{schedule}: parameters without a gradient: {set(ref_grads) - seen}"
 
 
