@@ -42,8 +42,8 @@ class SearchSpace:
     tp_degrees: tuple[int, ...] | None = None
     pp_degrees: tuple[int, ...] | None = None
     template: Strategy = Strategy()
-    #: Only what ``MerakTrainer`` runs: virtual-stage schedules without tensor parallelism and
-    #: without ``stage_aware`` recomputation (the trainer refuses those combinations).
+    #: Only what ``MerakTrainer`` runs: virtual-stage schedules without ``stage_aware``
+    #: recomputation (the trainer refuses that combination; tensor parallelism it runs per chunk).
     trainer_only: bool = False
 
 
@@ -87,8 +87,7 @@ def _strategies(model: TracedModel, cluster: Cluster, global_batch: int, space: 
                 for moe in _moe_modes(model, tp, space):
                     for schedule in space.schedules:
                         for recompute in space.recomputes:
-                            if space.trainer_only and schedule in VIRTUAL_SCHEDULES and (
-                                    tp > 1 or recompute == "stage_aware"):
+                            if space.trainer_only and schedule in VIRTUAL_SCHEDULES and recompute == "stage_aware":
                                 continue
                             yield dataclasses.replace(space.template, dp=dp, tp=tp, pp=pp, micro_batch=b,
                                                       schedule=schedule, recompute=recompute, tp_sub_microbatches=k,
