@@ -131,16 +131,28 @@ def check_sdpa() -> Result:
 
 def check_device_rule() -> Result:
     import torch
+    import torch.distributed as dist
 
     import merak
-    from merak.runtime.distributed import collectives, groups
+    from merak.runtime.distributed import groups
+    from merak.runtime.distributed.p2p import P2P, wait_with_timeout, waits_on_host
 
     merak.init()
     try:
         device = groups.device()
-        total = collectives.reduce_values([1.5, 2.5], "the GPU check's scalars", op="sum")
-        ok = device == torch.device("cuda", torch.cuda.current_device()) and total == [1.5, 2.5]
-        return Result("PASS" if ok else "FAIL", f"backend {torch.distributed.get_backend()}: group device {device}")
+        # With one rank the layer's collectives return at once (nobody to talk to), so the real
+        # NCCL call is made here, on the device the layer picked: NCCL rejects any other.
+        t = torch.tensor([1.5, 2.5], dtype=torch.float64, device=device)
+        work = dist.all_reduce(t, async_op=True)
+        wait_with_timeout(work, 60, "the GPU check's all-reduce", device=device)  # untimed on CUDA
+        reduced = t.tolist()
+        p2p = P2P.for_grid(merak.get_grid(), merak.get_device())
+        ok = (device == torch.device("cuda", torch.cuda.current_device()) and reduced == [1.5, 2.5]
+              and not waits_on_host(device) and p2p.sends_with_payload)
+        return Result("PASS" if ok else "FAIL",
+                      f"backend {dist.get_backend()}: group device {device}; one-rank NCCL all-reduce there "
+                      f"gave {reduced}; CUDA waits left to the process group: {not waits_on_host(device)}; "
+                      f"p2p payload sends grouped with the receives: {p2p.sends_with_payload}")
     finally:
         merak.shutdown()
 
@@ -273,7 +285,8 @@ CHECKS: tuple[Check, ...] = (
           check_trainer),
     Check("sdpa", "traced LLaMA stage, causal mask rewritten to is_causal: flash / memory-efficient SDPA kernel",
           check_sdpa),
-    Check("device-rule", "real NCCL process group: the distributed layer allocates on the current CUDA device",
+    Check("device-rule", "real NCCL process group: the layer's device is the current CUDA device (an all-reduce "
+          "there), CUDA waits untimed, p2p payload sends grouped with the receives",
           check_device_rule),
     Check("calibration", "calibrate_device('cuda', bfloat16) against the matching DEVICE_PRESETS entry",
           check_calibration),
