@@ -10,7 +10,9 @@ How: a ``torch.save`` archive is an uncompressed zip whose record ``data/0`` hol
 storage's bytes. When the checkpoint was written by Merak (whose tensors are all contiguous: see
 :data:`CONTIGUOUS_ITEMS`), a request for a whole tensor whose storage record has exactly the
 destination's size is served by one ``readinto`` of those bytes into the destination's memory
-(the live weight, for weights read in place). Anything else - byte items, DCP transforms
+(the live weight, for weights read in place); a destination on a GPU (or a strided one) gets
+them through one host tensor and a copy, as DCP's own path does, minus the unpickler (not yet
+run on a GPU). Anything else - byte items, DCP transforms
 (compression), partial reads, other byte orders, archives with more records, checkpoints of
 other writers - goes through DCP's own path unchanged.
 """
@@ -65,13 +67,21 @@ class DirectReader(FileSystemReader):
                         others.append(req)
         return super().read_data(dataclasses.replace(plan, items=others), planner)  # the rest, DCP's way
 
+    def _read_exactly(self, stream: Any, view: memoryview, req: ReadItem) -> None:
+        done = 0
+        while done < len(view):
+            n = stream.readinto(view[done:])
+            if not n:
+                raise OSError(f"{self.path}: item {req.storage_index.fqn} ends early ({done} of {len(view)} bytes)")
+            done += n
+
     def _read_direct(self, stream: Any, req: ReadItem, planner: Any) -> bool:
         """Serve ``req`` with one read into its destination; ``False`` when it cannot be."""
         info = self.storage_data[req.storage_index]
         if req.type == LoadItemType.BYTE_IO or info.transform_descriptors:
             return False
         target = planner.resolve_tensor(req).detach()
-        if target.device.type != "cpu" or not target.is_contiguous() or not _whole(req, target):
+        if not _whole(req, target):
             return False
         archive = torch._C.PyTorchFileReader(_create_file_view(stream, info.offset, info.length))
         records = [name for name in archive.get_all_records() if name.startswith("data/")]
@@ -80,14 +90,13 @@ class DirectReader(FileSystemReader):
             return False
         if target.numel():
             stream.seek(info.offset + archive.get_record_offset("data/0"))
-            view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < len(view):
-                n = stream.readinto(view[done:])
-                if not n:
-                    raise OSError(f"{self.path}: item {req.storage_index.fqn} ends early "
-                                  f"({done} of {len(view)} bytes)")
-                done += n
+            direct = target.device.type == "cpu" and target.is_contiguous()
+            # A GPU (or strided) destination gets the bytes through one host tensor and a copy,
+            # as DCP's path would, minus its unpickler.
+            host = target if direct else torch.empty(target.shape, dtype=target.dtype)
+            self._read_exactly(stream, memoryview(host.reshape(-1).view(torch.uint8).numpy()), req)
+            if not direct:
+                target.copy_(host)
         planner.commit_tensor(req, target)
         self.direct_items += 1
         return True

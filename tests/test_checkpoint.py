@@ -506,8 +506,9 @@ def test_load_reads_weights_and_optimizer_states_in_place(tmp_path):
 
 
 def test_direct_reader_reads_contiguous_items_into_their_destinations(tmp_path):
-    """merak.dcp_reader: one read per whole contiguous tensor into its destination; every other
-    item (a view of a larger storage, or a checkpoint not marked contiguous) goes DCP's way."""
+    """merak.dcp_reader: one read per whole contiguous tensor into its destination (through a host
+    tensor for a strided one, the path a GPU destination takes); every other item (a view of a
+    larger storage, or a checkpoint not marked contiguous) goes DCP's way."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
@@ -522,6 +523,7 @@ def test_direct_reader_reads_contiguous_items_into_their_destinations(tmp_path):
              no_dist=True)
     for contiguous, direct in ((True, len(source) - 1), (False, 0)):
         loaded = {k: torch.zeros_like(v) for k, v in source.items()}
+        loaded["matrix"] = torch.zeros(7, 5).t()  # a strided destination: through a host tensor
         reader = DirectReader(str(tmp_path), contiguous=contiguous)
         dcp.load(loaded, storage_reader=reader, planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
         assert reader.direct_items == direct
