@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import copy
 import datetime
 import json
@@ -66,7 +67,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,23 @@ class CheckpointTimeoutError(CheckpointError):
 
 
 # ---- collectives -----------------------------------------------------------------------------
+_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar("merak_checkpoint_timeout", default=None)
+
+
 def _timeout_s() -> float:
-    return groups.default_timeout_s()
+    """The limit of every wait inside the current save or load: its ``timeout_s`` argument (the
+    trainer passes ``p2p_timeout``), else ``MERAK_TIMEOUT_S``."""
+    value = _TIMEOUT.get()
+    return groups.default_timeout_s() if value is None else float(value)
+
+
+@contextlib.contextmanager
+def _limit(timeout_s: float | None) -> Iterator[None]:
+    token = _TIMEOUT.set(timeout_s)
+    try:
+        yield
+    finally:
+        _TIMEOUT.reset(token)
 
 
 def _distributed() -> bool:
@@ -208,7 +224,8 @@ def _call_dcp(call: Callable[[], Any], phase: str, context: str) -> Any:
         text, me, limit = str(exc).strip(), groups.rank(), _timeout_s()
         if "imed out" in text or "timeout" in text.lower() or isinstance(exc, TimeoutError):
             raise CheckpointTimeoutError(
-                f"rank {me} timed out after waiting up to {limit:.0f}s (MERAK_TIMEOUT_S) for the other ranks in "
+                f"rank {me} timed out after waiting up to {limit:.0f}s (the checkpoint's timeout_s, default "
+                f"MERAK_TIMEOUT_S) for the other ranks in "
                 f"torch.distributed.checkpoint's {phase}, while {context}. A peer hung, was stopped or died: "
                 f"the ranks that do not report this error are the suspects (check their logs). "
                 f"[DCP said: {text[:200] or type(exc).__name__}]") from exc
@@ -389,9 +406,10 @@ class PendingSave:
     """
 
     def __init__(self, future: Any, directory: Path, publish: Callable[[], None], cleanup: Callable[[], None],
-                 context: str) -> None:
+                 context: str, timeout_s: float) -> None:
         self.directory = directory
         self._future, self._publish, self._cleanup, self._context = future, publish, cleanup, context
+        self._timeout_s = timeout_s  # the save's limit, for the waits of wait()
         self._done = False
 
     def done(self) -> bool:
@@ -402,7 +420,7 @@ class PendingSave:
         if self._done:
             return
         try:
-            with _while(self._context):
+            with _limit(self._timeout_s), _while(self._context):
                 # The background thread's own collectives end within the limit (its group's
                 # timeout); twice that bounds this wait even if the thread started late.
                 _run_phase(f"writing checkpoint {self.directory} in the background", lambda: _call_dcp(
@@ -425,6 +443,7 @@ def save_checkpoint(
     lr_scheduler: Any | None = None,
     extra: dict | None = None,
     async_save: bool = False,
+    timeout_s: float | None = None,
 ) -> PendingSave | None:
     """Write a checkpoint of the whole job to ``directory``. Collective: every rank calls it.
 
@@ -438,52 +457,56 @@ def save_checkpoint(
     ``async_save=True``: the state is copied to host memory (``dcp.async_save``'s staging) and
     written by a background thread while training goes on; returns a :class:`PendingSave`
     whose ``wait()`` (collective) must be called before the next save and at the end.
+
+    ``timeout_s`` bounds every wait of the save, DCP's collectives included (default
+    ``MERAK_TIMEOUT_S``); a peer that hangs ends it with :class:`CheckpointTimeoutError`.
     """
-    directory = Path(directory).absolute()
-    extra_json = json.dumps(extra or {})  # fails on every rank alike, before any collective
-    context = f"saving checkpoint {directory}{_step_text(extra)}"
-    staging = _staging_path(directory)
-    rank, coord = grid.rank, grid.coord
-    tp_rank = _tp_rank(stage)
+    with _limit(timeout_s):
+        directory = Path(directory).absolute()
+        extra_json = json.dumps(extra or {})  # fails on every rank alike, before any collective
+        context = f"saving checkpoint {directory}{_step_text(extra)}"
+        staging = _staging_path(directory)
+        rank, coord = grid.rank, grid.coord
+        tp_rank = _tp_rank(stage)
 
-    def collect() -> dict[str, Any]:
-        return collect_state(stage, tp_rank, optimizer, lr_scheduler, (coord_name(coord), capture_rng(stage)))
+        def collect() -> dict[str, Any]:
+            return collect_state(stage, tp_rank, optimizer, lr_scheduler, (coord_name(coord), capture_rng(stage)))
 
-    def cleanup() -> None:
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
+        def cleanup() -> None:
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
 
-    with _while(context):
-        _run_phase("creating the staging directory", lambda: _fresh_dir(staging) if rank == 0 else None)
-        try:
-            state = _run_phase("collecting the training state", collect)
-            specs = {item.name: spec_to_json(item.spec) for item in stage_tensors(stage) if item.spec is not None}
-            all_specs = all_gather_objects(specs, _timeout_s(), "tensor-parallel shard specs")
-            layout = _layout(grid, {k: v for ranks in all_specs for k, v in ranks.items()},
-                             optimizer is not None, lr_scheduler is not None)
+        with _while(context):
+            _run_phase("creating the staging directory", lambda: _fresh_dir(staging) if rank == 0 else None)
+            try:
+                state = _run_phase("collecting the training state", collect)
+                specs = {item.name: spec_to_json(item.spec) for item in stage_tensors(stage) if item.spec is not None}
+                all_specs = all_gather_objects(specs, _timeout_s(), "tensor-parallel shard specs")
+                layout = _layout(grid, {k: v for ranks in all_specs for k, v in ranks.items()},
+                                 optimizer is not None, lr_scheduler is not None)
 
-            def publish() -> None:
-                if rank == 0:
-                    _publish_checkpoint(staging, directory, layout, extra_json)
+                def publish() -> None:
+                    if rank == 0:
+                        _publish_checkpoint(staging, directory, layout, extra_json)
 
-            writer = _Writer(staging / DCP_DIR, sync_files=True)
-            planner = DefaultSavePlanner(flatten_state_dict=False)
-            distributed = _distributed()
-            if async_save:
-                group = _dcp_group("background") if distributed else None
-                future = _call_dcp(lambda: dcp.async_save(state, storage_writer=writer, planner=planner,
-                                                          no_dist=not distributed, process_group=group),
-                                   "asynchronous save (staging)", context)
-                return PendingSave(future, directory, publish, cleanup, context)
-            group = _dcp_group("foreground") if distributed else None
-            _call_dcp(lambda: dcp.save(state, storage_writer=writer, planner=planner, no_dist=not distributed,
-                                       process_group=group), "save (plan, write, agree)", context)
-            _run_phase("publishing the checkpoint", publish)
-        except BaseException:
-            cleanup()
-            raise
-    logger.info("saved checkpoint %s (%s)", directory, grid.dims)
-    return None
+                writer = _Writer(staging / DCP_DIR, sync_files=True)
+                planner = DefaultSavePlanner(flatten_state_dict=False)
+                distributed = _distributed()
+                if async_save:
+                    group = _dcp_group("background") if distributed else None
+                    future = _call_dcp(lambda: dcp.async_save(state, storage_writer=writer, planner=planner,
+                                                              no_dist=not distributed, process_group=group),
+                                       "asynchronous save (staging)", context)
+                    return PendingSave(future, directory, publish, cleanup, context, _timeout_s())
+                group = _dcp_group("foreground") if distributed else None
+                _call_dcp(lambda: dcp.save(state, storage_writer=writer, planner=planner, no_dist=not distributed,
+                                           process_group=group), "save (plan, write, agree)", context)
+                _run_phase("publishing the checkpoint", publish)
+            except BaseException:
+                cleanup()
+                raise
+        logger.info("saved checkpoint %s (%s)", directory, grid.dims)
+        return None
 
 
 def _tp_rank(stage: nn.Module) -> int:
@@ -601,6 +624,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     lr_scheduler: Any | None = None,
     restore_rng: bool = True,
+    timeout_s: float | None = None,
 ) -> dict:
     """Restore a checkpoint written by :func:`save_checkpoint` and return its ``extra`` dict.
 
@@ -614,44 +638,47 @@ def load_checkpoint(
     Collective. Restores the stage's tensors (in place, so an optimizer built over the stage
     keeps working), the optimizer and scheduler when given, and the RNG states last. Raises
     :class:`CheckpointError` (on every rank) for a checkpoint of another model or a missing
-    optimizer state.
+    optimizer state; ``timeout_s`` bounds every wait (default ``MERAK_TIMEOUT_S``), a peer
+    that hangs ends the load with :class:`CheckpointTimeoutError`.
     """
-    directory = Path(directory).absolute()
-    layout = _read_layout(directory)  # identical on every rank: errors here need no agreement
-    if optimizer is not None and not layout.get("optimizer"):
-        raise CheckpointError(f"{directory} was saved without optimizer state; load it with optimizer=None "
-                              "(weights only) or from a checkpoint that has it")
-    if lr_scheduler is not None and not layout.get("lr_scheduler"):
-        raise CheckpointError(f"{directory} was saved without a learning-rate scheduler; pass lr_scheduler=None")
-    saved_dims = layout["dims"]
-    rng_sources = restore_sources(saved_dims, grid.dims, grid.coord) if restore_rng else (None, None)
-    items = stage_tensors(stage)
+    with _limit(timeout_s):
+        directory = Path(directory).absolute()
+        layout = _read_layout(directory)  # identical on every rank: errors here need no agreement
+        if optimizer is not None and not layout.get("optimizer"):
+            raise CheckpointError(f"{directory} was saved without optimizer state; load it with optimizer=None "
+                                  "(weights only) or from a checkpoint that has it")
+        if lr_scheduler is not None and not layout.get("lr_scheduler"):
+            raise CheckpointError(f"{directory} was saved without a learning-rate scheduler; pass lr_scheduler=None")
+        saved_dims = layout["dims"]
+        rng_sources = restore_sources(saved_dims, grid.dims, grid.coord) if restore_rng else (None, None)
+        items = stage_tensors(stage)
 
-    def plan() -> tuple[StateRequests, list[Callable[[], None]]]:
-        metadata = FileSystemReader(str(directory / DCP_DIR)).read_metadata().state_dict_metadata
-        specs = {name: spec_from_json(value) for name, value in layout.get("tp_specs", {}).items()}
-        requests = StateRequests(metadata, specs, _tp_rank(stage))
-        return requests, _plan_restore(requests, items, stage, optimizer, lr_scheduler, rng_sources)
+        def plan() -> tuple[StateRequests, list[Callable[[], None]]]:
+            metadata = FileSystemReader(str(directory / DCP_DIR)).read_metadata().state_dict_metadata
+            specs = {name: spec_from_json(value) for name, value in layout.get("tp_specs", {}).items()}
+            requests = StateRequests(metadata, specs, _tp_rank(stage))
+            return requests, _plan_restore(requests, items, stage, optimizer, lr_scheduler, rng_sources)
 
-    extra = json.loads((directory / EXTRA_FILE).read_text())
-    context = f"loading checkpoint {directory}{_step_text(extra)}"
-    with _while(context):
-        requests, appliers = _run_phase(f"planning the load of {directory}", plan)
-        _check_model_names(requests.names(MODEL), {item.name for item in items}, directory)
-        distributed = _distributed()
-        group = _dcp_group("foreground") if distributed else None
-        reader = _Reader(str(directory / DCP_DIR), contiguous=bool(layout.get(CONTIGUOUS_ITEMS)))
-        _call_dcp(lambda: dcp.load(requests.buffers, storage_reader=reader,
-                                   planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
-                                   no_dist=not distributed, process_group=group),
-                  "load (plan, read, agree)", context)
-        _run_phase(f"loading checkpoint {directory}", lambda: [apply() for apply in appliers])
-    if restore_rng and rng_sources != (coord_name(grid.coord),) * 2:
-        logger.info("checkpoint %s was saved with %s, this job runs %s: default random streams continue from "
-                    "%s, tensor-parallel ones from %s (None: this rank keeps its own)", directory, saved_dims,
-                    grid.dims, *rng_sources)
-    logger.info("loaded checkpoint %s (%s)", directory, grid.dims)
-    return extra
+        extra = json.loads((directory / EXTRA_FILE).read_text())
+        context = f"loading checkpoint {directory}{_step_text(extra)}"
+        with _while(context):
+            requests, appliers = _run_phase(f"planning the load of {directory}", plan)
+            _check_model_names(requests.names(MODEL), {item.name for item in items}, directory)
+            distributed = _distributed()
+            group = _dcp_group("foreground") if distributed else None
+            reader = _Reader(str(directory / DCP_DIR), contiguous=bool(layout.get(CONTIGUOUS_ITEMS)))
+            _call_dcp(lambda: dcp.load(requests.buffers, storage_reader=reader,
+                                       planner=DefaultLoadPlanner(flatten_state_dict=False,
+                                                                  flatten_sharded_tensors=False),
+                                       no_dist=not distributed, process_group=group),
+                      "load (plan, read, agree)", context)
+            _run_phase(f"loading checkpoint {directory}", lambda: [apply() for apply in appliers])
+        if restore_rng and rng_sources != (coord_name(grid.coord),) * 2:
+            logger.info("checkpoint %s was saved with %s, this job runs %s: default random streams continue from "
+                        "%s, tensor-parallel ones from %s (None: this rank keeps its own)", directory, saved_dims,
+                        grid.dims, *rng_sources)
+        logger.info("loaded checkpoint %s (%s)", directory, grid.dims)
+        return extra
 
 
 def _check_model_names(saved: set[str], own: set[str], directory: Path) -> None:

@@ -644,6 +644,7 @@ class MerakTrainer(Trainer):
             self._pending_save = save_checkpoint(
                 directory, stage=self.stage, grid=self.grid, optimizer=self.optimizer if full else None,
                 lr_scheduler=self.lr_scheduler if full else None, async_save=self.args.async_save,
+                timeout_s=self.args.p2p_timeout,
                 extra={"global_step": self.state.global_step, "partition_cuts": self._cuts(), **self._scaler_state()})
             if self._pending_save is not None and self.args.should_save:
                 os.makedirs(directory, exist_ok=True)  # HF's files go there; published with Merak's part
@@ -701,7 +702,7 @@ class MerakTrainer(Trainer):
         from merak.checkpoint import load_checkpoint
 
         full = os.path.exists(os.path.join(directory, "layout.json")) and _has_optimizer(directory)
-        extra = load_checkpoint(directory, stage=self.stage, grid=self.grid,
+        extra = load_checkpoint(directory, stage=self.stage, grid=self.grid, timeout_s=self.args.p2p_timeout,
                                 optimizer=self.optimizer if full else None,
                                 lr_scheduler=self.lr_scheduler if full else None)
         if self.precision.scaler is not None and "loss_scaler" in extra:
@@ -714,7 +715,8 @@ class MerakTrainer(Trainer):
         self._finish_pending_save()
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
                     self.state.best_metric)
-        load_checkpoint(self.state.best_model_checkpoint, stage=self.stage, grid=self.grid, restore_rng=False)
+        load_checkpoint(self.state.best_model_checkpoint, stage=self.stage, grid=self.grid, restore_rng=False,
+                        timeout_s=self.args.p2p_timeout)
 
     def _cuts(self) -> list[str]:
         """The partition plan's cut points (first node of stages 1..P-1), saved with checkpoints."""

@@ -41,8 +41,8 @@ def _hang_in_checkpoint(root: str, report: str, case: str) -> None:
     save_checkpoint(f"{root}/checkpoint-1", **state, extra={"global_step": 1})
     start = time.monotonic()
     try:
-        if case == "load":
-            load_checkpoint(f"{root}/checkpoint-1", **state)
+        if case == "load":  # the limit as an argument (the environment says 60 s here)
+            load_checkpoint(f"{root}/checkpoint-1", **state, timeout_s=LIMIT_S)
         else:
             pending = save_checkpoint(f"{root}/checkpoint-2", **state, extra={"global_step": 2},
                                       async_save=case == "async_save")
@@ -63,7 +63,7 @@ def test_stopped_peer_ends_a_checkpoint_within_the_limit(dist_run, tmp_path, cas
     fault = "1:read:1:stop" if load else "1:written:2:stop"
     with pytest.raises(RankFailed, match="rank 1"):  # killed: it reports nothing
         dist_run(_hang_in_checkpoint, 2, str(tmp_path), str(report), case, timeout=120, grace=5,
-                 env={"MERAK_TIMEOUT_S": str(LIMIT_S), "MERAK_CHECKPOINT_FAULT": fault})
+                 env={"MERAK_TIMEOUT_S": str(60 if load else LIMIT_S), "MERAK_CHECKPOINT_FAULT": fault})
     got = json.loads(report.read_text())
     assert got["waited"] <= LIMIT_S + MARGIN_S, got
     error = got["error"]
