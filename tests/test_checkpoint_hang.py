@@ -5,7 +5,8 @@ A stopped process keeps its sockets open, so only timeouts can end its peers. He
 itself inside ``torch.distributed.checkpoint``'s save (after its part is written, while rank 0
 waits in DCP's final gather; in the background thread for ``async_save``) or load (after its reads, while rank 0 waits in DCP's closing
 all-gather), through the fault hook ``MERAK_CHECKPOINT_FAULT=1:<point>:<n>:stop``. The job is a
-plain ``nn.Linear`` on a dp=2 grid: no model tracing, a few seconds per case.
+plain ``nn.Linear`` on a dp=2 grid: no model tracing, a few seconds per case (the
+``async_save`` case runs with ``-m slow``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _hang_in_checkpoint(root: str, report: str, case: str) -> None:
     os.kill(pids[1], signal.SIGKILL)  # the stopped rank never resumes
 
 
-@pytest.mark.parametrize("case", ["save", "async_save", "load"])
+@pytest.mark.parametrize("case", ["save", pytest.param("async_save", marks=pytest.mark.slow), "load"])
 def test_stopped_peer_ends_a_checkpoint_within_the_limit(dist_run, tmp_path, case):
     report = tmp_path / "rank0.json"
     load = case == "load"
