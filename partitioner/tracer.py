@@ -48,6 +48,7 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.utils import _pytree as pytree
 
 from .meta import first_device, is_meta_module, meta_like
+from .module_state import check_state_writes, restoring_module_state, unrecorded
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +337,10 @@ class MetaTracer(fx.Tracer):
                 self.constants[name] = a
                 self._constant_ids[id(a)] = name
                 return self.create_proxy("get_attr", name, (), {}).node
+        if type(a).__module__ == "numpy" and hasattr(a, "item") and getattr(a, "ndim", None) == 0:
+            # a NumPy scalar (CTRL scales embeddings by np.sqrt(d)): fx would print it as
+            # ``np.float64(...)`` into code that has no ``np``; torch promotes it as the Python number
+            return a.item()
         return super().create_arg(a)
 
     # ---- Python protocols on proxies --------------------------------------------------------
@@ -404,14 +409,16 @@ def run_module_on_meta(
         if cache is not None:
             cache[key] = state
     try:
-        return torch.func.functional_call(module, state, tuple(args), dict(kwargs), tie_weights=False, strict=False)
+        with unrecorded():
+            return torch.func.functional_call(module, state, tuple(args), dict(kwargs), tie_weights=False, strict=False)
     except Exception as meta_exc:
         if not any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves((args, kwargs))):
             raise
         zeros = pytree.tree_map_only(torch.Tensor, _zeros_on_cpu, (tuple(args), dict(kwargs)))
         cpu_state = {name: _zeros_on_cpu(t) for name, t in state.items()}
         try:
-            out = torch.func.functional_call(module, cpu_state, zeros[0], zeros[1], tie_weights=False, strict=False)
+            with unrecorded():
+                out = torch.func.functional_call(module, cpu_state, zeros[0], zeros[1], tie_weights=False, strict=False)
         except Exception:
             raise meta_exc
         return meta_like(out)
@@ -490,7 +497,7 @@ def trace_with_fx(model: nn.Module, example_inputs: Mapping[str, Any], leaf_modu
     tracer.placeholder_values = {k: meta_like(v) for k, v in example_inputs.items()}
     fixed = _fixed_kwargs(model, list(example_inputs))
     try:
-        with _autograd_functions_as_nodes(tracer):
+        with _autograd_functions_as_nodes(tracer), restoring_module_state(model) as state_writes:
             graph = tracer.trace(model, concrete_args=fixed)
     except TraceError:
         raise
@@ -504,6 +511,7 @@ def trace_with_fx(model: nn.Module, example_inputs: Mapping[str, Any], leaf_modu
         ) from exc
     _flatten_outputs(graph)
     notes = [f"specialized: {s}" for s in dict.fromkeys(tracer.specializations)]
+    notes += check_state_writes(state_writes, type(model).__name__)
     return TracedGraph(
         model=model,
         graph=graph,
@@ -555,13 +563,18 @@ def trace_with_export(model: nn.Module, example_inputs: Mapping[str, Any]) -> Tr
     for dynamic in (True, False):
         shapes = _export_dynamic_shapes(model, kwargs) if dynamic else None
         try:
-            with _swapped_to_meta(model) if on_meta else contextlib.nullcontext():
+            with _swapped_to_meta(model) if on_meta else contextlib.nullcontext(), \
+                    restoring_module_state(model) as state_writes:
                 exported = torch.export.export(model, (), kwargs=kwargs, strict=False, dynamic_shapes=shapes)
             break
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(f"{'dynamic' if dynamic else 'static'} shapes: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     if exported is None:
         raise TraceError(f"torch.export of {type(model).__name__} failed ({'; '.join(errors)})")
+    mutated = sorted({*exported.graph_signature.buffers_to_mutate.values(), *(w.qualified_name for w in state_writes)})
+    if mutated:  # the stage graph keeps user outputs only: the update would be silently lost
+        raise TraceError(f"torch.export of {type(model).__name__}: forward updates module state {', '.join(mutated)}, "
+                         f"which a traced stage cannot carry to the next step")
     if not dynamic:
         notes.append(
             "torch.export graph is specialized to the example shapes "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -152,6 +154,68 @@ def test_leaf_module_makes_it_traceable() -> None:
     x = torch.randn(3, 8)
     out = run_sequentially([build_stage(shard(graph, 2), s) for s in range(2)], {"x": x})
     assert torch.equal(out["output"], model(x))
+
+
+class CastsItsBuffer(nn.Module):
+    """CTRL's pattern: ``forward`` re-assigns a buffer cast to the input's device and dtype, and
+    scales by a NumPy scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.table = nn.Buffer(torch.randn(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        self.table = self.table.to(device=x.device, dtype=x.dtype)
+        return (self.proj(x) * np.sqrt(8.0) + self.table[: x.shape[0]]).sum()
+
+
+class Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = nn.Buffer(torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.running = 0.9 * self.running + 0.1 * x.mean(0)  # a statistic carried to the next step
+        return x + self.running
+
+
+class CountsInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.stats = Counter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stats(self.proj(x)).sum()
+
+
+def test_a_buffer_cast_in_forward_traces_and_leaves_the_model_untouched() -> None:
+    model = CastsItsBuffer()
+    table = model.table
+    graph = trace(model, {"x": torch.randn(4, 8)})
+    assert model.table is table and [n for n, _ in model.named_buffers()] == ["table"]
+    assert any("ignored a cast of table" in note for note in graph.traced.notes)
+    x = torch.randn(4, 8)
+    out = run_sequentially([build_stage(shard(graph, 1), 0)], {"x": x})
+    torch.testing.assert_close(out["output"], model(x))
+
+
+def test_state_carried_across_steps_is_refused_naming_the_attribute_and_leaf_fix() -> None:
+    model = CountsInForward()
+    running = model.stats.running
+    with pytest.raises(TraceError) as err:  # fx refuses, and torch.export (the fallback) alike
+        trace(model, {"x": torch.randn(4, 8)})
+    assert "stats.running (Counter)" in str(err.value) and "leaf_modules=('stats',)" in str(err.value)
+    assert "forward updates module state stats.running" in str(err.value)
+    assert model.stats.running is running  # the failed trace left the model as it was
+    graph = trace(model, {"x": torch.randn(4, 8)}, leaf_modules=("stats",))
+    reference = copy.deepcopy(model)
+    stage = build_stage(shard(graph, 1), 0)
+    for x in torch.randn(2, 4, 8):  # the leaf runs its real forward: the statistic carries over steps
+        torch.testing.assert_close(run_sequentially([stage], {"x": x})["output"], reference(x))
 
 
 def test_bad_inputs_are_rejected_clearly() -> None:

@@ -214,7 +214,7 @@ class SkipMLP(nn.Module):
 _FAMILY_SIZES: dict[str, Any] = dict(
     hidden_size=32, n_embd=32, d_model=32, dim=32, num_hidden_layers=2, n_layer=2, num_layers=2,
     num_attention_heads=4, n_head=4, num_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
-    ffn_dim=64, n_inner=64, d_ff=64, vocab_size=VOCAB, max_position_embeddings=64, n_positions=64,
+    ffn_dim=64, n_inner=64, d_ff=64, dff=64, vocab_size=VOCAB, max_position_embeddings=64, n_positions=64,
     moe_intermediate_size=32, shared_expert_intermediate_size=32, num_local_experts=4, num_experts=4,
     n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=0, decoder_layers=2, decoder_ffn_dim=64,
     decoder_attention_heads=4, encoder_layers=2, encoder_ffn_dim=64, encoder_attention_heads=4,
