@@ -23,10 +23,12 @@ batch, whose ``get_attr``/``call_module`` targets are paths in the *original* mo
 copied), plus the tensor constants the trace created.
 
 Limits of the fx flavour (inherent to symbolic tracing): a proxy is not a ``torch.Tensor``, so
-code that silently branches on ``isinstance(x, torch.Tensor)`` takes the non-tensor branch;
-``torch.no_grad()`` regions inside ``forward`` are not recorded; and a Python ``int()``/``len()``
-of a size bakes that size in (reported in ``notes`` as "specialized"). The graph is a training
-graph: it is traced in ``train()`` mode without KV cache.
+code that silently branches on ``isinstance(x, torch.Tensor)`` takes the non-tensor branch; and a
+Python ``int()``/``len()`` of a size bakes that size in (reported in ``notes`` as "specialized").
+A graph has no grad mode: a value computed inside the model's own ``torch.no_grad()`` is recorded
+followed by ``detach()``, which gives the same values and gradients. Writes to module state in
+``forward`` are undone after the trace (:mod:`.module_state`). The graph is a training graph: it is
+traced in ``train()`` mode without KV cache.
 """
 
 from __future__ import annotations
@@ -224,6 +226,13 @@ def _first_user_frame() -> str:
     return "<unknown>"
 
 
+_COMPUTING_KINDS = ("call_function", "call_method", "call_module")
+
+
+def _differentiable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
 class MetaTracer(fx.Tracer):
     """fx tracer that propagates meta values alongside proxies (see the module docstring).
 
@@ -299,6 +308,11 @@ class MetaTracer(fx.Tracer):
         patched = kind == "call_module" or (kind == "get_attr" and target not in self.constants)
         with _maybe_revert_all_patches() if patched else contextlib.nullcontext():
             node.meta["merak_value"] = self._compute_value(node, kind, target, args, kwargs)
+        if not torch.is_grad_enabled() and kind in _COMPUTING_KINDS and _differentiable(node.meta["merak_value"]) \
+                and not (kind == "call_method" and target == "detach"):
+            # inside the model's own ``torch.no_grad()`` (HRM runs all but its last reasoning cycles
+            # so): a graph has no grad mode, so the value leaves the region detached instead
+            return self.create_proxy("call_method", "detach", (proxy,), {})
         return proxy
 
     def _compute_value(self, node: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
@@ -497,7 +511,8 @@ def trace_with_fx(model: nn.Module, example_inputs: Mapping[str, Any], leaf_modu
     tracer.placeholder_values = {k: meta_like(v) for k, v in example_inputs.items()}
     fixed = _fixed_kwargs(model, list(example_inputs))
     try:
-        with _autograd_functions_as_nodes(tracer), restoring_module_state(model) as state_writes:
+        # grad mode on: inside, grad mode off means the model's own no_grad regions (see create_proxy)
+        with _autograd_functions_as_nodes(tracer), restoring_module_state(model) as state_writes, torch.enable_grad():
             graph = tracer.trace(model, concrete_args=fixed)
     except TraceError:
         raise

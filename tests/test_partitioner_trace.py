@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -216,6 +217,34 @@ def test_state_carried_across_steps_is_refused_naming_the_attribute_and_leaf_fix
     stage = build_stage(shard(graph, 1), 0)
     for x in torch.randn(2, 4, 8):  # the leaf runs its real forward: the statistic carries over steps
         torch.testing.assert_close(run_sequentially([stage], {"x": x})["output"], reference(x))
+
+
+class RefinesWithoutGrad(nn.Module):
+    """HRM's pattern: all but the last refinement step run under ``torch.no_grad()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i in range(3):
+            with torch.no_grad() if i < 2 else contextlib.nullcontext():
+                h = torch.tanh(self.step(h) + x)
+        return h.pow(2).sum()
+
+
+def test_no_grad_regions_in_forward_keep_their_gradients() -> None:
+    model = RefinesWithoutGrad()
+    graph = trace(model, {"x": torch.randn(4, 8)})
+    stages = [build_stage(shard(graph, 2), s) for s in range(2)]
+    x = torch.randn(4, 8, requires_grad=True)
+    run_sequentially(stages, {"x": x})["output"].backward()
+    got = {n: p.grad for s in stages for n, p in s.named_parameters()}
+    model(x.detach().requires_grad_()).backward()
+    assert got.keys() == {"step.weight", "step.bias"}
+    for name, param in model.named_parameters():  # only the last step's use of the weights counts
+        torch.testing.assert_close(got[name], param.grad)
 
 
 def test_bad_inputs_are_rejected_clearly() -> None:

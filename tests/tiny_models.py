@@ -218,6 +218,10 @@ _FAMILY_SIZES: dict[str, Any] = dict(
     moe_intermediate_size=32, shared_expert_intermediate_size=32, num_local_experts=4, num_experts=4,
     n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=0, decoder_layers=2, decoder_ffn_dim=64,
     decoder_attention_heads=4, encoder_layers=2, encoder_ffn_dim=64, encoder_attention_heads=4,
+    # multi-head latent attention (DeepSeek V2/V3 and their kin)
+    kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, qk_head_dim=12, v_head_dim=8,
+    n_heads=4, n_layers=2, max_window_layers=2, n_group=1, topk_group=1, index_head_dim=8, index_n_heads=4,
+    rotary_dim=4,
 )
 
 
@@ -238,6 +242,11 @@ def tiny_family(model_type: str, seed: int = 0) -> tuple[nn.Module, BatchFn]:
         config_cls = CONFIG_MAPPING[model_type]
         defaults = config_cls()
         values = {k: v for k, v in _FAMILY_SIZES.items() if hasattr(defaults, k)}
+        if hasattr(defaults, "use_cache"):  # training never caches; linear-attention caches refuse masks
+            values["use_cache"] = False
+        if hasattr(defaults, "kv_lora_rank"):  # latent attention expands keys per query head: no grouping
+            values["num_key_value_heads"] = values.get("num_attention_heads", 4)
+            values["head_dim"] = values.get("qk_rope_head_dim", 4)  # MLA configs mean the rotary part by head_dim
         values.update({k: 0.0 for k, v in vars(defaults).items() if ("dropout" in k or k.endswith("pdrop")) and isinstance(v, float)})
         values.update({k: i for i, k in enumerate(("pad_token_id", "bos_token_id", "eos_token_id"))
                        if isinstance(getattr(defaults, k, None), int) and getattr(defaults, k) >= VOCAB})
