@@ -167,8 +167,11 @@ def trace(
     opaque. ``flavour`` is ``"auto"`` (fx, then torch.export), ``"fx"`` or ``"export"``.
     """
     start = time.perf_counter()
-    traced = trace_graph(model, example_inputs, leaf_modules, flavour)
-    graph = annotate(traced)
+    # the caller's grad mode survives a node that fails half-way through switching it (torch.export's
+    # wrap_with_set_grad_enabled left it off, and every later backward of the process failed)
+    with torch.set_grad_enabled(torch.is_grad_enabled()):
+        traced = trace_graph(model, example_inputs, leaf_modules, flavour)
+        graph = annotate(traced)
     graph.trace_seconds = time.perf_counter() - start
     return graph
 

@@ -247,6 +247,20 @@ def test_no_grad_regions_in_forward_keep_their_gradients() -> None:
         torch.testing.assert_close(got[name], param.grad)
 
 
+def test_a_trace_that_fails_half_way_leaves_grad_mode_as_it_was(monkeypatch) -> None:
+    import merak.partitioner.proxy_graph as proxy_graph
+
+    def fails_with_grad_off(traced):  # what torch.export's wrap_with_set_grad_enabled did on a failing node
+        torch._C._set_grad_enabled(False)
+        raise TraceError("cannot cost node")
+
+    monkeypatch.setattr(proxy_graph, "annotate", fails_with_grad_off)
+    model, make_batch = tiny_model("mlp")
+    with pytest.raises(TraceError):
+        trace(model, make_batch())
+    assert torch.is_grad_enabled()
+
+
 def test_bad_inputs_are_rejected_clearly() -> None:
     model, make_batch = tiny_model("mlp")
     with pytest.raises(TypeError, match="example_inputs"):
