@@ -244,6 +244,10 @@ def tiny_family(model_type: str, seed: int = 0) -> tuple[nn.Module, BatchFn]:
         values = {k: v for k, v in _FAMILY_SIZES.items() if hasattr(defaults, k)}
         if hasattr(defaults, "use_cache"):  # training never caches; linear-attention caches refuse masks
             values["use_cache"] = False
+        if hasattr(defaults, "attention_types"):  # GPT-Neo: one (global, local) pair for the two layers
+            values["attention_types"] = [[["global", "local"], 1]]
+        if hasattr(defaults, "mamba_n_heads") and hasattr(defaults, "mamba_expand"):  # heads must divide expand*hidden
+            values["mamba_n_heads"] = 4
         if hasattr(defaults, "kv_lora_rank"):  # latent attention expands keys per query head: no grouping
             values["num_key_value_heads"] = values.get("num_attention_heads", 4)
             values["head_dim"] = values.get("qk_rope_head_dim", 4)  # MLA configs mean the rotary part by head_dim
