@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .proxy_graph import _is_random, _mutated_input, _target_name
+from .proxy_graph import _is_random, mutated_input, _target_name
 
 __all__ = ["ShapeKeyedMask", "is_causal_mask", "rewrite_causal_attention"]
 
@@ -121,7 +121,7 @@ def _is_shape_query(node: fx.Node) -> bool:
 def _mutates(node: fx.Node) -> bool:
     """In place: what the partitioner counts as a mutation, plus ``del x[i]`` and torch functions
     named like in-place methods (``torch.relu_``), which it does not need to track."""
-    if _mutated_input(node) is not None or node.target is operator.delitem:
+    if mutated_input(node) is not None or node.target is operator.delitem:
         return True
     if node.op != "call_function" or getattr(node.target, "__module__", None) in ("operator", "_operator"):
         return False  # operator.and_ / or_ are not in-place despite the underscore

@@ -205,7 +205,7 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return total
 
 
-def _mutated_input(node: fx.Node) -> str | None:
+def mutated_input(node: fx.Node) -> str | None:
     """Name of the value an in-place node updates (its first argument), else ``None``."""
     if node.op == "call_function":
         schema = getattr(node.target, "_schema", None)
@@ -326,7 +326,7 @@ def annotate(traced: TracedGraph) -> ProxyGraph:
         for node in traced.graph.nodes:
             record = ProxyNode(
                 name=node.name, op=node.op, target=_target_name(node), module=_module_of(node),
-                role=COMPUTE, mutates=_mutated_input(node),
+                role=COMPUTE, mutates=mutated_input(node),
                 inputs=tuple(n.name for n in node.all_input_nodes), users=tuple(u.name for u in node.users),
             )
             if node.op == "output":

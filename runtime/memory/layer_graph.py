@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from merak.partitioner.proxy_graph import _layer_of, _module_of, _mutated_input
+from merak.partitioner.proxy_graph import _layer_of, _module_of, mutated_input
 from merak.partitioner.tracer import resolve_path
 
 __all__ = ["Region", "layer_ranges", "attention_cores", "build_program", "LayerGraphError"]
@@ -141,7 +141,7 @@ def _boundary(nodes: Sequence[fx.Node], region: Region) -> tuple[list[fx.Node], 
         for inp in node.all_input_nodes:
             if inp not in body:
                 inputs[inp] = None
-        mutated = _mutated_input(node)
+        mutated = mutated_input(node)
         if mutated is not None and any(inp.name == mutated for inp in inputs):
             raise LayerGraphError(f"{region.label}: node {node.name} updates its input {mutated} in place, so a "
                                   "recomputation would read the updated value; keep this layer (action 'keep')")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from merak.partitioner.proxy_graph import mutated_input
 from merak.partitioner.stage import StageChunks
 from merak.runtime.distributed.grid import Grid
 from merak.runtime.tensor_parallel.experts import shard_expert_bank
@@ -319,6 +320,35 @@ def _apply_edit(graph: fx.Graph, node: fx.Node, edit: Edit, tp: int) -> None:
     _set_path(node, edit.path, new)
 
 
+def _insert_communication(graph: fx.Graph, plan: TPPlan, values: dict[str, fx.Node], nodes: dict[str, fx.Node]) -> None:
+    """Put each planned ``copy`` / ``scatter`` on its edge, right before its consumer.
+
+    Why not right after the value: a value may be filled in place after it is made (RWKV's CPU
+    kernel writes ``output[:, t] = ...`` into a ``zeros_like``); a scatter taken there copies the
+    zeros. Consumers of one value share one inserted op as long as no in-place write of the value
+    lies between them.
+    """
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    writes: dict[str, list[int]] = {}
+    for node in graph.nodes:
+        name = mutated_input(node)
+        if name is not None:
+            writes.setdefault(name, []).append(order[node])
+    inserted: dict[tuple[str, str, int | None, int], fx.Node] = {}
+    planned = [(nodes[i.consumer], i) for i in plan.inserts if i.consumer in nodes]
+    for consumer, ins in sorted(planned, key=lambda pair: order[pair[0]]):
+        value = _stage_value(consumer, ins.value, values.get(ins.value))
+        written = sum(1 for at in writes.get(value.name, ()) if at < order[consumer])
+        key = (ins.kind, value.name, ins.dim, written)
+        if key not in inserted:
+            with graph.inserting_before(consumer):
+                if ins.kind == "copy":
+                    inserted[key] = graph.call_module(COPY_MODULE, (value,))
+                else:
+                    inserted[key] = graph.call_module(SCATTER_MODULE, (value, ins.dim))
+        consumer.replace_input_with(value, inserted[key])
+
+
 def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup, tracker: TPRNGTracker) -> None:
     graph: fx.Graph = stage.graph
     values = {n.name: n for n in graph.nodes}
@@ -331,20 +361,7 @@ def _rewrite_graph(stage: nn.Module, plan: TPPlan, tpg: TPGroup, tracker: TPRNGT
     for edit in plan.edits:
         if edit.node in nodes:
             _apply_edit(graph, nodes[edit.node], edit, tpg.size)
-    inserted: dict[tuple[str, str, int | None], fx.Node] = {}
-    for ins in plan.inserts:
-        consumer, value = nodes.get(ins.consumer), values.get(ins.value)
-        if consumer is None:
-            continue
-        value = _stage_value(consumer, ins.value, value)
-        key = (ins.kind, value.name, ins.dim)
-        if key not in inserted:
-            with graph.inserting_after(value):
-                if ins.kind == "copy":
-                    inserted[key] = graph.call_module(COPY_MODULE, (value,))
-                else:
-                    inserted[key] = graph.call_module(SCATTER_MODULE, (value, ins.dim))
-        consumer.replace_input_with(value, inserted[key])
+    _insert_communication(graph, plan, values, nodes)
     for node in list(graph.nodes):
         site = plan.sites.get(node.name)
         if site is None or _received(node):
