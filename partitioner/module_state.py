@@ -54,6 +54,9 @@ def _holds_proxy(value: Any) -> bool:
     return any(isinstance(leaf, fx.Proxy) for leaf in pytree.tree_leaves(value))
 
 
+#: ``nn.Module``'s own tables in ``__dict__``: a proxy in ``_buffers`` is the buffer's write, not theirs
+_REGISTRIES = frozenset({"_buffers", "_parameters", "_modules"})
+
 #: > 0 while a leaf module runs under ``torch.func.functional_call``, which undoes its writes itself
 _unrecorded_depth = 0
 
@@ -103,6 +106,8 @@ def restoring_module_state(model: nn.Module) -> Iterator[list[StateWrite]]:
         for key, (module, attributes, buffers) in snapshots.items():
             for table, before in ((module._buffers, buffers), (module.__dict__, attributes)):
                 for name, value in list(table.items()):
+                    if table is module.__dict__ and name in _REGISTRIES:
+                        continue  # the buffer/parameter/submodule tables themselves, not attributes
                     if _holds_proxy(value) or (key, name) in assigned and value is not before.get(name):
                         assigned[(key, name)] = value
                         if name in before:
