@@ -49,6 +49,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.utils import _pytree as pytree
 
+from .export_regions import inline_grad_mode_regions, refuse_autocast_regions
 from .meta import first_device, is_meta_module, meta_like
 from .module_state import check_state_writes, restoring_module_state, unrecorded
 
@@ -597,7 +598,7 @@ def trace_with_export(model: nn.Module, example_inputs: Mapping[str, Any]) -> Tr
             + f" (dynamic export failed: {errors[0]})"
         )
     unlifted = exported.module()
-    graph = _clean_export_graph(unlifted.graph, names, fixed, exported)
+    graph = _clean_export_graph(unlifted.graph, names, fixed, exported, type(model).__name__)
     trace_devices = {v.device for v in inputs.values() if isinstance(v, torch.Tensor)}
     constants = {}
     for node in graph.nodes:
@@ -659,13 +660,18 @@ def _is_model_tensor(model: nn.Module, target: str) -> bool:
     return isinstance(value, torch.Tensor)
 
 
-def _clean_export_graph(graph: fx.Graph, names: Sequence[str], fixed: Mapping[str, Any], exported: Any) -> fx.Graph:
+def _clean_export_graph(graph: fx.Graph, names: Sequence[str], fixed: Mapping[str, Any], exported: Any,
+                        model_name: str = "the model") -> fx.Graph:
     """Make an unlifted export graph look like a MetaTracer graph.
 
-    Drops the input-guard module and tensor-metadata asserts (they pin the trace device), turns
+    Inlines grad-mode regions (``no_grad`` bodies become ``detach()``-ed data flow, so every node
+    is costed, cut and retargeted; see :mod:`.export_regions`) and refuses autocast regions,
+    drops the input-guard module and tensor-metadata asserts (they pin the trace device), turns
     pinned keyword placeholders into constants, and makes the output a flat ``{name: value}``
     dict using export's output pytree spec.
     """
+    inline_grad_mode_regions(graph, model_name)
+    refuse_autocast_regions(graph, model_name)
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
