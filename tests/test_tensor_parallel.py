@@ -53,7 +53,10 @@ def _case(name: str) -> tuple[str, dict, str, str | None]:
 #: check. RWKV's wkv recurrence (exp of time_first/time_decay) gives embedding gradients up to ~230
 #: built from cancelling terms, so a different all-reduce order alone moves elements by ~2e-5
 #: relative while the loss agrees to 1e-7; float64 keeps the check exact about the TP logic.
-FLOAT64_FAMILIES = ("rwkv",)
+#: CPM-Ant (a 10240-wide tiny FFN, loss ~16) lands gradients 1e-6..1.2e-5 off in fp32 (<= 7e-6 of each
+#: tensor's largest element; embeddings and norms, on both ranks); in float64 every gradient agrees
+#: to 2e-14, so that is summation order, not a TP error.
+FLOAT64_FAMILIES = ("rwkv", "cpmant")
 
 
 def _case_model(name: str):
