@@ -76,9 +76,12 @@ def _inline_one(graph: fx.Graph, owner: torch.nn.Module, hop: fx.Node, model_nam
                 copied = graph.node_copy(node, lambda a: env[a])
             env[node] = copied
         outputs = [fx.node.map_arg(r, lambda a: env[a]) for r in results]
-        if not enabled:  # values leave a no_grad region without a history, as eager gives them
+        if not enabled:  # values computed in a no_grad region leave it without a history, as in eager
+            computed = {env[n] for n in body.graph.nodes if n.op not in ("placeholder", "output")}
+            # an input handed straight through would keep its history in eager (torch 2.13's export
+            # routes such a value around the region, so this only guards a future body that returns it)
             for i, value in enumerate(outputs):
-                if _differentiable(value):
+                if value in computed and _differentiable(value):
                     detached = graph.call_function(torch.ops.aten.detach.default, (value,))
                     detached.meta = {k: v for k, v in value.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")}
                     outputs[i] = detached

@@ -96,3 +96,35 @@ def test_autocast_regions_are_refused_naming_the_fix() -> None:
     with pytest.raises(TraceError, match="autocast.*bf16/fp16"):
         trace(AutocastsItself(), {"x": torch.randn(4, 8)})
     assert torch.is_grad_enabled()
+
+
+
+class ReenablesGrad(nn.Module):
+    """``torch.enable_grad()`` inside ``torch.no_grad()``: export splits it into regions of both modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("x must be a tensor")
+        with torch.no_grad():
+            s = self.a(x).sum(-1, keepdim=True) + torch.ones(1, device=x.device)
+            with torch.enable_grad():
+                t = self.a(x) * 2  # keeps its gradient
+            u = t + s  # does not
+        return (self.a(x) * s + t + u).sum()
+
+
+def test_a_grad_enabled_region_inside_no_grad_keeps_its_gradient() -> None:
+    model = ReenablesGrad()
+    graph = trace(model, {"x": torch.randn(4, 8)})
+    assert graph.flavour == "export"
+    stages = [build_stage(shard(graph, 2), s) for s in range(2)]
+    x = torch.randn(3, 8)
+    run_sequentially(stages, {"x": x})["output"].backward()
+    got = {n: p.grad for s in stages for n, p in s.named_parameters()}
+    model(x).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(got[name], param.grad, atol=1e-6, rtol=0)
