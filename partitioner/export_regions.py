@@ -32,6 +32,8 @@ __all__ = ["inline_grad_mode_regions", "refuse_autocast_regions"]
 
 _SET_GRAD = torch.ops.higher_order.wrap_with_set_grad_enabled
 _AUTOCAST = torch.ops.higher_order.wrap_with_autocast
+#: node meta a ``detach()`` shares with the value it detaches (the cost pass reads ``val``)
+_DETACH_META = ("val", "tensor_meta", "stack_trace", "nn_module_stack")
 
 
 def _differentiable(node: Any) -> bool:
@@ -83,7 +85,7 @@ def _inline_one(graph: fx.Graph, owner: torch.nn.Module, hop: fx.Node, model_nam
             for i, value in enumerate(outputs):
                 if value in computed and _differentiable(value):
                     detached = graph.call_function(torch.ops.aten.detach.default, (value,))
-                    detached.meta = {k: v for k, v in value.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")}
+                    detached.meta = {k: v for k, v in value.meta.items() if k in _DETACH_META}
                     outputs[i] = detached
     for user in list(hop.users):
         if not (user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int)):
