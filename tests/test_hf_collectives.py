@@ -97,6 +97,7 @@ def _train_with_a_peer_stuck_in_the_save(out: str) -> str:
     return "trained"
 
 
+@pytest.mark.slow  # ~12 s; the default run bounds the routed barrier (test_a_stuck_peer_...)
 def test_hf_store_flos_in_a_save_is_bounded_under_merak_trainer(dist_run, tmp_path):
     reports = dist_run(_train_with_a_peer_stuck_in_the_save, 2, str(tmp_path), timeout=120)
     report = reports[0]

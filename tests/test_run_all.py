@@ -32,6 +32,7 @@ def test_unknown_benchmark_names_are_refused() -> None:
         b.name for b in run_all.BENCHMARKS if b.name != "memory"]
 
 
+@pytest.mark.slow  # ~26 s; test_quick_run_of_every_benchmark_writes_results (slow) covers it too
 def test_one_quick_benchmark_lands_in_results_with_its_commit(tmp_path: Path) -> None:
     """The run/collect path on the cheapest benchmark (pure simulation): report, plots, commit."""
     proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only", "schedule_bubbles",
