@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from typing import Any
 
 from benchmarks.peers.registry import BenchContext, RankResult, register_runner
 
@@ -48,9 +49,17 @@ def run_merak(ctx: BenchContext, entry: str, fuse: bool = True) -> RankResult:
     """Train with Merak: automatic (cost-balanced) partition of the same HF model, Merak's
     executor and schedule, the benchmark's optimizer; the HF model computes its own loss.
     ``fuse=False`` keeps traced op chains unfused (``MerakArguments(fuse_ops=False)``)."""
+    import merak
+
+    grid = merak.init(pp=ctx.world_size)
+    return ctx.measure(merak_step(ctx, entry, grid, fuse))
+
+
+def merak_step(ctx: BenchContext, entry: str, grid, fuse: bool = True) -> Callable[[Any], float | None]:  # noqa: ANN001
+    """Build ``entry``'s pipeline on ``grid`` (its own seeded model copy, cut and optimizer) and
+    return its training step ``step(batch) -> loss``, not yet timed."""
     import torch
 
-    import merak
     from benchmarks.bench_model import make_optimizer
     from merak.partitioner import build_stage, shard, trace
     from merak.partitioner.profiler import profile_costs
@@ -61,9 +70,8 @@ def run_merak(ctx: BenchContext, entry: str, fuse: bool = True) -> RankResult:
 
     schedule = entry.split("+")[0]
     cfg = ctx.cfg
-    grid = merak.init(pp=ctx.world_size)
     if schedule in VIRTUAL_SCHEDULES:
-        return _run_virtual(ctx, schedule, grid, fuse)
+        return _virtual_step(ctx, schedule, grid, fuse)
     model = ctx.build_model()
     ids = ctx.microbatches(ctx.batches()[0])[0]  # profile on real tokens of the benchmark's shape
     example = {"input_ids": ids, "labels": ids}
@@ -88,18 +96,22 @@ def run_merak(ctx: BenchContext, entry: str, fuse: bool = True) -> RankResult:
         mbs = [{"input_ids": m, "labels": m} for m in ctx.microbatches(batch)]
         return executor.run(instructions, mbs).loss
 
-    return ctx.measure(step)
+    return step
 
 
-def _run_virtual(ctx: BenchContext, schedule: str, grid, fuse: bool) -> RankResult:  # noqa: ANN001
+def _virtual_step(ctx: BenchContext, schedule: str, grid, fuse: bool) -> Callable[[Any], float | None]:  # noqa: ANN001
     """A virtual-stage schedule: ``P·v`` chunks cut on profiled node costs (averaged over the
-    ranks, as ``run_merak`` does); no in-pipeline calibration (it times one stage per rank)."""
+    ranks) and the cut then calibrated in dry steps of the schedule itself, every chunk timed - the
+    same two steps as ``run_merak`` and as ``MerakTrainer`` with ``partition_calibration_rounds``.
+    Uncalibrated, the profiled cut leaves the ``P·v`` chunks a few per cent apart, and with ``v``
+    chunks per rank such a gap is paid ``v`` times per micro-batch."""
     import torch
 
     from benchmarks.bench_model import make_optimizer
     from merak.partitioner import build_chunks, shard, trace
     from merak.partitioner.profiler import profile_costs
     from merak.runtime.memory.recompute_plan import RecomputePlan
+    from merak.runtime.pipeline.calibration import calibrate_in_pipeline
     from merak.runtime.pipeline.executor import PipelineExecutor
     from merak.runtime.pipeline.schedule import build, placement_for, uses_weight_passes
 
@@ -110,7 +122,12 @@ def _run_virtual(ctx: BenchContext, schedule: str, grid, fuse: bool) -> RankResu
     example = {"input_ids": ids, "labels": ids}
     graph = trace(model, example)
     plan = shard(graph, placement.num_virtual, cost_model=profile_costs(graph, example).averaged())
+    probe = [{"input_ids": m, "labels": m} for m in ctx.microbatches(ctx.batches()[0])]
+    calibration = calibrate_in_pipeline(plan, grid, probe, rounds=CALIBRATION_ROUNDS, steps=CALIBRATION_STEPS,
+                                        fuse=fuse, schedule=schedule, placement=placement)
+    plan = calibration.plan
     if ctx.rank == 0:
+        print(calibration.table(), flush=True)
         print(plan.table(), flush=True)
     chunks = build_chunks(plan, placement.chunks_of(grid.stage_id), fuse=fuse)
     params = list({id(p): p for c in chunks for p in c.parameters()}.values())
@@ -124,7 +141,7 @@ def _run_virtual(ctx: BenchContext, schedule: str, grid, fuse: bool) -> RankResu
         mbs = [{"input_ids": m, "labels": m} for m in ctx.microbatches(batch)]
         return executor.run(instructions, mbs).loss
 
-    return ctx.measure(step)
+    return step
 
 
 def _merak_entry(entry: str) -> Callable[[BenchContext], RankResult]:
