@@ -72,6 +72,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     # and cutting a model), which alone takes over 10 minutes on a loaded 2-core machine.
     Benchmark("pipeline_throughput", "throughput vs DeepSpeed's pipeline engine and torch.distributed.pipelining",
               quick_timeout_s=1800.0),
+    Benchmark("schedule_speedup", "virtual-stage schedules vs Merak 1F1B, steps alternated in one job (paired ratios)"),
     Benchmark("tensor_parallel", "sub-pipelined tensor parallelism"),
     Benchmark("memory", "memory per stage by recompute mode, estimated vs measured; stage-aware vs full"),
     Benchmark("cluster_sim", "cluster-scale simulator: the Merak paper's 64-GPU table"),
