@@ -130,7 +130,9 @@ class ActivationPlan:
         stage ``s`` ∝ ``1/(P-1-s)``, last stage keeps all) into a whole number of layers per stage,
         the nearest to the rule's fraction, and recomputes the stage's *earliest* layers: their
         inputs are the first to be needed again, so a stage that cannot recompute everything
-        still frees the activations that wait longest.
+        still frees the activations that wait longest. That rule is 1F1B's (one stage per rank);
+        for the ``P·v`` chunks of a virtual-stage schedule build the plan with
+        :meth:`from_fractions` from :func:`merak.runtime.memory.stage_aware.stage_aware_plan`.
         """
         layers = stage_layers(sharding_plan)
         p = len(layers)
@@ -141,7 +143,16 @@ class ActivationPlan:
         if mode in ("full", "selective"):
             action = LayerAction.RECOMPUTE if mode == "full" else LayerAction.SELECTIVE
             return cls(tuple({name: action for name in names} for names in layers), layers)
-        fractions = RecomputePlan.stage_aware(p).fractions
+        return cls.from_fractions(sharding_plan, RecomputePlan.stage_aware(p).fractions)
+
+    @classmethod
+    def from_fractions(cls, sharding_plan: "PartitionPlan", fractions: Sequence[float]) -> "ActivationPlan":
+        """Recompute, on each stage of ``sharding_plan``, the whole number of layers nearest to
+        ``fractions[stage]`` of them, the stage's earliest first (see :meth:`from_mode`); with
+        virtual stages, one fraction per virtual stage (``stage_aware.virtual_stage_fractions``)."""
+        layers = stage_layers(sharding_plan)
+        if len(fractions) != len(layers):
+            raise ValueError(f"{len(fractions)} recompute fractions for {len(layers)} stages")
         stages = []
         for names, fraction in zip(layers, fractions):
             count = min(len(names), math.floor(fraction * len(names) + 0.5))

@@ -153,6 +153,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cli_plan(mode: str, name: str, num_stages: int, num_microbatches: int, num_chunks: int | None) -> RecomputePlan:
+    """``--recompute``'s plan; ``stage_aware`` with virtual stages is sized per chunk from the
+    schedule's own in-flight counts (:mod:`merak.runtime.memory.stage_aware`, which builds schedules)."""
+    if mode == "stage_aware" and placement_for(name, num_stages, num_chunks).num_chunks > 1:
+        from merak.runtime.memory.stage_aware import stage_aware_plan
+
+        return stage_aware_plan(name, num_stages, num_microbatches, num_chunks)
+    return RecomputePlan.from_mode(mode, num_stages)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Imported here: simulation and drawing are CLI concerns, not needed by the executor.
     from merak.runtime.pipeline.simulate import Costs, simulate
@@ -161,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         costs = Costs.parse(args.costs)
-        plan = RecomputePlan.from_mode(args.recompute, args.stages)
+        plan = _cli_plan(args.recompute, args.schedule, args.stages, args.microbatches, args.chunks)
         schedule = build_all(args.schedule, args.stages, args.microbatches, plan, args.chunks)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

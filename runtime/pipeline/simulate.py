@@ -149,11 +149,12 @@ def simulate(
     costs.check(num_stages)
     placement = placement_of(schedule, placement)
     report = validate(schedule, placement)
-    fractions = recompute_plan.fractions if recompute_plan else (1.0,) * num_stages
-    if len(fractions) != num_stages:
-        raise ValueError(f"recompute plan has {len(fractions)} stages, schedule has {num_stages}")
+    plan = recompute_plan or RecomputePlan.full(num_stages)
+    if plan.num_stages != num_stages:
+        raise ValueError(f"recompute plan has {plan.num_stages} stages, schedule has {num_stages}")
+    fractions = [plan.stage_chunk_fractions(s, placement.num_chunks) for s in range(num_stages)]
     share = 1.0 / placement.num_chunks
-    run = _Replay(schedule, costs, [f * share for f in fractions], placement, share)
+    run = _Replay(schedule, costs, [[f * share for f in row] for row in fractions], placement, share)
     run.run()
     makespan = max((n.interval.end for n in run.last), default=0.0)
     busy = [[n.interval for n in nodes if n.interval.instruction.op in COMPUTE_OPS] for nodes in run.nodes]
@@ -180,12 +181,12 @@ class _Replay:
         self,
         schedule: Sequence[Sequence[Instruction]],
         costs: Costs,
-        fractions: Sequence[float],
+        fractions: Sequence[Sequence[float]],
         placement: Placement,
         share: float,
     ) -> None:
-        """``fractions`` are per stage, already scaled by ``share``: the part of a stage's
-        cost one chunk's computation takes (a RECOMPUTE costs R × fraction)."""
+        """``fractions`` are per stage and chunk, already scaled by ``share``: the part of a
+        stage's cost one chunk's recomputation takes (a RECOMPUTE costs R × fraction)."""
         self.schedule = schedule
         self.costs = costs
         self.fractions = fractions
@@ -238,7 +239,7 @@ class _Replay:
 
     def _duration(self, ins: Instruction) -> float:
         if ins.op is Op.RECOMPUTE:  # its fraction already holds the chunk's share
-            return self.costs.duration(ins, self.fractions[ins.stage])
+            return self.costs.duration(ins, self.fractions[ins.stage][ins.chunk])
         return self.costs.duration(ins, 0.0) * self.share
 
     def _execute(self, stage: int, ins: Instruction, start: float, pred: _Node | None) -> _Node:

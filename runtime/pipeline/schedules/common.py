@@ -70,12 +70,13 @@ def all_recomputed(
     plan: RecomputePlan, num_microbatches: int, num_chunks: int = 1
 ) -> set[tuple[int, ...]]:
     """Every (stage, micro-batch) on stages whose plan drops activations; with ``num_chunks``
-    above 1, every (stage, chunk, micro-batch)."""
+    above 1, every (stage, chunk, micro-batch) of the chunks that drop some (a plan may give
+    each chunk its own fraction)."""
     return {
         (stage, mb) if num_chunks == 1 else (stage, chunk, mb)
         for stage in range(plan.num_stages)
-        if plan.recomputes(stage)
-        for chunk in range(num_chunks)
+        for chunk, fraction in enumerate(plan.stage_chunk_fractions(stage, num_chunks))
+        if fraction > 0.0
         for mb in range(num_microbatches)
     }
 

@@ -15,12 +15,14 @@ Two measures, both counted in micro-batches of this stage:
 With virtual stages a stage (rank) holds several model chunks; the in-flight count is then of
 (chunk, micro-batch) pairs, and a chunk's micro-batch weighs ``chunk_weight`` (``1/v`` for
 ``v`` equal chunks) so activations stay in units of a whole stage's micro-batch, comparable
-with a schedule without chunks.
+with a schedule without chunks. Chunks of one rank may drop different fractions (a
+per-chunk ``fraction`` sequence), and :func:`chunk_peak_inflight` counts each chunk alone: the
+stage-aware rule for virtual stages (:mod:`merak.runtime.memory.stage_aware`) reads both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from merak.runtime.pipeline.instructions import Instruction, Op
 
@@ -43,7 +45,16 @@ def peak_inflight(ops: Iterable[Instruction]) -> int:
     return peak
 
 
+def chunk_peak_inflight(ops: Iterable[Instruction], num_chunks: int = 1) -> tuple[int, ...]:
+    """Per chunk of the stage, the largest number of its micro-batches forwarded but not yet
+    freed (:func:`peak_inflight` over that chunk's instructions alone)."""
+    ops = list(ops)
+    return tuple(peak_inflight(ins for ins in ops if ins.chunk == chunk) for chunk in range(num_chunks))
+
+
 Recomputed = Collection[int] | Collection[tuple[int, int]]
+#: One fraction for every chunk of the stage, or one per chunk (indexed by chunk).
+Fraction = float | Sequence[float]
 
 
 def _keys(recomputed: Recomputed) -> set[tuple[int, int]]:
@@ -52,7 +63,7 @@ def _keys(recomputed: Recomputed) -> set[tuple[int, int]]:
 
 
 def peak_activations(
-    ops: Iterable[Instruction], fraction: float, recomputed: Recomputed | None = None,
+    ops: Iterable[Instruction], fraction: Fraction, recomputed: Recomputed | None = None,
     chunk_weight: float = 1.0,
 ) -> float:
     """Largest amount of saved activations alive at once (in micro-batch units) when the stage
@@ -61,7 +72,7 @@ def peak_activations(
 
 
 def activation_profile(
-    ops: Iterable[Instruction], fraction: float, recomputed: Recomputed | None = None,
+    ops: Iterable[Instruction], fraction: Fraction, recomputed: Recomputed | None = None,
     chunk_weight: float = 1.0,
 ) -> list[float]:
     """Saved activations alive at each instruction of ``ops`` (measured after a forward or a
@@ -70,8 +81,10 @@ def activation_profile(
     ``recomputed`` defaults to the micro-batches with a ``RECOMPUTE`` in ``ops``; passing it
     lets a schedule price a compute-only order before recomputation is inserted (a recomputed
     micro-batch is then taken to be fully materialized from its backward's start).
+    ``fraction`` may give each chunk its own share (a sequence indexed by chunk).
     """
     ops = list(ops)
+    dropped = _per_chunk(fraction)
     keys = {ins.key for ins in ops if ins.op is Op.RECOMPUTE} if recomputed is None else _keys(recomputed)
     held: dict[tuple[int, int], float] = {}
     total = 0.0
@@ -83,7 +96,7 @@ def activation_profile(
         key = ins.key
         if ins.op is Op.FORWARD or ins.op in _MATERIALIZING_OPS:
             kept = ins.op is Op.FORWARD and key in keys
-            new = chunk_weight * (1.0 - fraction) if kept else chunk_weight
+            new = chunk_weight * (1.0 - dropped(key[0])) if kept else chunk_weight
             total += new - held.get(key, 0.0)
             held[key] = new
         # Rounded: a running sum drifts by ulps that would make equal peaks compare unequal.
@@ -91,3 +104,12 @@ def activation_profile(
         if ins.op in FREEING_OPS:
             total -= held.pop(key, 0.0)
     return profile
+
+
+def _per_chunk(fraction: Fraction) -> Callable[[int], float]:
+    """``fraction`` as a function of the chunk."""
+    if isinstance(fraction, (int, float)):
+        value = float(fraction)
+        return lambda chunk: value
+    values = tuple(float(f) for f in fraction)
+    return values.__getitem__

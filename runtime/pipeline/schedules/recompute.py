@@ -9,7 +9,8 @@ that test, so the result is exactly the set the memory allows (see
 :mod:`merak.runtime.pipeline.schedules.shifted_critical_path` for which ones that is in 1F1B).
 
 Works on compute orders (forwards and backwards, before communication is inserted), with or
-without virtual stages: keys are ``(chunk, micro-batch)`` and a chunk weighs ``1/v``.
+without virtual stages: keys are ``(chunk, micro-batch)``, a chunk weighs ``1/v`` and drops its
+own fraction of the plan (:meth:`RecomputePlan.chunk_fraction`).
 """
 
 from __future__ import annotations
@@ -40,14 +41,17 @@ def stage_peak(
     num_chunks: int = 1,
 ) -> float:
     """Peak activations of one stage's compute order when ``recomputed`` drop theirs."""
-    return peak_activations(order, plan.fraction(stage), stage_keys(recomputed, stage), 1.0 / num_chunks)
+    return peak_activations(order, plan.stage_chunk_fractions(stage, num_chunks), stage_keys(recomputed, stage),
+                            1.0 / num_chunks)
 
 
 def one_f_one_b_budgets(num_stages: int, num_microbatches: int, plan: RecomputePlan) -> list[float]:
     """Per stage, the activation peak of 1F1B with ``plan`` (every micro-batch recomputed on
-    the stages that recompute): the memory the plan was sized for."""
+    the stages that recompute): the memory the plan was sized for. A per-chunk plan counts
+    with each rank's mean fraction (1F1B has one chunk per rank)."""
     from merak.runtime.pipeline.schedules import one_f_one_b  # one_f_one_b does not import us
 
+    plan = RecomputePlan(plan.fractions)
     compute = one_f_one_b.compute_order(num_stages, num_microbatches)
     recomputed = {(s, mb) for s in range(num_stages) if plan.recomputes(s) for mb in range(num_microbatches)}
     return [stage_peak(compute[s], s, plan, recomputed) for s in range(num_stages)]
@@ -81,21 +85,22 @@ def drop_redundant(
     either way), so the test is one window of the current activation profile, updated as keeps
     are accepted.
     """
-    fraction = plan.fraction(stage)
+    fractions = plan.stage_chunk_fractions(stage, num_chunks)
     keys = stage_keys(recomputed, stage)
     if not keys:
         return
     weight = 1.0 / num_chunks
-    profile = activation_profile(order, fraction, keys, weight)
+    profile = activation_profile(order, fractions, keys, weight)
     position: dict[tuple[Op, tuple[int, int]], int] = {}
     for i, ins in enumerate(order):
         op = Op.BACKWARD if ins.op in _BACKWARDS else ins.op
         position.setdefault((op, ins.key), i)
     for key in sorted(keys, key=lambda k: (k[1], k[0]), reverse=True):
         start, end = position[(Op.FORWARD, key)], position[(Op.BACKWARD, key)]
-        if max(profile[start:end]) + fraction * weight <= budget + 1e-9:
+        added = fractions[key[0]] * weight
+        if max(profile[start:end]) + added <= budget + 1e-9:
             _discard(recomputed, stage, key)
-            profile[start:end] = [m + fraction * weight for m in profile[start:end]]
+            profile[start:end] = [m + added for m in profile[start:end]]
 
 
 def weights_within_budget(
@@ -117,7 +122,7 @@ def weights_within_budget(
     gradient done) runs, as many as it takes; where none is pending the overshoot is the
     schedule's own and stays.
     """
-    fraction, weight = plan.fraction(stage), 1.0 / num_chunks
+    fractions, weight = plan.stage_chunk_fractions(stage, num_chunks), 1.0 / num_chunks
     keys = stage_keys(recomputed, stage)
     if not keys:
         return  # nothing recomputed here: the peak is the schedule's in-flight count
@@ -141,7 +146,7 @@ def weights_within_budget(
                 run_weight(key)
             continue
         if ins.op is Op.FORWARD:
-            new = weight * (1.0 - fraction if key in keys else 1.0)
+            new = weight * (1.0 - fractions[key[0]] if key in keys else 1.0)
         elif ins.op in _BACKWARDS or ins.op is Op.RECOMPUTE:
             new = weight
         else:
@@ -165,7 +170,8 @@ def plan_recomputation(
 ) -> set[tuple[int, ...]]:
     """The recompute-aware form of a virtual-stage schedule: which (stage, chunk, micro-batch)
     recompute, after ``W`` passes were pulled in (:func:`weights_within_budget`) and redundant
-    recomputation dropped (:func:`keep_within_budget`), both under one budget: the most
+    recomputation dropped (:func:`keep_within_budget`), both under one budget: the plan's own
+    ``activation_budget`` when it names one (a per-chunk stage-aware plan), else the most
     activation memory 1F1B with the same plan needs on any stage (the device the plan was
     sized for). ``compute`` may be reordered in place; pass the result to ``lower`` with
     ``early_recompute=True`` so each recomputation is issued before its gradient arrives."""
@@ -174,7 +180,9 @@ def plan_recomputation(
     recomputed = all_recomputed(plan, num_microbatches, placement.num_chunks)
     if not recomputed:
         return recomputed
-    budget = max(one_f_one_b_budgets(placement.num_ranks, num_microbatches, plan))
+    budget = plan.activation_budget
+    if budget is None:
+        budget = max(one_f_one_b_budgets(placement.num_ranks, num_microbatches, plan))
     for stage, order in enumerate(compute):
         weights_within_budget(order, stage, plan, recomputed, budget, placement.num_chunks)
     keep_within_budget(compute, recomputed, plan, placement, [budget] * placement.num_ranks)
