@@ -312,6 +312,66 @@ def test_cli_plans_llama2_7b_on_8_gpus_without_weights(capsys):
     assert all(s["total_bytes"] <= 80 * 2**30 for s in out["stages"]) and out["seconds"] < 120
 
 
+# ---- virtual stages: a rank is the sum of its chunks ----------------------------------------------------
+ZB_V_LAYOUT = Layout(pp=2, micro_batch_size=MICRO, num_microbatches=4, schedule="zb_v")
+
+
+@lru_cache(maxsize=None)
+def _chunked_model() -> tuple[object, MemoryModel]:
+    """GPT-2 (tied embedding and head) with 8 blocks cut into the 4 chunks of zb_v at pp=2, two
+    blocks each: rank 0 holds virtual stages 0 and 3, rank 1 stages 1 and 2."""
+    _, _, plan = _pipeline("gpt2", 4, layers=8, meta=True, method="uniform")
+    return plan, MemoryModel(plan, ZB_V_LAYOUT)
+
+
+def test_virtual_stage_rank_is_priced_chunk_by_chunk():
+    from merak.runtime.memory.estimator import static_bytes
+
+    plan, memory = _chunked_model()
+    assert memory.per_chunk and memory.stages_of(0) == [0, 3] and memory.stages_of(1) == [1, 2]
+    none = memory.estimate(ActivationPlan.from_mode("none", plan))
+    assert len(none) == 2
+    # parameters: both chunks of a rank, the embedding rank 0's two chunks share counted once
+    wte = plan.graph.model.get_parameter("transformer.wte.weight")
+    chunk_params = [static_bytes(plan, k, ZB_V_LAYOUT)[0] for k in range(4)]
+    assert none[0].params_bytes == chunk_params[0] + chunk_params[3] - wte.numel() * wte.element_size()
+    assert none[1].params_bytes == chunk_params[1] + chunk_params[2]
+    # activations, from zb_v's order on rank 0 (in flight: 4 of chunk 0, 1 of chunk 1): f0 f0 f0 f1 ... f0,
+    # so the peak is max(3 micro-batches of chunk 0 + 1 of chunk 1, 4 of chunk 0), each its own size
+    fps = memory.footprints
+    full = [fp.nbytes(fp.retained({}) | fp.outputs) for fp in fps]
+    assert none[0].activation_bytes == max(3 * full[0] + full[3], 4 * full[0])
+    assert none[0].peak_inflight == 4
+
+
+def test_budget_planner_recomputes_per_chunk_until_each_rank_fits():
+    plan, memory = _chunked_model()
+    none = max(m.total_bytes for m in memory.estimate(ActivationPlan.from_mode("none", plan)))
+    full = max(m.total_bytes for m in memory.estimate(ActivationPlan.from_mode("full", plan)))
+    budget = (none + full) // 2
+    chosen = plan_activations(plan, ZB_V_LAYOUT, "stage_aware", budget, memory=memory)
+    counts = [len(chosen.actions(k)) for k in range(plan.num_stages)]
+    assert 0 < sum(counts) < sum(len(chosen.stage_layer_names(k)) for k in range(plan.num_stages)), counts
+    assert all(m.total_bytes <= budget for m in memory.estimate(chosen))
+    for k in range(plan.num_stages):  # each chunk recomputes its earliest layers
+        names = chosen.stage_layer_names(k)
+        assert set(chosen.actions(k)) == set(names[:counts[k]])
+    with pytest.raises(ValueError, match="not yet per model chunk"):
+        plan_activations(plan, ZB_V_LAYOUT, "stage_aware", budget, offload=True, memory=memory)
+
+
+def test_impossible_budget_with_chunks_names_the_smallest_budget_that_fits():
+    plan, memory = _chunked_model()
+    with pytest.raises(MemoryBudgetError) as info:
+        plan_activations(plan, ZB_V_LAYOUT, "stage_aware", 10_000, memory=memory)
+    smallest = info.value.min_budget_bytes
+    assert "pipeline rank" in str(info.value) and "virtual stages" in str(info.value)
+    feasible = plan_activations(plan, ZB_V_LAYOUT, "stage_aware", smallest, memory=memory)
+    assert max(m.total_bytes for m in memory.estimate(feasible)) <= smallest
+    with pytest.raises(MemoryBudgetError):
+        plan_activations(plan, ZB_V_LAYOUT, "stage_aware", smallest - 1, memory=memory)
+
+
 # ---- trainer ---------------------------------------------------------------------------------------------
 def _trainer_with_budgets() -> dict[str, object]:
     """An infeasible budget is refused while the trainer is built; the smallest feasible one it

@@ -45,6 +45,7 @@ from merak.runtime.memory.policy import ActivationPlan, LayerAction
 from merak.planner.cluster import parse_bytes as _parse_size
 from merak.runtime.pipeline.instructions import Instruction, Op
 from merak.runtime.memory.recompute_plan import RECOMPUTE_MODES, RecomputePlan
+from merak.runtime.pipeline.placement import Placement
 from merak.runtime.pipeline.schedule import SCHEDULES, build_all, placement_for
 from merak.runtime.pipeline.schedules.memory import FREEING_OPS
 
@@ -73,6 +74,8 @@ class Layout:
     optimizer: str = "adamw"
     precision: str = "fp32"
     zero_stage: int = 0
+    #: Model chunks per rank for ``interleaved_1f1b`` (``None``: its default; the other schedules fix it).
+    num_chunks: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "micro_batch_size", "num_microbatches"):
@@ -82,6 +85,12 @@ class Layout:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(str, allowed))}")
+        placement_for(self.schedule, self.pp, self.num_chunks)  # raises on a chunk count the schedule refuses
+
+    @property
+    def placement(self) -> Placement:
+        """Which rank holds which model chunk under ``schedule`` (one per rank without virtual stages)."""
+        return placement_for(self.schedule, self.pp, self.num_chunks)
 
     @classmethod
     def from_training_args(cls, args: Any, dp: int, tp: int, pp: int) -> "Layout":
@@ -94,10 +103,11 @@ class Layout:
         else:
             raise ValueError(f"max_memory_per_device: the states of optim={optim!r} are not modelled by the memory "
                              "estimator; use optim='adamw_torch' (or 'sgd'), or drop the budget")
+        chunks = getattr(args, "chunks_per_stage", None) if args.schedule == "interleaved_1f1b" else None
         return cls(dp=dp, tp=tp, pp=pp, micro_batch_size=args.per_device_train_batch_size,
                    num_microbatches=args.gradient_accumulation_steps, schedule=args.schedule, optimizer=optimizer,
                    precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-                   zero_stage=getattr(args, "zero_stage", 0))
+                   zero_stage=getattr(args, "zero_stage", 0), num_chunks=chunks)
 
     def describe(self) -> str:
         return (f"dp={self.dp} tp={self.tp} pp={self.pp}, {self.schedule}, {self.num_microbatches} micro-batches "
@@ -179,12 +189,14 @@ def _zero_shard_max(states: Sequence[tuple[int, int]], dp: int) -> int:
     return max(state)
 
 
-def static_bytes(plan: Any, stage: int, layout: Layout, tp_plan: Any = None) -> tuple[int, int, int]:
-    """``(params, grads, optimizer states)`` bytes on one device of ``stage``."""
+def static_bytes(plan: Any, stage: int | Sequence[int], layout: Layout, tp_plan: Any = None) -> tuple[int, int, int]:
+    """``(params, grads, optimizer states)`` bytes on one device of ``stage`` (or of several
+    stages on one device: a rank's model chunks, a parameter they share counted once)."""
     model = plan.graph.model
     params = grads = 0
     states: list[tuple[int, int]] = []
-    for name in plan.stage_parameters(stage):
+    stages = (stage,) if isinstance(stage, int) else tuple(stage)
+    for name in dict.fromkeys(n for k in stages for n in plan.stage_parameters(k)):
         p = model.get_parameter(name)
         numel = math.ceil(p.numel() / layout.tp) if layout.tp > 1 and _tp_sharded(name, tp_plan) else p.numel()
         params += numel * p.element_size()
@@ -199,23 +211,40 @@ def static_bytes(plan: Any, stage: int, layout: Layout, tp_plan: Any = None) -> 
 
 
 # ---- activations over a schedule ---------------------------------------------------------------------
-def _activation_peak(ops: Sequence[Instruction], fp: StageFootprint,
-                     actions: Mapping[str, LayerAction], num_chunks: int = 1) -> tuple[int, int, int]:
-    """``(peak activation bytes, peak in-flight micro-batches, peak host bytes)`` of one stage.
+@dataclasses.dataclass(frozen=True)
+class _ChunkBytes:
+    """What one micro-batch of a chunk (or stage) holds under its layer actions: everything
+    (``full``), between forward and ``RECOMPUTE`` (``reduced``), from ``RECOMPUTE`` to its
+    backward (``materialized``), parked on the host (``host``), and the largest offloaded layer
+    coming back during backward (``returning``)."""
 
-    With virtual stages (``num_chunks`` per rank, ``ops`` carrying chunk ids) the stage is
-    the rank's share of the model and each of its chunks is taken as an equal part of it
-    (what the simulator assumes for time); in-flight then counts ``(chunk, micro-batch)`` pairs.
+    full: float
+    reduced: float
+    materialized: float
+    host: float
+    returning: float
+
+    @classmethod
+    def of(cls, fp: StageFootprint, actions: Mapping[str, LayerAction], share: float = 1.0) -> "_ChunkBytes":
+        held = fp.outputs  # the executor keeps a micro-batch's outputs until its backward
+        offloaded = [fp.nbytes(p.kept - fp.received) for p in fp.layers if actions.get(p.name) is LayerAction.OFFLOAD]
+        return cls(full=fp.nbytes(fp.retained({}) | held) * share,
+                   reduced=fp.nbytes(fp.retained(actions) | held) * share,
+                   materialized=fp.nbytes(fp.retained(actions, materialized=True) | held) * share,
+                   host=sum(offloaded) * share,
+                   # offloaded tensors come back as backward reaches their layer, one layer at a time
+                   returning=max(offloaded, default=0) * share)
+
+
+def _activation_peak(ops: Sequence[Instruction], chunks: Sequence[_ChunkBytes]) -> tuple[int, int, int]:
+    """``(peak activation bytes, peak in-flight micro-batches, peak host bytes)`` of one device
+    walking its instruction list, a micro-batch of chunk ``c`` holding ``chunks[c]``.
+
+    With virtual stages in-flight counts ``(chunk, micro-batch)`` pairs; each chunk is priced
+    with its own footprint and actions when the partition has one stage per chunk, else (a
+    partition into ``P`` stages) as an equal share of its rank's stage, what the simulator
+    assumes for time.
     """
-    held = fp.outputs  # the executor keeps a micro-batch's outputs until its backward
-    share = 1.0 / num_chunks
-    full = fp.nbytes(fp.retained({}) | held) * share
-    reduced = fp.nbytes(fp.retained(actions) | held) * share
-    materialized = fp.nbytes(fp.retained(actions, materialized=True) | held) * share
-    offloaded = [p for p in fp.layers if actions.get(p.name) is LayerAction.OFFLOAD]
-    host = sum(fp.nbytes(p.kept - fp.received) for p in offloaded) * share
-    # Offloaded tensors come back as backward reaches their layer, one layer at a time.
-    returning = max((fp.nbytes(p.kept - fp.received) for p in offloaded), default=0) * share
     recomputed = {i.key for i in ops if i.op is Op.RECOMPUTE}
     live: dict[tuple[int, int], float] = {}
     parked: dict[tuple[int, int], float] = {}
@@ -225,14 +254,15 @@ def _activation_peak(ops: Sequence[Instruction], fp: StageFootprint,
         if ins.microbatch is None:
             continue
         key = ins.key
-        transient = 0
+        size = chunks[ins.chunk]
+        transient = 0.0
         if ins.op is Op.FORWARD:
-            live[key] = reduced if key in recomputed else full
-            parked[key] = host if key in recomputed else 0
+            live[key] = size.reduced if key in recomputed else size.full
+            parked[key] = size.host if key in recomputed else 0.0
         elif ins.op is Op.RECOMPUTE:
-            live[key] = materialized
+            live[key] = size.materialized
         elif ins.op in (Op.BACKWARD, Op.BACKWARD_INPUT) and key in recomputed:
-            transient = returning
+            transient = size.returning
         peak = max(peak, sum(live.values()) + transient)
         peak_inflight = max(peak_inflight, len(live))
         peak_host = max(peak_host, sum(parked.values()))
@@ -252,13 +282,22 @@ class MemoryModel:
     """Everything the estimate needs that does not depend on the activation plan, computed once:
     per-stage footprints (one meta forward), static bytes, and schedules per recompute plan.
 
+    Estimates are per pipeline rank (one device of each). With a virtual-stage schedule the
+    partition may have ``P·v`` stages, one per chunk (as ``MerakTrainer`` cuts it): a rank is then
+    the sum of its chunks - their parameters (a shared one once), optimizer states, and each
+    chunk's own activations walked over the rank's instruction list - and activation plans have
+    one entry per chunk. A partition into ``P`` stages prices each chunk as an equal share of its
+    rank's stage instead (what the cluster planner assumes).
+
     ``tp_plan`` is the automatic tensor-parallel plan (made here when ``layout.tp > 1``).
     """
 
     def __init__(self, plan: Any, layout: Layout, tp_plan: Any = None) -> None:
-        if layout.pp != plan.num_stages:
-            raise ValueError(f"layout pp={layout.pp} but the partition plan has {plan.num_stages} stages; "
-                             f"shard the graph into pp stages")
+        placement = layout.placement
+        if plan.num_stages not in (layout.pp, placement.num_virtual):
+            raise ValueError(f"layout pp={layout.pp} ({placement}) but the partition plan has {plan.num_stages} stages; "
+                             f"shard the graph into pp stages, or pp x chunks = {placement.num_virtual} to price "
+                             f"each chunk on its own")
         traced_batch = _traced_batch_size(plan.graph)
         if traced_batch is not None and traced_batch != layout.micro_batch_size:
             raise ValueError(f"the graph was traced with a batch of {traced_batch} but the layout trains micro-batches "
@@ -267,50 +306,75 @@ class MemoryModel:
             from merak.runtime.tensor_parallel import plan_tensor_parallel
 
             tp_plan = plan_tensor_parallel(plan.graph, layout.tp)
-        self.plan, self.layout, self.tp_plan = plan, layout, tp_plan
+        self.plan, self.layout, self.tp_plan, self.placement = plan, layout, tp_plan, placement
+        #: whether each chunk is a stage of the partition, priced on its own
+        self.per_chunk = placement.num_chunks > 1 and plan.num_stages == placement.num_virtual
         # an expert bank's internal activations are 1/tp per rank in both MoE modes (1/tp of each
         # expert's features, or the tokens of 1/tp of the experts)
         sharded = frozenset((*tp_plan.layouts, *(e.node for e in tp_plan.experts.values()))) if tp_plan is not None else frozenset()
         self.footprints = stage_footprints(plan, layout.precision, sharded, layout.tp)
-        self.static = [static_bytes(plan, s, layout, tp_plan) for s in range(plan.num_stages)]
         self.workspace = [_workspace(fp, plan, s) for s, fp in enumerate(self.footprints)]
+        self.rank_static = [static_bytes(plan, self.stages_of(r), layout, tp_plan) for r in range(layout.pp)]
         self._schedules = lru_cache(maxsize=256)(self._build)
-
-    def _build(self, fractions: tuple[float, ...]) -> list[list[Instruction]]:
-        return build_all(self.layout.schedule, self.layout.pp, self.layout.num_microbatches, RecomputePlan(fractions))
 
     @property
     def num_chunks(self) -> int:
         """Model chunks per rank under the layout's schedule (1 without virtual stages)."""
-        return placement_for(self.layout.schedule, self.layout.pp).num_chunks
+        return self.placement.num_chunks
+
+    def stages_of(self, rank: int) -> list[int]:
+        """The partition stages on ``rank``'s device: its chunks' virtual stages, or its one stage."""
+        return self.placement.chunks_of(rank) if self.per_chunk else [rank]
+
+    def recompute_plan(self, activation_plan: ActivationPlan) -> RecomputePlan:
+        """What the schedules read from ``activation_plan``: a fraction per rank, or per rank and
+        chunk (``RecomputePlan.from_virtual_stages``, as ``MerakTrainer`` hands it over)."""
+        plan = activation_plan.recompute_plan()
+        return RecomputePlan.from_virtual_stages(plan, self.placement) if self.per_chunk else plan
+
+    def _build(self, key: tuple) -> list[list[Instruction]]:
+        plan = RecomputePlan.per_chunk(key) if self.per_chunk else RecomputePlan(key)
+        return build_all(self.layout.schedule, self.layout.pp, self.layout.num_microbatches, plan,
+                         self.placement.num_chunks)
 
     def instructions(self, activation_plan: ActivationPlan, stage: int) -> list[Instruction]:
-        return self._schedules(activation_plan.recompute_plan().fractions)[stage]
+        """Rank ``stage``'s instruction list when trained with ``activation_plan``."""
+        plan = self.recompute_plan(activation_plan)
+        return self._schedules(plan.chunk_fractions if self.per_chunk else plan.fractions)[stage]
 
     def stage_memory(self, activation_plan: ActivationPlan, stage: int) -> StageMemory:
-        """The estimate for one stage under ``activation_plan``."""
-        fp = self.footprints[stage]
-        actions = activation_plan.actions(stage)
-        peak, inflight, host = _activation_peak(self.instructions(activation_plan, stage), fp, actions,
-                                                self.num_chunks)
-        params, grads, optimizer = self.static[stage]
+        """The estimate for one device of pipeline rank ``stage`` under ``activation_plan``."""
+        stages = self.stages_of(stage)
+        share = 1.0 if self.per_chunk else 1.0 / self.num_chunks
+        sizes = [_ChunkBytes.of(self.footprints[k], activation_plan.actions(k), share) for k in stages]
+        if not self.per_chunk:
+            sizes *= self.num_chunks
+        peak, inflight, host = _activation_peak(self.instructions(activation_plan, stage), sizes)
+        params, grads, optimizer = self.rank_static[stage]
+        actions = {n: a for k in stages for n, a in activation_plan.actions(k).items()}
 
         def named(action: LayerAction) -> tuple[str, ...]:
             return tuple(n for n, a in actions.items() if a is action)
 
+        def per_microbatch(materialize: bool) -> int:
+            return sum(self.footprints[k].nbytes(self.footprints[k].retained({} if materialize else
+                                                                              activation_plan.actions(k)))
+                       for k in stages)
+
         return StageMemory(
             stage=stage, params_bytes=params, grads_bytes=grads, optimizer_bytes=optimizer,
-            activation_bytes=peak, workspace_bytes=self.workspace[stage], peak_inflight=inflight,
-            microbatch_bytes=fp.nbytes(fp.retained(actions)), full_microbatch_bytes=fp.nbytes(fp.retained({})),
-            layers=tuple(p.name for p in fp.layers), recomputed_layers=named(LayerAction.RECOMPUTE),
-            selective_layers=named(LayerAction.SELECTIVE), offloaded_layers=named(LayerAction.OFFLOAD),
-            host_bytes=host,
+            activation_bytes=peak, workspace_bytes=max(self.workspace[k] for k in stages), peak_inflight=inflight,
+            microbatch_bytes=per_microbatch(False), full_microbatch_bytes=per_microbatch(True),
+            layers=tuple(p.name for k in stages for p in self.footprints[k].layers),
+            recomputed_layers=named(LayerAction.RECOMPUTE), selective_layers=named(LayerAction.SELECTIVE),
+            offloaded_layers=named(LayerAction.OFFLOAD), host_bytes=host,
         )
 
     def estimate(self, activation_plan: ActivationPlan) -> list[StageMemory]:
+        """One :class:`StageMemory` per pipeline rank."""
         if activation_plan.num_stages != self.plan.num_stages:
             raise ValueError(f"activation plan has {activation_plan.num_stages} stages, the partition {self.plan.num_stages}")
-        return [self.stage_memory(activation_plan, s) for s in range(self.plan.num_stages)]
+        return [self.stage_memory(activation_plan, r) for r in range(self.layout.pp)]
 
 
 def _traced_batch_size(graph: Any) -> int | None:
@@ -413,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         optimizer=args.optimizer, precision=args.precision, zero_stage=args.zero_stage)
         model = build_model(load_config(args.config))
         graph = trace(model, example_inputs(model, args.micro_batch_size, args.seq))
-        plan = shard(graph, args.pp)
+        plan = shard(graph, layout.placement.num_virtual)  # with virtual stages: one stage per chunk
         memory = MemoryModel(plan, layout)
         link = args.host_link_gbps * 1e9 if args.host_link_gbps else DEFAULT_HOST_LINK_BYTES_PER_S
         activation_plan = plan_activations(plan, layout, args.recompute, budget, offload=args.offload,

@@ -74,7 +74,14 @@ def plan_activations(
     if offload and mode != "stage_aware":
         raise ValueError(f"activation offload is planned per layer by the stage-aware planner; use "
                          f"recompute='stage_aware' with offload (got {mode!r})")
+    placement = layout.placement
+    chunked = placement.num_chunks > 1 and sharding_plan.num_stages == placement.num_virtual
     if budget_bytes is None:
+        if chunked and mode == "stage_aware":
+            from merak.runtime.memory.stage_aware import stage_aware_layers
+
+            return stage_aware_layers(sharding_plan, layout.schedule, layout.pp, layout.num_microbatches,
+                                      placement.num_chunks)
         return ActivationPlan.from_mode(mode, sharding_plan)
     memory = memory or MemoryModel(sharding_plan, layout)
     layers = stage_layers(sharding_plan)
@@ -82,6 +89,12 @@ def plan_activations(
         plan = ActivationPlan.from_mode(mode, sharding_plan)
         _check_fixed(memory, plan, budget_bytes, mode)
         return plan
+    if memory.per_chunk:
+        if offload:
+            raise ValueError(f"activation offload is planned per stage, not yet per model chunk: with "
+                             f"schedule={layout.schedule!r} ({placement}) leave activation_offload off (the budget "
+                             f"is then met by recomputation per chunk), or use a schedule without virtual stages")
+        return _fewest_recomputed_per_chunk(memory, layers, budget_bytes)
     if offload:
         times = _LayerTimes(sharding_plan, memory, cost_model or FlopCostModel())
         choose = lambda s: _choose_with_offload(memory, layers, s, budget_bytes, times, host_link_bytes_per_s)  # noqa: E731
@@ -123,6 +136,65 @@ def _fewest_recomputed(memory: MemoryModel, layers: Sequence[Sequence[str]], sta
             best = estimate
     assert best is not None
     return None, best
+
+
+# ---- stage-aware recomputation with virtual stages ----------------------------------------------------
+def _counted(layers: Sequence[Sequence[str]], counts: Sequence[int]) -> ActivationPlan:
+    """Each virtual stage recomputes its first ``counts[k]`` layers."""
+    return ActivationPlan(tuple({n: LayerAction.RECOMPUTE for n in names[:c]} for names, c in zip(layers, counts)),
+                          tuple(layers))
+
+
+def _fewest_recomputed_per_chunk(memory: MemoryModel, layers: Sequence[Sequence[str]], budget: int) -> ActivationPlan:
+    """``stage_aware`` under a budget when a rank holds several chunks: the rank is what must fit
+    (its chunks' parameters, optimizer states and activations share one device).
+
+    Greedy, one layer at a time: while a rank is over the budget, the one of its chunks whose
+    next recomputed layer (its earliest kept one) lowers the rank's estimate most recomputes it
+    (ties: the chunk with more micro-batches in flight, then the earlier one). Ranks are sized
+    together, because a virtual-stage schedule spares recomputation under a budget that depends
+    on every rank's plan (1F1B's peak with it); recomputing more anywhere never raises a rank's
+    estimate, so the loop ends. A rank over the budget with every layer recomputed raises
+    :class:`MemoryBudgetError` naming the smallest budget that fits: the largest rank with every
+    layer of every chunk recomputed (that budget passes, one byte less cannot).
+    """
+    counts = [0] * len(layers)
+    placement = memory.placement
+    while True:
+        plan = _counted(layers, counts)
+        over = [m for m in memory.estimate(plan) if m.total_bytes > budget]
+        if not over:
+            return plan
+        stuck = []
+        for m in over:
+            rank = m.stage
+            open_chunks = [k for k in placement.chunks_of(rank) if counts[k] < len(layers[k])]
+            if not open_chunks:
+                stuck.append(m)
+                continue
+
+            def after(k: int) -> tuple[int, int, int]:
+                trial = list(counts)
+                trial[k] += 1
+                estimate = memory.stage_memory(_counted(layers, trial), rank)
+                return estimate.total_bytes, -_chunk_inflight(memory, plan, rank, k), k
+
+            counts[min(open_chunks, key=after)] += 1
+        if stuck:
+            everything = _counted(layers, [len(names) for names in layers])
+            least = memory.estimate(everything)
+            short = [(m.stage, m) for m in least if m.total_bytes > budget]
+            if not short:  # fits once every rank recomputes all: the others' plans held this rank back
+                return everything
+            raise _budget_error(memory, budget, short, offload=False)
+
+
+def _chunk_inflight(memory: MemoryModel, plan: ActivationPlan, rank: int, virtual_stage: int) -> int:
+    """Peak micro-batches in flight of one chunk on its rank's instruction list."""
+    from merak.runtime.pipeline.schedules.memory import chunk_peak_inflight
+
+    chunk = memory.placement.locate(virtual_stage)[1]
+    return chunk_peak_inflight(memory.instructions(plan, rank), memory.num_chunks)[chunk]
 
 
 # ---- offload chooser ------------------------------------------------------------------------------------
@@ -228,6 +300,8 @@ def _budget_error(memory: MemoryModel, budget: int, shortfalls: Sequence[tuple[i
     stage, worst = max(shortfalls, key=lambda sm: sm[1].total_bytes)
     need = worst.total_bytes
     layout = memory.layout
+    where = (f"pipeline rank {stage} (its {memory.num_chunks} model chunks: virtual stages "
+             f"{', '.join(map(str, memory.stages_of(stage)))})" if memory.per_chunk else f"stage {stage}")
     if mode != "stage_aware":
         how = f"with recompute={mode!r}"
     elif offload:
@@ -243,7 +317,7 @@ def _budget_error(memory: MemoryModel, budget: int, shortfalls: Sequence[tuple[i
     elif not offload:
         fixes.append("activation offload to host memory (activation_offload=True)")
     message = (
-        f"memory budget of {format_bytes(budget)} ({budget} bytes) per device cannot be met: stage {stage} needs "
+        f"memory budget of {format_bytes(budget)} ({budget} bytes) per device cannot be met: {where} needs "
         f"at least {format_bytes(need)} {how} (parameters {format_bytes(worst.params_bytes)}, gradients "
         f"{format_bytes(worst.grads_bytes)}, optimizer states {format_bytes(worst.optimizer_bytes)}, activations "
         f"{format_bytes(worst.activation_bytes)} with {worst.peak_inflight} micro-batches in flight, workspace "
