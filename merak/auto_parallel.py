@@ -105,13 +105,13 @@ def choose_layout(graph: Any, seq_len: int, trace_batch: int, global_batch: int,
                   keep: int = 5, virtual_stages: bool = True) -> LayoutChoice:
     """Search the layouts of ``cluster`` for ``graph`` (traced at ``trace_batch`` sequences of
     ``seq_len``) training ``global_batch`` sequences per step; the fastest one that fits.
-    ``virtual_stages`` adds ``zb_v`` and ``interleaved_1f1b`` where the trainer runs them."""
+    ``virtual_stages`` adds ``zb_v`` and ``interleaved_1f1b`` (with every recompute mode and tp)."""
     from merak.planner.search import SearchSpace, search
     from merak.planner.simulator import TracedModel
 
     model = TracedModel(type(graph.model).__name__, graph, seq_len, trace_batch=trace_batch)
     schedules = SearchSpace.schedules + (("zb_v", "interleaved_1f1b") if virtual_stages else ())
-    space = SearchSpace(micro_batches=_micro_batch_choices(global_batch), schedules=schedules, trainer_only=True)
+    space = SearchSpace(micro_batches=_micro_batch_choices(global_batch), schedules=schedules)
     result = search(model, cluster, global_batch, space, keep=keep)
     if not result.best:
         raise ValueError(
@@ -147,9 +147,8 @@ def decide_on_rank0(graph: Any, example: Mapping[str, Any], per_device_batch: in
         try:
             cluster = local_cluster(world, _local_world_size(world),
                                     parse_bytes(max_memory) if max_memory else None)
-            # The trainer plans memory budgets one stage per rank: no virtual stages with a budget.
-            choice = choose_layout(graph, seq_len, per_device_batch, global_batch, cluster,
-                                   virtual_stages=max_memory is None)
+            # the trainer plans a budget per rank with virtual stages too (its chunks summed)
+            choice = choose_layout(graph, seq_len, per_device_batch, global_batch, cluster)
         except Exception as exc:  # every rank must raise, not only rank 0
             choice = exc
     choice = broadcast_object(choice, 0, "rank 0's parallel layout choice", timeout_s=timeout_s)

@@ -277,16 +277,26 @@ class MerakTrainer(Trainer):
         if self._layer_actions is None and self.args.max_memory_per_device:
             self._layer_actions = _budget_activation_plan(self.args, self.grid, self.plan, self.tp_plan)
         if self._layer_actions is None:
-            plan = self._layer_actions = ActivationPlan.from_mode(self.args.recompute, self.plan)
+            plan = self._layer_actions = _mode_activation_plan(self.args, self.plan, self.placement)
             if self.grid.rank == 0 and self.args.recompute != "none":
                 logger.info("recompute=%s, layers not kept per stage: %s", self.args.recompute, ", ".join(
                     f"{len(plan.actions(s))}/{len(plan.stage_layer_names(s))}" for s in range(plan.num_stages)))
         return self._layer_actions
 
     def _instructions(self) -> list:
-        plan = _per_rank(self._activation_plan().recompute_plan(), self.placement)
+        plan = RecomputePlan.from_virtual_stages(self._activation_plan().recompute_plan(), self.placement,
+                                                 self._activation_budget())
         return build_schedule(self.args.schedule, self.grid.num_stages, self.args.gradient_accumulation_steps,
                               self.grid.stage_id, plan, self.placement.num_chunks)
+
+    def _activation_budget(self) -> float | None:
+        """The activation peak the stage-aware rule sized a virtual-stage plan for (``None``
+        otherwise: the schedules then default to 1F1B's peak with the same plan)."""
+        if not _stage_aware_per_chunk(self.args, self.placement):
+            return None
+        from merak.runtime.memory.stage_aware import stage_aware_target
+
+        return stage_aware_target(self.placement.num_ranks, self.args.gradient_accumulation_steps)
 
     def _step_batches(self) -> StepBatches:
         args = self.args
@@ -728,45 +738,30 @@ class MerakTrainer(Trainer):
 
 
 # ---- helpers ------------------------------------------------------------------------------
-#: What still does not work with several model chunks per rank: the argument asking for it ->
-#: (why, what to use instead).
-_NOT_WITH_CHUNKS = {
-    "max_memory_per_device": (
-        "the memory-budget planner sizes each rank's recomputation for one stage per rank, not for a rank's "
-        "chunks sharing one device",
-        "recompute='full' or 'selective' (planned per chunk), and check the budget beforehand with "
-        "`python -m merak.runtime.memory --schedule SCHEDULE --pp P --budget SIZE`"),
-}
-
-
 def _placement(args: MerakArguments, grid: Any) -> Placement:
-    """Which rank holds which model chunk under ``args.schedule``; refuses, naming the argument,
-    why and what to use instead, what virtual stages do not support yet."""
-    placement = placement_for(args.schedule, grid.num_stages,
-                              args.chunks_per_stage if args.schedule == "interleaved_1f1b" else None)
-    if placement.num_chunks == 1:
-        return placement
-    for name, (why, instead) in _NOT_WITH_CHUNKS.items():
-        if getattr(args, name):
-            raise ValueError(f"schedule={args.schedule!r} runs {placement.num_chunks} model chunks per rank, but "
-                             f"{name} is set and {why}. Unset {name} and use {instead}; or keep {name} with a "
-                             f"schedule without virtual stages (1f1b, zero_bubble, shifted_critical_path)")
-    if args.recompute == "stage_aware":
-        raise ValueError(f"recompute='stage_aware' sizes recomputation per stage from 1F1B's in-flight counts "
-                         f"(stage s holds P-s micro-batches), which do not describe schedule={args.schedule!r}'s "
-                         f"chunks (the V schedules hold about P on every rank): use recompute='full' or "
-                         f"'selective', which are planned per chunk")
-    return placement
+    """Which rank holds which model chunk under ``args.schedule`` (``chunks_per_stage`` for
+    ``interleaved_1f1b``); everything else works per chunk."""
+    return placement_for(args.schedule, grid.num_stages,
+                         args.chunks_per_stage if args.schedule == "interleaved_1f1b" else None)
 
 
-def _per_rank(plan: RecomputePlan, placement: Placement) -> RecomputePlan:
-    """The schedules' recompute plan (one fraction per rank) from one per virtual stage: a
-    rank drops the mean share of its chunks (each chunk weighs ``1/v`` of the rank)."""
-    if placement.num_chunks == 1:
-        return plan
-    return RecomputePlan(tuple(
-        sum(plan.fraction(k) for k in placement.chunks_of(r)) / placement.num_chunks
-        for r in range(placement.num_ranks)))
+def _stage_aware_per_chunk(args: MerakArguments, placement: Placement) -> bool:
+    """Whether ``recompute='stage_aware'`` is sized by the rule for virtual stages (several chunks
+    per rank, no budget): per (rank, chunk) from the schedule's own in-flight counts
+    (:mod:`merak.runtime.memory.stage_aware`)."""
+    return placement.num_chunks > 1 and args.recompute == "stage_aware" and not args.max_memory_per_device
+
+
+def _mode_activation_plan(args: MerakArguments, plan: Any, placement: Placement) -> ActivationPlan:
+    """The per-layer plan of the ``recompute`` mode without a budget, over all ``P·v`` chunks."""
+    if not _stage_aware_per_chunk(args, placement):
+        return ActivationPlan.from_mode(args.recompute, plan)
+    from merak.runtime.memory.stage_aware import stage_aware_layers
+
+    return stage_aware_layers(plan, args.schedule, placement.num_ranks, args.gradient_accumulation_steps,
+                              placement.num_chunks)
+
+
 
 
 def _partition_cost_model(args: MerakArguments, graph: Any, example: Mapping[str, Any]) -> Any:

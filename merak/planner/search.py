@@ -23,7 +23,6 @@ import heapq
 from collections.abc import Iterator, Sequence
 
 from merak.planner.cluster import Cluster
-from merak.runtime.pipeline.schedule import VIRTUAL_SCHEDULES
 from merak.planner.simulator import Prediction, Strategy, TracedModel, lower_bound, plan_step, predict
 
 __all__ = ["SearchSpace", "SearchResult", "layouts", "search"]
@@ -42,9 +41,6 @@ class SearchSpace:
     tp_degrees: tuple[int, ...] | None = None
     pp_degrees: tuple[int, ...] | None = None
     template: Strategy = Strategy()
-    #: Only what ``MerakTrainer`` runs: virtual-stage schedules without ``stage_aware``
-    #: recomputation (the trainer refuses that combination; tensor parallelism it runs per chunk).
-    trainer_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +83,6 @@ def _strategies(model: TracedModel, cluster: Cluster, global_batch: int, space: 
                 for moe in _moe_modes(model, tp, space):
                     for schedule in space.schedules:
                         for recompute in space.recomputes:
-                            if space.trainer_only and schedule in VIRTUAL_SCHEDULES and recompute == "stage_aware":
-                                continue
                             yield dataclasses.replace(space.template, dp=dp, tp=tp, pp=pp, micro_batch=b,
                                                       schedule=schedule, recompute=recompute, tp_sub_microbatches=k,
                                                       moe=moe)
