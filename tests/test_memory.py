@@ -344,6 +344,17 @@ def test_virtual_stage_rank_is_priced_chunk_by_chunk():
     assert none[0].peak_inflight == 4
 
 
+def test_layout_knows_the_chunks_of_its_schedule():
+    assert Layout(pp=2, schedule="interleaved_1f1b", num_chunks=3).placement.num_virtual == 6
+    assert ZB_V_LAYOUT.placement.chunks_of(0) == [0, 3]
+    with pytest.raises(ValueError, match="one chunk per stage"):
+        Layout(pp=2, schedule="1f1b", num_chunks=3)
+    _, memory = _chunked_model()
+    with pytest.raises(ValueError, match="pp x chunks"):
+        MemoryModel(memory.plan, Layout(pp=2, micro_batch_size=MICRO, num_microbatches=4,
+                                        schedule="interleaved_1f1b", num_chunks=3))
+
+
 def test_budget_planner_recomputes_per_chunk_until_each_rank_fits():
     plan, memory = _chunked_model()
     none = max(m.total_bytes for m in memory.estimate(ActivationPlan.from_mode("none", plan)))
@@ -366,6 +377,7 @@ def test_impossible_budget_with_chunks_names_the_smallest_budget_that_fits():
         plan_activations(plan, ZB_V_LAYOUT, "stage_aware", 10_000, memory=memory)
     smallest = info.value.min_budget_bytes
     assert "pipeline rank" in str(info.value) and "virtual stages" in str(info.value)
+    assert "activation_offload" not in str(info.value)  # not planned per chunk: not offered as the fix
     feasible = plan_activations(plan, ZB_V_LAYOUT, "stage_aware", smallest, memory=memory)
     assert max(m.total_bytes for m in memory.estimate(feasible)) <= smallest
     with pytest.raises(MemoryBudgetError):

@@ -314,7 +314,7 @@ def _budget_error(memory: MemoryModel, budget: int, shortfalls: Sequence[tuple[i
         fixes.insert(1, "ZeRO-1 (zero_stage=1), which shards optimizer states over the dp replicas")
     if mode != "stage_aware":
         fixes.insert(0, "recompute='stage_aware', which recomputes layers until each stage fits")
-    elif not offload:
+    elif not offload and not memory.per_chunk:  # offload is not planned per chunk yet
         fixes.append("activation offload to host memory (activation_offload=True)")
     message = (
         f"memory budget of {format_bytes(budget)} ({budget} bytes) per device cannot be met: {where} needs "
