@@ -147,3 +147,15 @@ def test_killed_stage_gives_timeout_error_not_hang(dist_run):
     assert time.monotonic() - start < 90
     assert info.value.rank == 0 and info.value.exc_type == "P2PTimeoutError"
     assert "rank 0" in info.value.message and "gradients of micro-batch 0 from rank 1" in info.value.message
+
+
+def test_receives_are_prefetched_one_receiving_group_ahead():
+    from merak.runtime.pipeline.executor import _receives_ahead
+    from merak.runtime.pipeline.instructions import parse_schedule
+    from merak.runtime.pipeline.replay import groups_of
+
+    # 1F1B's last stage of two: each receive is posted right after the previous receiving group
+    # ran, so it overlaps the compute in between; a grouped exchange counts as one group
+    ops = parse_schedule("1L0 1RA0 1F0 1B0 1SG0+ 1RA1 1F1 1B1 1SG1")
+    ahead = _receives_ahead(ops, groups_of(ops))
+    assert {g: [str(ops[p]) for p in ps] for g, ps in ahead.items()} == {0: ["1RA0"], 2: ["1RA1"]}

@@ -235,6 +235,67 @@ def test_structure_is_cached_per_channel(dist_run):
     assert dist_run(_two_channels, 2)[0] == 2
 
 
+def _grouped_structure_changes(mode: str, prefetched: int = 0) -> int:
+    """Rank 0 sends several messages per exchange to rank 1 - two on one channel, one on
+    another - while their structures change in some steps and not in others, so speculative
+    payloads (posted with the headers, sized as the channel's last message), fillers and fresh
+    payloads of one exchange interleave on one link. Rank 1 posts the first ``prefetched`` of
+    each step's receives ahead (:meth:`P2P.prefetch`) while rank 0 is still sending the
+    previous step. Returns how many messages were checked."""
+    dist.init_process_group("gloo")
+    p2p, checked = P2P(timeout_s=30, mode=mode), 0
+
+    def step_messages(step: int) -> list[tuple[object, str]]:
+        rows = 2 + (step // 2) % 2  # activations change shape every two steps
+        act = {"h": torch.full((rows, 3), float(step)), "mask": torch.ones(rows, dtype=torch.bool)}
+        grad = torch.full((4,), -float(step)) if step % 3 else (torch.zeros(0), torch.full((2, 2), 7.0 + step))
+        return [(act, "a"), (grad, "g"), ({"h": act["h"] + 1, "mask": act["mask"]}, "a")]
+
+    for step in range(7):
+        expected = step_messages(step)
+        if dist.get_rank() == 0:
+            p2p.exchange([Outgoing(obj, 1, f"message {n}", channel) for n, (obj, channel) in enumerate(expected)])
+        else:
+            recvs = [Incoming(0, f"message {n}", channel) for n, (_, channel) in enumerate(expected)]
+            if step == 0:
+                p2p.prefetch(recvs[:prefetched])
+            got = p2p.exchange(recvs=recvs)
+            if step < 6:  # the next step's first receives, before this rank computes anything
+                nxt = step_messages(step + 1)
+                p2p.prefetch([Incoming(0, f"message {n}", channel) for n, (_, channel) in enumerate(nxt[:prefetched])])
+            for (obj, _), received in zip(expected, got):
+                assert_same(obj, received)
+                checked += 1
+    p2p.wait_sends()
+    return checked
+
+
+@pytest.mark.parametrize("mode, prefetched", [("native", 0), ("rendezvous", 0), ("native", 2), ("rendezvous", 3)])
+def test_speculative_payloads_survive_structure_changes_within_one_exchange(dist_run, mode, prefetched):
+    assert dist_run(_grouped_structure_changes, 2, mode, prefetched)[1] == 21
+
+
+def _prefetch_misuse(case: str) -> None:
+    dist.init_process_group("gloo")
+    p2p = P2P(timeout_s=30)
+    if dist.get_rank() == 0:
+        p2p.send(torch.ones(2), 1, channel="a")
+        p2p.wait_sends()
+        return
+    p2p.prefetch([Incoming(0, "the activation", "a")])
+    if case == "order":
+        p2p.recv(0, "the gradient", channel="g")
+    else:
+        p2p.wait_sends()
+
+
+def test_prefetch_misuse_is_named(dist_run):
+    with pytest.raises(RankFailed, match="prefetched from rank 0 is the activation .*prefetch in receive order"):
+        dist_run(_prefetch_misuse, 2, "order")
+    with pytest.raises(RankFailed, match=r"prefetched receives no exchange took: \['the activation'\]"):
+        dist_run(_prefetch_misuse, 2, "left over")
+
+
 #: Tensor methods that read a tensor's data on the host: on a CUDA tensor each is a device->host
 #: synchronisation that stalls the host until the stream got there.
 _HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -302,25 +363,30 @@ def _steady_state_traffic(mode: str, sends_with_payload: bool = False) -> list[d
 
 #: Payload-group batches (sends, receives) of one facing exchange of two-tensor messages: the host
 #: order posts the payload sends with the first round, the CUDA order with the payload receives
-#: (one NCCL group); ``MERAK_P2P=rendezvous`` adds an acknowledgement each way.
+#: (one NCCL group); ``MERAK_P2P=rendezvous`` adds an acknowledgement each way. The first
+#: exchange on a channel, then every later one: on the host, once the structure is known, the
+#: payload receives are posted with the header (speculative), so a steady-state exchange is one
+#: round (the acknowledgement send aside).
 _PAYLOAD_BATCHES = {
-    ("native", False): [(2, 0), (0, 2)], ("rendezvous", False): [(2, 1), (1, 2)],
-    ("native", True): [(2, 2)], ("rendezvous", True): [(0, 1), (3, 2)],
+    ("native", False): ([(2, 0), (0, 2)], [(2, 2)]),
+    ("rendezvous", False): ([(2, 1), (1, 2)], [(2, 3), (1, 0)]),
+    ("native", True): ([(2, 2)], [(2, 2)]),
+    ("rendezvous", True): ([(0, 1), (3, 2)], [(0, 1), (3, 2)]),
 }
 
 
 @pytest.mark.parametrize("mode, sends_with_payload", list(_PAYLOAD_BATCHES))
 def test_steady_state_exchange_reads_nothing_from_the_payload_device(dist_run, mode, sends_with_payload):
     acks = 2 if mode == "rendezvous" else 0  # one acknowledgement each way, on the payload group
-    batches = _PAYLOAD_BATCHES[(mode, sends_with_payload)]
+    first, steady = _PAYLOAD_BATCHES[(mode, sends_with_payload)]
     for per_exchange in dist_run(_steady_state_traffic, 2, mode, sends_with_payload):
         # first exchange: header + description each way on the host group
         assert per_exchange[0] == {"payload_ops": 4 + acks, "header_ops": 4, "payload_reads": 0,
-                                   "payload_batches": batches}
+                                   "payload_batches": first}
         # steady state: the header alone each way; the two tensors each way; no device->host read
         for counts in per_exchange[1:]:
             assert counts == {"payload_ops": 4 + acks, "header_ops": 2, "payload_reads": 0,
-                              "payload_batches": batches}
+                              "payload_batches": steady}
 
 
 def test_cuda_posts_payload_sends_with_the_payload_receives():

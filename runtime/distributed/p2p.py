@@ -6,20 +6,34 @@ pickled description only when it differs from the last one sent on that channel 
 the message's ``channel`` name (the executor names one per virtual-stage boundary and
 direction, so the activations and gradients of several chunks interleaving on one link do not
 evict each other's description); otherwise a two-number header says "same as before" and only
-tensor bytes move. Every message is then:
+tensor bytes move. Every message is:
 
-    header int64[2] = (description length or 0, number of tensors)
-    [description bytes]                  only when the structure changed
+    header int64[2] = (description length or 0, number of tensors)          tag HEADER
+    [description bytes]                  only when the structure changed    tag DESCRIPTION
     tensor 0 bytes, tensor 1 bytes, ...  each sent in place as a uint8 view (no packing copy)
 
-Messages on one (sender, receiver) pair are matched in FIFO order, so data needs no tags.
-Messages are posted in groups (:meth:`P2P.exchange`): all of a group's sends and the receives
-of its headers in one ``batch_isend_irecv``, the receives of descriptions and payloads in one
-round each, so two neighbours sending to each other complete under NCCL's rendezvous
-semantics. Sends are asynchronous (the buffers are kept alive until :meth:`P2P.wait_sends`;
-under ``MERAK_P2P=rendezvous`` a group waits for its sends' acknowledgements); receives
-block, always with a timeout whose error names this rank, the peer and what was awaited. A received tensor requires grad exactly when
-the sent one did.
+**Speculative payloads** (on the host, where a wait blocks the CPU anyway: gloo). A receiver that
+knows a channel's structure posts the payload receives *with* the header receive, sized as the
+last message on that channel - one round trip per message in the steady state instead of two
+(header, then payload), which on a busy host is a scheduling delay per hand-over. Sender and
+receiver keep the same per-channel cache, so the sender knows when the receiver speculated:
+
+* structure unchanged: the payload goes on tag SPECULATIVE and lands in the posted buffers;
+* structure changed: the sender first fills the posted buffers with a same-sized filler (tag
+  SPECULATIVE, discarded), then sends the description and the real payload on tag FRESH, which
+  the receiver posts once it has read them - the per-tag FIFO order stays the same on both
+  sides however many messages one exchange carries;
+* a channel's first message has no cached structure: description and payload, tag FRESH.
+
+On CUDA (NCCL) the payload round keeps its own group (see :class:`P2P`): no speculation.
+Messages on one (sender, receiver) pair and tag are matched in FIFO order, so data needs no
+sequence numbers. Messages are posted in groups (:meth:`P2P.exchange`): all of a group's sends,
+the receives of its headers and speculative payloads in one ``batch_isend_irecv``, the receives
+of descriptions and fresh payloads in one round each, so two neighbours sending to each other
+complete under NCCL's rendezvous semantics. Sends are asynchronous (the buffers are kept alive
+until :meth:`P2P.wait_sends`; under ``MERAK_P2P=rendezvous`` a group waits for its sends'
+acknowledgements); receives block, always with a timeout whose error names this rank, the peer
+and what was awaited. A received tensor requires grad exactly when the sent one did.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+from collections import deque
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Callable, Hashable
@@ -138,6 +153,12 @@ def _slots(skeleton: Any) -> list[_TensorSlot]:
     return sorted(found, key=lambda s: s.index)
 
 
+def _byte_sizes(skeleton: Any) -> list[int]:
+    """The byte sizes of the payload buffers a message of this structure travels in."""
+    sizes = [torch.Size(slot.shape).numel() * slot.dtype.itemsize for slot in _slots(skeleton)]
+    return [n for n in sizes if n > 0]
+
+
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor: gloo and NCCL move any dtype as raw bytes."""
     return t.reshape(-1).view(torch.uint8)
@@ -167,13 +188,28 @@ class Incoming:
 @dataclass
 class _Encoded:
     """An outgoing message as the buffers each round sends: ``header`` and ``desc`` on the host
-    side (see :class:`P2P`), ``payload`` on the payload device."""
+    side (see :class:`P2P`), ``payload`` on the payload device - on tag ``payload_tag``, after
+    ``filler`` (buffers as large as the receiver's speculative ones, when the structure changed)."""
 
     dst: int
     what: str
     header: torch.Tensor
     desc: torch.Tensor | None
     payload: list[torch.Tensor]
+    payload_tag: int
+    filler: list[torch.Tensor]
+
+
+@dataclass
+class _Receiving:
+    """One message being received: its header, then its tensors - ``speculative`` when they were
+    posted with the header, sized as the channel's last message (see the module docstring)."""
+
+    msg: Incoming
+    header: torch.Tensor
+    speculative: list[torch.Tensor] | None
+    #: the first round's receives when :meth:`P2P.prefetch` posted them ahead of the exchange
+    posted: list[tuple[dist.Work, _Op]] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,9 +227,11 @@ class _Op:
         return dist.P2POp(dist.isend if self.is_send else dist.irecv, self.buf, self.peer, self.group, self.tag)
 
 
-#: ``batch_isend_irecv`` tags: data, and the acknowledgements of ``MERAK_P2P=rendezvous``
-#: (which travel against the data and must never match a data message from the same peer).
-_DATA_TAG, _ACK_TAG = 0, 1
+#: ``batch_isend_irecv`` tags, one FIFO stream each (see the module docstring): headers, the
+#: acknowledgements of ``MERAK_P2P=rendezvous`` (which travel against the data and must never
+#: match a data message from the same peer), descriptions, payloads posted with their header,
+#: payloads posted after their description.
+_HEADER_TAG, _ACK_TAG, _DESC_TAG, _SPECULATIVE_TAG, _FRESH_TAG = 0, 1, 2, 3, 4
 
 #: ``MERAK_P2P`` values: ``native`` - the backend's own send semantics (gloo buffers sends);
 #: ``rendezvous`` - on gloo, a send completes only once its receiver posted the matching
@@ -216,10 +254,12 @@ class P2P:
     One instance per rank; ``device`` is where payload tensors live (cpu for gloo, cuda for
     nccl). :meth:`exchange` posts a group of sends and receives together - what NCCL needs for
     two neighbours sending to each other (rendezvous: a large send completes only while its
-    receive is posted). The group's receives run in three rounds: the headers, the structure
-    descriptions that changed, then the payloads - the receiver needs the first two to size the
-    third. On the host the group's sends (all three parts of each) go out with the first round
-    (on CUDA the payload waits for the last; see below): had they
+    receive is posted). The group's receives run in up to three rounds: the headers (with the
+    speculative payloads, on the host), the structure descriptions that changed, then the
+    payloads not yet posted - the receiver needs the first two to size the third; in the
+    steady state on the host only the first round has anything to do. On the host the group's
+    sends (every part of each) go out with the first round (on CUDA the payload waits for the
+    last; see below): had they
     followed the receives round by round, a group receiving a message computed from one it
     sends (the V turn of zb_v and dualpipe_v) would deadlock. Headers and descriptions are
     small (eager); payloads are what :mod:`merak.runtime.pipeline.replay` checks under
@@ -273,8 +313,10 @@ class P2P:
         self.header_device = self.device if header_group is None else groups.device(header_group)
         # structure descriptions, cached per (peer, channel)
         self._sent_desc: dict[tuple[int, Hashable], bytes] = {}
+        self._sent_sizes: dict[tuple[int, Hashable], list[int]] = {}  # payload bytes of each tensor
         self._recv_desc: dict[tuple[int, Hashable], Any] = {}
         self._pending: list[tuple[dist.Work, _Op]] = []
+        self._inbox: dict[int, deque[_Receiving]] = {}  # prefetched receives, per sender in its send order
 
     @classmethod
     def for_grid(cls, grid: Any, device: torch.device | str, timeout_s: float = 300.0, mode: str | None = None) -> "P2P":
@@ -288,28 +330,34 @@ class P2P:
         the order of ``recvs``. Sends are left in flight (see :meth:`wait_sends`)."""
         rendezvous = self.mode == "rendezvous"
         out = [self._encode(m) for m in sends]
-        headers = [torch.empty(2, dtype=torch.int64, device=self.header_device) for _ in recvs]
+        pending = self._start_receives(recvs)
         # every part of every send goes out with the first round: a peer receiving from this
         # rank never waits for this rank's own receives (see the class docstring)
         first = [op for e in out for op in self._send_ops(e, payload=not self.sends_with_payload)]
-        first += [self._host_op(False, h, r.src, r.what) for h, r in zip(headers, recvs)]
+        first += [op for p in pending if p.posted is None for op in self._first_receive_ops(p)]
         if rendezvous:  # the acknowledgements of this group's sends, waited for at its end
             first += [self._ack_op(False, e.dst, e.what) for e in out]
-        acks = self._round(first)
-        counts = [h.tolist() for h in headers]  # host reads on a GPU job too (see the class docstring)
+        acks = self._round(first, also_await=[w for p in pending for w in p.posted or ()])
+        counts = [p.header.tolist() for p in pending]  # host reads on a GPU job too (see the class docstring)
         descs = {i: torch.empty(n, dtype=torch.uint8, device=self.header_device) for i, (n, _) in enumerate(counts) if n}
-        self._round([self._host_op(False, buf, recvs[i].src, f"{recvs[i].what} (structure)") for i, buf in descs.items()])
-        skeletons, slots, tensors = [], [], []
-        for i, (msg, (_, num_tensors)) in enumerate(zip(recvs, counts)):
+        self._round([self._host_op(False, buf, recvs[i].src, f"{recvs[i].what} (structure)", _DESC_TAG)
+                     for i, buf in descs.items()])
+        skeletons, slots, tensors, last = [], [], [], []
+        for i, (p, (_, num_tensors)) in enumerate(zip(pending, counts)):
+            msg = p.msg
+            known = self._recv_desc.get((msg.src, msg.channel))  # what the sender's "changed" refers to
             if i in descs:
                 self._recv_desc[(msg.src, msg.channel)] = pickle.loads(descs[i].cpu().numpy().tobytes())
             skeleton, found = self._skeleton(msg, int(num_tensors))
             skeletons.append(skeleton)
             slots.append(found)
+            if p.speculative is not None and i not in descs:
+                tensors.append(p.speculative)  # filled in the first round
+                continue
             tensors.append([torch.empty(slot.shape, dtype=slot.dtype, device=self.device) for slot in found])
-        last = [self._payload_op(True, t, e.dst, e.what) for e in out for t in e.payload] if self.sends_with_payload else []
-        last += [self._payload_op(False, _as_bytes(t), msg.src, msg.what)
-                 for msg, ts in zip(recvs, tensors) for t in ts if t.numel() > 0]
+            last += self._remaining_receive_ops(p, known, changed=i in descs, tensors=tensors[-1])
+        if self.sends_with_payload:
+            last = [op for e in out for op in self._payload_send_ops(e)] + last
         if rendezvous:  # tell each sender its receive is posted now
             last += [self._ack_op(True, msg.src, msg.what) for msg in recvs]
         self._round(last)
@@ -324,6 +372,84 @@ class P2P:
                     t.requires_grad_(True)
         return [unflatten(sk, ts) for sk, ts in zip(skeletons, tensors)]
 
+    @property
+    def speculates(self) -> bool:
+        """Whether payloads of known structure travel on the speculative tag (host waits only;
+        see the module docstring). Both ends of a link decide alike: they run the same backend."""
+        return not self.sends_with_payload
+
+    def prefetch(self, recvs: Sequence[Incoming]) -> None:
+        """Post the first round of these receives now - the header and, where the structure is
+        known, the payload buffers - so the bytes move while this rank computes; the
+        :meth:`exchange` that names them later finds them posted and only waits. ``recvs``
+        must be the next receives from their senders, in order.
+
+        Host waits only (gloo): on CUDA the payload receives stay in their exchange's NCCL
+        group (see the class docstring), so this does nothing there. Posting a receive early
+        never blocks and can only let a sender complete sooner, so an order the rendezvous
+        validator accepts stays deadlock-free.
+        """
+        if not self.speculates:
+            return
+        ops = []
+        for msg in recvs:
+            inbox = self._inbox.setdefault(msg.src, deque())
+            p = self._new_receiving(msg, list(inbox))
+            p.posted = []
+            inbox.append(p)
+            ops.append((p, self._first_receive_ops(p)))
+        posted = self._post([op for _, p_ops in ops for op in p_ops])
+        for p, p_ops in ops:
+            p.posted, posted = posted[: len(p_ops)], posted[len(p_ops):]
+
+    def _start_receives(self, recvs: Sequence[Incoming]) -> list[_Receiving]:
+        """The group's receives: those :meth:`prefetch` posted (the next ones from each sender),
+        then new ones."""
+        pending: list[_Receiving] = []
+        for msg in recvs:
+            inbox = self._inbox.get(msg.src)
+            if inbox:
+                p = inbox.popleft()
+                if p.msg.channel != msg.channel:
+                    raise RuntimeError(f"protocol error: the next message prefetched from rank {msg.src} is "
+                                       f"{p.msg.what} (channel {p.msg.channel}), but {msg.what} "
+                                       f"(channel {msg.channel}) was asked for: prefetch in receive order")
+                p.msg = msg
+            else:
+                p = self._new_receiving(msg, [q for q in pending if q.msg.src == msg.src])
+            pending.append(p)
+        return pending
+
+    def _new_receiving(self, msg: Incoming, earlier: Sequence[_Receiving]) -> _Receiving:
+        """A receive, with speculative payload buffers where they can be sized now: the channel's
+        structure is known, and every ``earlier`` receive from the same sender whose header has
+        not been read yet was speculative and on another channel (a second message's size
+        depends on the first's header). So the speculative receives from one sender are
+        posted in its send order, ahead of any posted after a header was read."""
+        known = self._recv_desc.get((msg.src, msg.channel))
+        ok = (self.speculates and known is not None
+              and all(q.speculative is not None and q.msg.channel != msg.channel for q in earlier))
+        speculative = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in _slots(known)] if ok else None
+        return _Receiving(msg, torch.empty(2, dtype=torch.int64, device=self.header_device), speculative)
+
+    def _first_receive_ops(self, p: _Receiving) -> list[_Op]:
+        ops = [self._host_op(False, p.header, p.msg.src, p.msg.what)]
+        return ops + [self._payload_op(False, _as_bytes(t), p.msg.src, p.msg.what, _SPECULATIVE_TAG)
+                      for t in p.speculative or () if t.numel() > 0]
+
+    def _remaining_receive_ops(self, p: _Receiving, known: Any, changed: bool, tensors: list[torch.Tensor]) -> list[_Op]:
+        """The receives of a message after its header and description: what its sender put on
+        the speculative tag (the payload, or - structure changed - a filler sized as ``known``,
+        unless the first round already took it) and on the fresh tag (see the module docstring)."""
+        msg, ops = p.msg, []
+        payload = [_as_bytes(t) for t in tensors if t.numel() > 0]
+        speculative_tag = self.speculates and known is not None
+        if speculative_tag and changed and p.speculative is None:
+            ops += [self._payload_op(False, torch.empty(n, dtype=torch.uint8, device=self.device), msg.src,
+                                     f"{msg.what} (filler)", _SPECULATIVE_TAG) for n in _byte_sizes(known)]
+        tag = _SPECULATIVE_TAG if speculative_tag and not changed else _FRESH_TAG
+        return ops + [self._payload_op(False, t, msg.src, msg.what, tag) for t in payload]
+
     def send(self, obj: Any, dst: int, what: str = "a message", channel: Hashable = None) -> None:
         """Send ``obj`` to global rank ``dst`` as a group of its own (see :meth:`exchange`)."""
         self.exchange(sends=[Outgoing(obj, dst, what, channel)])
@@ -335,29 +461,41 @@ class P2P:
     # ---- messages and their operations ------------------------------------------------
     def _encode(self, msg: Outgoing) -> _Encoded:
         skeleton, tensors = flatten(msg.obj)
-        payload = [t.detach().contiguous() for t in tensors]
+        payload = [_as_bytes(t.detach().contiguous()) for t in tensors if t.numel() > 0]
         desc = pickle.dumps(skeleton)
-        changed = self._sent_desc.get((msg.dst, msg.channel)) != desc
-        header = torch.tensor([len(desc) if changed else 0, len(payload)], dtype=torch.int64, device=self.header_device)
-        desc_buf = None
+        key = (msg.dst, msg.channel)
+        previous = self._sent_desc.get(key)
+        changed = previous != desc
+        header = torch.tensor([len(desc) if changed else 0, len(tensors)], dtype=torch.int64, device=self.header_device)
+        desc_buf, filler, tag = None, [], _FRESH_TAG
+        if self.speculates and previous is not None:  # the receiver posted buffers sized as the last message
+            if changed:
+                filler = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in self._sent_sizes[key]]
+            else:
+                tag = _SPECULATIVE_TAG
         if changed:
             desc_buf = torch.frombuffer(bytearray(desc), dtype=torch.uint8).to(self.header_device)
-            self._sent_desc[(msg.dst, msg.channel)] = desc
-        return _Encoded(msg.dst, msg.what, header, desc_buf, [_as_bytes(t) for t in payload if t.numel() > 0])
+            self._sent_desc[key] = desc
+            self._sent_sizes[key] = [t.numel() for t in payload]  # uint8 views: bytes
+        return _Encoded(msg.dst, msg.what, header, desc_buf, payload, tag, filler)
 
     def _send_ops(self, e: _Encoded, payload: bool = True) -> list[_Op]:
-        """A message's sends in the order the receiver takes them: header, description and
-        (with ``payload``) the payload tensors."""
+        """A message's sends in the order the receiver takes them: header, filler, description
+        and (with ``payload``) the payload tensors."""
         ops = [self._host_op(True, e.header, e.dst, e.what)]
+        ops += [self._payload_op(True, t, e.dst, f"{e.what} (filler)", _SPECULATIVE_TAG) for t in e.filler]
         if e.desc is not None:
-            ops.append(self._host_op(True, e.desc, e.dst, f"{e.what} (structure)"))
-        return ops + ([self._payload_op(True, t, e.dst, e.what) for t in e.payload] if payload else [])
+            ops.append(self._host_op(True, e.desc, e.dst, f"{e.what} (structure)", _DESC_TAG))
+        return ops + (self._payload_send_ops(e) if payload else [])
 
-    def _host_op(self, is_send: bool, buf: torch.Tensor, peer: int, what: str) -> _Op:
-        return _Op(is_send, buf, peer, what, self.header_group, _DATA_TAG)
+    def _payload_send_ops(self, e: _Encoded) -> list[_Op]:
+        return [self._payload_op(True, t, e.dst, e.what, e.payload_tag) for t in e.payload]
 
-    def _payload_op(self, is_send: bool, buf: torch.Tensor, peer: int, what: str) -> _Op:
-        return _Op(is_send, buf, peer, what, self.payload_group, _DATA_TAG)
+    def _host_op(self, is_send: bool, buf: torch.Tensor, peer: int, what: str, tag: int = _HEADER_TAG) -> _Op:
+        return _Op(is_send, buf, peer, what, self.header_group, tag)
+
+    def _payload_op(self, is_send: bool, buf: torch.Tensor, peer: int, what: str, tag: int) -> _Op:
+        return _Op(is_send, buf, peer, what, self.payload_group, tag)
 
     def _ack_op(self, is_send: bool, peer: int, what: str) -> _Op:
         """``MERAK_P2P=rendezvous``: a one-byte acknowledgement on the payload group, sent when
@@ -379,34 +517,45 @@ class P2P:
         return skeleton, slots
 
     # ---- posting and waiting ----------------------------------------------------------
-    def _round(self, ops: list[_Op]) -> list[tuple[dist.Work, _Op]]:
-        """Post one round - one ``batch_isend_irecv`` per process group it uses (a batch must
-        stay inside one group) - and wait for its data receives.
+    def _round(self, ops: list[_Op], also_await: Sequence[tuple[dist.Work, _Op]] = ()) -> list[tuple[dist.Work, _Op]]:
+        """Post one round and wait for its data receives (and those of ``also_await``, posted
+        earlier by :meth:`prefetch`).
 
-        Sends are kept (with their buffers: isend does not own them) until they complete; the
-        receives of acknowledgements (``MERAK_P2P=rendezvous``) are returned, not waited for.
+        The receives of acknowledgements (``MERAK_P2P=rendezvous``) are returned, not waited for.
         """
+        posted = self._post(ops)
+        for work, op in [*also_await, *posted]:
+            if not op.is_send and op.tag != _ACK_TAG:
+                wait_with_timeout(work, self.timeout_s, f"{op.what} from rank {op.peer}", device=op.buf.device)
+        self._reap()
+        return [(work, op) for work, op in posted if not op.is_send and op.tag == _ACK_TAG]
+
+    def _post(self, ops: list[_Op]) -> list[tuple[dist.Work, _Op]]:
+        """Post ``ops`` - one ``batch_isend_irecv`` per process group they use (a batch must stay
+        inside one group) - in their order. Sends are kept (with their buffers: isend does not
+        own them) until they complete."""
         if not ops:
             return []
         batches: dict[int, list[_Op]] = {}
         for op in ops:
             batches.setdefault(id(op.group), []).append(op)
-        posted: list[tuple[dist.Work, _Op]] = []
+        works: dict[int, dist.Work] = {}
         for batch in batches.values():
-            posted += zip(dist.batch_isend_irecv([op.p2p_op() for op in batch]), batch)
+            works.update(zip(map(id, batch), dist.batch_isend_irecv([op.p2p_op() for op in batch])))
+        posted = [(works[id(op)], op) for op in ops]
         self._pending += [(work, op) for work, op in posted if op.is_send]
-        for work, op in posted:
-            if not op.is_send and op.tag == _DATA_TAG:
-                wait_with_timeout(work, self.timeout_s, f"{op.what} from rank {op.peer}", device=op.buf.device)
-        self._reap()
-        return [(work, op) for work, op in posted if not op.is_send and op.tag == _ACK_TAG]
+        return posted
 
     def _reap(self) -> None:
         self._pending = [p for p in self._pending if not p[0].is_completed()]
 
     def wait_sends(self) -> None:
-        """Block until every started send completed (before buffers are reused or at step end)."""
+        """Block until every started send completed (before buffers are reused or at step end).
+        Every prefetched receive must have been taken by an exchange by then."""
         me = dist.get_rank()
+        left = [p.msg.what for inbox in self._inbox.values() for p in inbox]
+        if left:
+            raise RuntimeError(f"rank {me} prefetched receives no exchange took: {left}")
         for work, op in self._pending:
             wait_with_timeout(work, self.timeout_s, f"rank {op.peer} to receive {op.what} (sent by rank {me})",
                               device=op.buf.device)

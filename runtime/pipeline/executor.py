@@ -277,12 +277,17 @@ class PipelineExecutor:
         self._forward_only = last_backward < 0
         self._skipped = False
         busy = [[0.0, 0.0] for _ in self.chunks]  # per chunk: forward, backward seconds
-        for group in groups_of(instructions):
+        groups = groups_of(instructions)
+        receives = _receives_ahead(instructions, groups)
+        for g, group in enumerate(groups):
             n, instruction = group[0], instructions[group[0]]
             if n == last_backward:
                 self.reducer.arm()
             began = time.perf_counter()
             try:
+                # post the receives of the next group that has any, so their bytes move while
+                # this group computes (host p2p only; see P2P.prefetch)
+                self.p2p.prefetch([self._incoming(instructions[p]) for p in receives.pop(g, ())])
                 if len(group) > 1:  # exchanges grouped by the comm pass: only p2p instructions
                     self._communicate([instructions[p] for p in group])
                 else:
@@ -502,6 +507,18 @@ def _stage_actions(plan: ActivationPlan | None, placement: Placement, virtual_st
         raise ValueError(f"the activation plan has {plan.num_stages} stages but the pipeline {placement.num_virtual} "
                          f"({placement}); build it from this pipeline's sharding plan")
     return plan.actions(virtual_stage)
+
+
+def _receives_ahead(instructions: Sequence[Instruction], groups: Sequence[Sequence[int]]) -> dict[int, list[int]]:
+    """group index -> positions of the receives to prefetch when it starts: each group that
+    receives is prefetched right after the previous one ran (or at the start), so a
+    sender's messages are posted in the order the list takes them - the comm pass put them
+    in its send order - and every receive once."""
+    receiving = [g for g, group in enumerate(groups)
+                 if any(instructions[p].op in (Op.RECV_ACT, Op.RECV_GRAD) for p in group)]
+    starts = [0] + [g + 1 for g in receiving]
+    return {start: [p for p in groups[g] if instructions[p].op in (Op.RECV_ACT, Op.RECV_GRAD)]
+            for start, g in zip(starts, receiving)}
 
 
 def _unique_parameters(stages: Sequence[Stage]) -> list[torch.nn.Parameter]:
