@@ -45,7 +45,10 @@ class LiveStorages(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                self.refs.setdefault(storage.data_ptr(), (weakref.ref(storage), storage.nbytes()))
+                known = self.refs.get(storage.data_ptr())
+                # an address freed inside the block and reused by a new storage: count the new one
+                if known is None or known[0]() is None:
+                    self.refs[storage.data_ptr()] = (weakref.ref(storage), storage.nbytes())
         return out
 
     def alive_bytes(self) -> int:
